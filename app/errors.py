@@ -1,0 +1,5 @@
+"""Errors that carry a message meant for the person running the service."""
+
+
+class ModelError(Exception):
+    """A model file cannot be served as it is; the message names the layer or dataset and why."""

@@ -1,0 +1,106 @@
+"""File formats in, one :class:`~app.spec.ModelSpec` out.
+
+:func:`load_bundle` takes ``MODEL_PATH``: a model directory with a ``model.json``
+(artifact, architecture hints, GPU parity data, vocabulary), or a single model file that
+describes itself (a full-model Keras ``.h5``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from app.errors import ModelError
+from app.formats.manifest import MANIFEST_NAME, Architecture, Parity, read_manifest
+from app.spec import ModelSpec
+
+
+@dataclass(frozen=True)
+class ParityData:
+    """Sequences and the per-step outputs the GPU gave for them."""
+
+    file: str
+    sequences: list[np.ndarray]
+    outputs: list[np.ndarray]
+    hidden: list[np.ndarray] | None
+    tolerance: float | None
+
+
+@dataclass(frozen=True)
+class ModelBundle:
+    spec: ModelSpec
+    parity: ParityData | None
+    vocabulary: list[str] | None
+
+
+def read_spec(path: Path, architecture: Architecture, name: str) -> ModelSpec:
+    """Dispatch on the file's kind; each reader converts to the Keras 3 layout."""
+    suffix = path.suffix.lower()
+    if suffix in (".h5", ".hdf5", ".keras2"):
+        from app.formats.keras_h5 import read_keras_h5
+
+        return read_keras_h5(path, architecture, name)
+    raise ModelError(f"{path}: unsupported model file type {suffix!r} (supported: .h5)")
+
+
+def load_bundle(path: Path) -> ModelBundle:
+    path = Path(path)
+    if path.is_dir():
+        manifest = read_manifest(path)
+        name = manifest.name or path.name
+        spec = read_spec(path / manifest.artifact, manifest.architecture, name)
+        parity = read_parity(path, manifest.parity) if manifest.parity else None
+        vocabulary = read_vocabulary(path / manifest.vocabulary) if manifest.vocabulary else None
+        if vocabulary is not None and len(vocabulary) != spec.vocab_size:
+            raise ModelError(f"{path / str(manifest.vocabulary)}: {len(vocabulary)} tokens, "
+                             f"but the embedding has {spec.vocab_size} rows")
+        return ModelBundle(spec, parity, vocabulary)
+    if not path.exists():
+        raise ModelError(f"{path}: no such model file or directory")
+    return ModelBundle(read_spec(path, Architecture(), path.stem), None, None)
+
+
+def read_parity(directory: Path, parity: Parity) -> ParityData:
+    """An ``.npz`` with concatenated ``ids`` and per-step arrays, split by ``lengths``."""
+    path = directory / parity.file
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in (parity.ids, parity.lengths, parity.outputs,
+                                                  parity.hidden) if key is not None}
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path}: unreadable parity file: {exc}") from exc
+    except KeyError as exc:
+        raise ModelError(f"{path}: parity file lacks array {exc}") from exc
+    lengths = arrays[parity.lengths].astype(np.int64)
+    cuts = np.cumsum(lengths)[:-1]
+
+    def split(key: str) -> list[np.ndarray]:
+        array = arrays[key]
+        if array.shape[0] != lengths.sum():
+            raise ModelError(f"{path}: {key} has {array.shape[0]} rows, lengths sum to {lengths.sum()}")
+        return np.split(array, cuts)
+
+    return ParityData(
+        file=str(path),
+        sequences=[s.astype(np.int32) for s in split(parity.ids)],
+        outputs=split(parity.outputs),
+        hidden=split(parity.hidden) if parity.hidden else None,
+        tolerance=parity.tolerance,
+    )
+
+
+def read_vocabulary(path: Path) -> list[str]:
+    """A JSON list of token strings, indexed by id."""
+    try:
+        tokens = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path}: unreadable vocabulary: {exc}") from exc
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+        raise ModelError(f"{path}: the vocabulary must be a JSON list of strings")
+    return tokens
+
+
+__all__ = ["MANIFEST_NAME", "ModelBundle", "ParityData", "load_bundle", "read_spec"]

@@ -1,0 +1,264 @@
+"""Reads a Keras 2 / tf.keras ``model_config`` JSON into a layer plan, without running it.
+
+Handles Sequential models (Keras <= 2.1 stores the layers as a bare list, 2.2+ as
+``{"name", "layers"}``) and Functional models, including the "manual" bidirectional build:
+two GRU layers joined by a merge layer, one of them fed reversed input through a ``Lambda``.
+A ``Lambda``'s body is marshalled bytecode: it is never executed, only searched for the
+name ``reverse`` to recognise the reversing layers.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from app.errors import ModelError
+from app.formats.plan import EmbeddingStep, HeadStep, RecurrentStep, Step
+
+GRU_CLASSES = {"CuDNNGRU": True, "GRU": False, "GRUV2": False}
+INFERENCE_NO_OPS = {
+    "InputLayer", "Dropout", "SpatialDropout1D", "GaussianNoise", "GaussianDropout",
+    "AlphaDropout", "ActivityRegularization",
+}
+MERGE_LAYERS = {"Concatenate": "concat", "Add": "sum", "Average": "ave", "Multiply": "mul"}
+SUPPORTED = (
+    "Embedding, Bidirectional(CuDNNGRU | GRU), CuDNNGRU, GRU, Dense, TimeDistributed(Dense), "
+    "Activation, Dropout-like layers, and a manual forward/backward pair joined by "
+    "Concatenate | Add | Average | Multiply"
+)
+
+
+@dataclass(frozen=True)
+class Layer:
+    class_name: str
+    name: str
+    config: dict[str, Any]
+    inbound: tuple[str, ...]
+
+
+def parse_model_config(raw: str | bytes, directions: dict[str, str] | None = None) -> list[Step]:
+    """``directions`` (layer name -> "forward" | "backward") overrides what the graph tells."""
+    try:
+        config = json.loads(raw)
+        class_name = config["class_name"]
+        body = config["config"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"model_config: not a Keras model description ({exc})") from exc
+    if class_name == "Sequential":
+        layers = body if isinstance(body, list) else body.get("layers", [])
+        return _sequential_steps([_layer(entry, ()) for entry in layers])
+    if class_name in ("Functional", "Model"):
+        return _GraphWalker(body, directions or {}).steps()
+    raise ModelError(f"model_config: top-level {class_name!r} is not supported (Sequential or Functional)")
+
+
+def _layer(entry: dict[str, Any], inbound: tuple[str, ...]) -> Layer:
+    config = entry.get("config", {})
+    name = entry.get("name") or config.get("name", "?")
+    return Layer(entry.get("class_name", "?"), name, config, inbound)
+
+
+def _sequential_steps(layers: list[Layer]) -> list[Step]:
+    steps: list[Step] = []
+    for layer in layers:
+        _append(steps, layer)
+    return steps
+
+
+def _append(steps: list[Step], layer: Layer) -> None:
+    """Add ``layer``'s step to ``steps``; folds an ``Activation`` into a linear head."""
+    if layer.class_name in INFERENCE_NO_OPS:
+        return
+    if layer.class_name == "Activation":
+        head = steps[-1] if steps else None
+        if not isinstance(head, HeadStep) or head.activation != "linear":
+            raise ModelError(f"layer {layer.name!r}: Activation is supported only right after a linear Dense")
+        steps[-1] = HeadStep(head.name, layer.config.get("activation", "linear"))
+        return
+    steps.append(_step(layer))
+
+
+def _step(layer: Layer) -> Step:
+    cls, config = layer.class_name, layer.config
+    if cls == "Embedding":
+        return EmbeddingStep(layer.name, bool(config.get("mask_zero", False)))
+    if cls == "Bidirectional":
+        inner = config.get("layer", {})
+        claims = _check_gru(layer.name, inner.get("class_name", "?"), inner.get("config", {}))
+        merge_mode = config.get("merge_mode", "concat")
+        if merge_mode not in MERGE_LAYERS.values():
+            raise ModelError(f"layer {layer.name!r}: merge_mode {merge_mode!r} is not supported "
+                             "(concat, sum, ave, mul)")
+        return RecurrentStep(layer.name, merge_mode, claims_cudnn=claims)
+    if cls in GRU_CLASSES:
+        claims = _check_gru(layer.name, cls, config)
+        if config.get("go_backwards"):
+            raise ModelError(f"layer {layer.name!r}: a lone GRU with go_backwards=True is not supported")
+        return RecurrentStep(layer.name, None, claims_cudnn=claims)
+    if cls == "TimeDistributed" and config.get("layer", {}).get("class_name") == "Dense":
+        return HeadStep(layer.name, config["layer"]["config"].get("activation", "linear"))
+    if cls == "Dense":
+        return HeadStep(layer.name, config.get("activation", "linear"))
+    raise ModelError(f"layer {layer.name!r}: {cls} is not supported (supported: {SUPPORTED})")
+
+
+def _check_gru(name: str, cls: str, config: dict[str, Any]) -> bool:
+    """Refuse any GRU whose equations differ from cuDNN's; return whether it claims CuDNNGRU."""
+    if cls not in GRU_CLASSES:
+        raise ModelError(f"layer {name!r}: {cls} is not supported (only CuDNNGRU and GRU)")
+    problems = []
+    if not config.get("return_sequences", False):
+        problems.append("return_sequences=False (per-step outputs need the whole sequence)")
+    if config.get("return_state") or config.get("stateful"):
+        problems.append("return_state/stateful")
+    if not GRU_CLASSES[cls]:
+        if not config.get("reset_after", False):
+            problems.append("reset_after=False (a different model from cuDNN's GRU)")
+        if config.get("activation", "tanh") != "tanh":
+            problems.append(f"activation={config.get('activation')!r} (cuDNN uses tanh)")
+        if config.get("recurrent_activation", "sigmoid") != "sigmoid":
+            problems.append(f"recurrent_activation={config.get('recurrent_activation')!r} "
+                            "(cuDNN uses sigmoid)")
+        if config.get("use_bias", True) is False:
+            problems.append("use_bias=False")
+    if problems:
+        raise ModelError(f"layer {name!r} ({cls}): unsupported " + "; ".join(problems))
+    return GRU_CLASSES[cls]
+
+
+class _GraphWalker:
+    """Linearises a Functional model's graph from its single output back to its input."""
+
+    def __init__(self, body: dict[str, Any], directions: dict[str, str]) -> None:
+        self.layers = {layer.name: layer for layer in map(self._functional_layer, body.get("layers", []))}
+        self.directions = directions
+        outputs = body.get("output_layers", [])
+        if len(outputs) != 1:
+            raise ModelError(f"model_config: expected one output, found {len(outputs)}")
+        self.output = outputs[0][0]
+
+    @staticmethod
+    def _functional_layer(entry: dict[str, Any]) -> Layer:
+        nodes = entry.get("inbound_nodes", [])
+        if len(nodes) > 1:
+            raise ModelError(f"layer {entry.get('name')!r}: shared layers (called more than once) are not supported")
+        try:
+            inbound = tuple(tensor[0] for tensor in nodes[0]) if nodes else ()
+        except (TypeError, IndexError, KeyError) as exc:
+            raise ModelError(f"layer {entry.get('name')!r}: unreadable inbound_nodes") from exc
+        return _layer(entry, inbound)
+
+    def steps(self, output: str | None = None) -> list[Step]:
+        """The plan of everything that feeds ``output`` (default: the model's output)."""
+        chain: list[Layer] = []
+        name: str | None = output or self.output
+        while name is not None:
+            layer = self._get(name)
+            chain.append(layer)
+            if layer.class_name in MERGE_LAYERS:
+                name = None
+            elif len(layer.inbound) > 1:
+                raise ModelError(f"layer {name!r}: {layer.class_name} with several inputs is not supported")
+            else:
+                name = layer.inbound[0] if layer.inbound else None
+        steps: list[Step] = []
+        for layer in reversed(chain):
+            if layer.class_name in MERGE_LAYERS:
+                steps.extend(self._manual_pair(layer))
+            else:
+                _append(steps, layer)
+        return steps
+
+    def _get(self, name: str) -> Layer:
+        if name not in self.layers:
+            raise ModelError(f"model_config: layer {name!r} is referenced but not defined")
+        return self.layers[name]
+
+    def _manual_pair(self, merge: Layer) -> list[Step]:
+        """Two branches from one source, each a GRU, the backward one between reversals."""
+        if len(merge.inbound) != 2:
+            raise ModelError(f"layer {merge.name!r}: expected exactly two inputs (forward and backward)")
+        if merge.class_name == "Concatenate" and merge.config.get("axis", -1) not in (-1, 2):
+            raise ModelError(f"layer {merge.name!r}: concatenation on axis {merge.config.get('axis')} "
+                             "is not a per-step merge")
+        branches = [self._branch(name) for name in merge.inbound]
+        sources = {branch.source for branch in branches}
+        if len(sources) != 1:
+            raise ModelError(f"layer {merge.name!r}: its two GRU branches start from different layers {sources}")
+        directions = [self._direction(branch) for branch in branches]
+        if sorted(directions) != ["backward", "forward"]:
+            raise ModelError(
+                f"layer {merge.name!r}: cannot tell which of {[b.gru.name for b in branches]} runs "
+                f"backward (graph says {directions}); name them in the architecture file's "
+                '"directions", e.g. {"<layer>": "forward", "<layer>": "backward"}'
+            )
+        forward, backward = (branches if directions[0] == "forward" else branches[::-1])
+        merge_mode = MERGE_LAYERS[merge.class_name]
+        if merge_mode == "concat" and directions[0] != "forward":
+            raise ModelError(f"layer {merge.name!r}: concatenates backward before forward; not supported")
+        claims = _check_gru(forward.gru.name, forward.gru.class_name, forward.gru.config)
+        _check_gru(backward.gru.name, backward.gru.class_name, backward.gru.config)
+        steps = self.steps(forward.source)
+        steps.append(RecurrentStep(forward.gru.name, merge_mode, backward.gru.name, claims))
+        return steps
+
+    def _branch(self, tail: str) -> _Branch:
+        """Walk back from a merge input over Lambdas and one GRU to the shared source."""
+        reversals_after, reversals_before, opaque, gru = 0, 0, 0, None
+        name = tail
+        while True:
+            layer = self._get(name)
+            if layer.class_name == "Lambda":
+                if not _reverses(layer):
+                    opaque += 1
+                elif gru is None:
+                    reversals_after += 1
+                else:
+                    reversals_before += 1
+            elif layer.class_name in GRU_CLASSES and gru is None:
+                gru = layer
+            else:
+                break
+            if len(layer.inbound) != 1:
+                raise ModelError(f"layer {name!r}: expected one input inside a GRU branch")
+            name = layer.inbound[0]
+        if gru is None:
+            raise ModelError(f"merge input {tail!r}: no GRU layer on this branch")
+        return _Branch(gru, name, reversals_before, reversals_after, opaque)
+
+    def _direction(self, branch: _Branch) -> str:
+        if branch.gru.name in self.directions:
+            return self.directions[branch.gru.name]
+        if branch.opaque_lambdas:
+            return "unknown"
+        before = branch.reversals_before + int(bool(branch.gru.config.get("go_backwards")))
+        if before == 1 and branch.reversals_after == 1:
+            return "backward"
+        if before == 0 and branch.reversals_after == 0:
+            return "forward"
+        return "unknown"
+
+
+@dataclass(frozen=True)
+class _Branch:
+    gru: Layer
+    source: str
+    reversals_before: int
+    reversals_after: int
+    opaque_lambdas: int
+
+
+def _reverses(layer: Layer) -> bool:
+    """Whether the Lambda's marshalled code names ``reverse`` (read as bytes, never run)."""
+    function = layer.config.get("function")
+    encoded = function[0] if isinstance(function, list) and function else function
+    if not isinstance(encoded, str):
+        return False
+    try:
+        code = base64.b64decode(encoded.encode("ascii"), validate=False)
+    except (binascii.Error, ValueError, UnicodeEncodeError):
+        return False
+    return b"reverse" in code

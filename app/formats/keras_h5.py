@@ -1,0 +1,174 @@
+"""Keras 2 / tf.keras HDF5 files: full models (``model.save``) and weights (``save_weights``).
+
+Layout (``save_weights`` writes the part under ``model_weights/`` at the root)::
+
+    /  @keras_version @backend @model_config (JSON)
+    /model_weights  @layer_names=[...]          (may be split: layer_names0, layer_names1, ...)
+    /model_weights/<layer>  @weight_names=['<layer>/forward_<cell>/kernel:0', ...]
+    /model_weights/<layer>/<weight name>        (datasets; read in @weight_names order)
+
+Attributes may be ``bytes`` or ``str`` depending on the writer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from app.errors import ModelError
+from app.formats.gru_layouts import from_cudnn_gru, from_keras2_file
+from app.formats.keras_config import parse_model_config
+from app.formats.manifest import Architecture
+from app.formats.plan import EmbeddingStep, HeadStep, RecurrentStep, Step, assemble
+from app.spec import GRUWeights, ModelSpec, Source
+
+
+def read_keras_h5(path: Path, architecture: Architecture, name: str) -> ModelSpec:
+    with open_h5(path) as file:
+        raw_config = text_attr(file, "model_config")
+        weights_root = file["model_weights"] if "model_weights" in file else file
+        source = H5Weights(path, weights_root)
+        if raw_config is not None:
+            steps = parse_model_config(raw_config, architecture.directions)
+            file_format = "keras2-h5-model"
+        else:
+            steps = plan_from_weights(source, architecture)
+            file_format = "keras2-h5-weights"
+        keras_version = text_attr(file, "keras_version") or text_attr(weights_root, "keras_version")
+        return assemble(name, steps, source, Source(str(path), file_format, "auto", keras_version))
+
+
+def open_h5(path: Path) -> h5py.File:
+    try:
+        return h5py.File(path, "r")
+    except FileNotFoundError as exc:
+        raise ModelError(f"{path}: file not found") from exc
+    except OSError as exc:
+        raise ModelError(f"{path}: not a readable HDF5 file (truncated or corrupted?): {exc}") from exc
+
+
+def text_attr(node: h5py.Group, name: str) -> str | None:
+    value = node.attrs.get(name)
+    if value is None:
+        return None
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def list_attr(node: h5py.Group, name: str) -> list[str]:
+    """A list attribute, joined back when Keras split it into ``name0, name1, ...``."""
+    if name in node.attrs:
+        chunks = [node.attrs[name]]
+    else:
+        chunks, index = [], 0
+        while f"{name}{index}" in node.attrs:
+            chunks.append(node.attrs[f"{name}{index}"])
+            index += 1
+    return [item.decode("utf-8") if isinstance(item, bytes) else str(item)
+            for chunk in chunks for item in np.atleast_1d(chunk)]
+
+
+class H5Weights:
+    """The :class:`~app.formats.plan.WeightSource` of a Keras HDF5 weights group."""
+
+    def __init__(self, path: Path, root: h5py.Group) -> None:
+        self.path = path
+        self.root = root
+
+    def layer_names(self) -> list[str]:
+        return list_attr(self.root, "layer_names")
+
+    def weights(self, layer: str) -> list[tuple[str, np.ndarray]]:
+        """``(weight name, array)`` in the layer's ``weight_names`` order."""
+        if layer not in self.root:
+            raise ModelError(f"{self.path}: no weights group for layer {layer!r}")
+        group = self.root[layer]
+        result = []
+        for weight_name in list_attr(group, "weight_names"):
+            try:
+                result.append((weight_name, np.asarray(group[weight_name][()])))
+            except (KeyError, OSError) as exc:
+                raise ModelError(f"{self.path}: dataset {layer}/{weight_name} is missing or unreadable "
+                                 f"(truncated file?): {exc}") from exc
+        return result
+
+    def _named(self, layer: str, direction: str | None) -> dict[str, np.ndarray]:
+        named: dict[str, np.ndarray] = {}
+        for weight_name, array in self.weights(layer):
+            parts = weight_name.split("/")
+            if direction is not None and not any(p.startswith(f"{direction}_") for p in parts):
+                continue
+            named[parts[-1].split(":")[0]] = array
+        return named
+
+    def embeddings(self, name: str) -> np.ndarray:
+        named = self._named(name, None)
+        if "embeddings" not in named:
+            raise ModelError(f"{self.path}: layer {name!r} has no embeddings dataset")
+        return np.ascontiguousarray(named["embeddings"], dtype=np.float32)
+
+    def gru(self, name: str, direction: str | None, claims_cudnn: bool | None) -> tuple[GRUWeights, str]:
+        named = self._named(name, direction)
+        where = f"layer {name!r}" + (f" ({direction})" if direction else "")
+        missing = {"kernel", "recurrent_kernel", "bias"} - named.keys()
+        if missing:
+            raise ModelError(f"{self.path}: {where} lacks {sorted(missing)}")
+        kernel, recurrent, bias = named["kernel"], named["recurrent_kernel"], named["bias"]
+        if claims_cudnn:
+            if bias.ndim != 1:
+                raise ModelError(
+                    f"{where}: claims CuDNNGRU but its bias has shape {bias.shape}, "
+                    "not cuDNN's (6*units,)"
+                )
+            return from_cudnn_gru(kernel, recurrent, bias, where), "cudnn-gru->keras-gru"
+        return from_keras2_file(kernel, recurrent, bias, where)
+
+    def dense(self, name: str) -> tuple[np.ndarray, np.ndarray | None]:
+        named = self._named(name, None)
+        if "kernel" not in named:
+            raise ModelError(f"{self.path}: layer {name!r} has no kernel dataset")
+        bias = named.get("bias")
+        return (np.ascontiguousarray(named["kernel"], dtype=np.float32),
+                None if bias is None else np.ascontiguousarray(bias, dtype=np.float32))
+
+
+def plan_from_weights(source: H5Weights, architecture: Architecture) -> list[Step]:
+    """The plan of a weights-only file: layer order from ``layer_names``, roles from names."""
+    steps: list[Step] = []
+    marked: dict[str, str] = {}
+    for layer in source.layer_names():
+        short = [n.split("/")[-1].split(":")[0] for n, _ in source.weights(layer)]
+        full = [n for n, _ in source.weights(layer)]
+        if not short:
+            continue
+        if short == ["embeddings"]:
+            steps.append(EmbeddingStep(layer))
+        elif any("/forward_" in n for n in full) and any("/backward_" in n for n in full):
+            steps.append(RecurrentStep(layer, architecture.merge_mode))
+        elif "recurrent_kernel" in short:
+            steps.append(_paired(layer, architecture, steps, marked))
+        elif "kernel" in short:
+            steps.append(HeadStep(layer, architecture.head_activation))
+        else:
+            raise ModelError(f"{source.path}: cannot tell what layer {layer!r} is from weights {short}")
+    return steps
+
+
+def _paired(layer: str, architecture: Architecture, steps: list[Step],
+            marked: dict[str, str]) -> Step:
+    """A lone GRU, or one half of a manual pair named in ``architecture.directions``."""
+    direction = architecture.directions.get(layer)
+    if direction is None:
+        return RecurrentStep(layer)
+    previous = steps[-1] if steps else None
+    half = isinstance(previous, RecurrentStep) and previous.name in marked
+    if not half:
+        marked[layer] = direction
+        return RecurrentStep(layer)
+    assert isinstance(previous, RecurrentStep)
+    if marked[previous.name] == direction:
+        raise ModelError(f"layers {previous.name!r} and {layer!r} are both marked {direction}")
+    forward, backward = (previous.name, layer) if direction == "backward" else (layer, previous.name)
+    steps.pop()
+    return RecurrentStep(forward, architecture.merge_mode, backward)

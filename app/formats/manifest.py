@@ -1,0 +1,71 @@
+"""The model directory's ``model.json``: which file holds the model, and what the file can't say.
+
+A full-model Keras ``.h5`` describes itself; a weights-only ``.h5`` or a PyTorch state_dict
+does not, so ``architecture`` fills in only what shapes cannot tell (merge mode, head
+activation, which tensors are which). Everything else is inferred from the weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from app.errors import ModelError
+
+MANIFEST_NAME = "model.json"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TensorPrefixes(_Strict):
+    """Where a PyTorch state_dict keeps each part (``emb.weight``, ``gru.weight_ih_l0``, ...)."""
+
+    embedding: str = "embedding"
+    gru: str = "gru"
+    head: str | None = None
+
+
+class Architecture(_Strict):
+    merge_mode: Literal["concat", "sum", "ave", "mul"] = "concat"
+    head_activation: Literal["linear", "softmax", "sigmoid", "tanh", "relu"] = "linear"
+    directions: dict[str, Literal["forward", "backward"]] = Field(
+        default_factory=dict,
+        description="manual bidirectional pairs: GRU layer name -> direction",
+    )
+    tensors: TensorPrefixes | None = None
+    checkpoint_scope: str | None = Field(
+        default=None, description="TF 1.x checkpoints: the variable scope above the cells")
+
+
+class Parity(_Strict):
+    """Sequences with outputs recorded on the GPU, checked at start-up."""
+
+    file: str
+    outputs: str = "outputs"
+    hidden: str | None = None
+    ids: str = "ids"
+    lengths: str = "lengths"
+    tolerance: float | None = Field(default=None, gt=0)
+
+
+class Manifest(_Strict):
+    name: str | None = None
+    artifact: str
+    architecture: Architecture = Field(default_factory=Architecture)
+    vocabulary: str | None = None
+    parity: Parity | None = None
+
+
+def read_manifest(directory: Path) -> Manifest:
+    path = directory / MANIFEST_NAME
+    try:
+        return Manifest.model_validate_json(path.read_bytes())
+    except FileNotFoundError as exc:
+        raise ModelError(f"{directory}: a model directory needs a {MANIFEST_NAME}") from exc
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ModelError(f"{path}: {problems}") from exc

@@ -1,0 +1,68 @@
+"""The ASGI application: ``uvicorn app.main:app``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app import __version__
+from app.api.errors import install_error_handlers
+from app.api.routes import include_routes
+from app.config import Settings, get_settings
+from app.errors import ModelError
+from app.runtime.service import ModelService
+
+log = logging.getLogger("app")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    _configure_logging(settings.log_level)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        service = ModelService(settings)
+        try:
+            await asyncio.to_thread(service.load)
+        except ModelError as exc:
+            log.error("cannot serve %s: %s", settings.model_path, exc)
+            raise
+        app.state.service = service
+        preparing = asyncio.create_task(_prepare(service, settings.exit_on_failure))
+        yield
+        preparing.cancel()
+        await service.close()
+
+    app = FastAPI(
+        title="BiGRU inference",
+        version=__version__,
+        description="Per-step outputs of a cuDNN-trained (bidirectional) GRU model, served on CPU.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    include_routes(app, settings)
+    return app
+
+
+async def _prepare(service: ModelService, exit_on_failure: bool) -> None:
+    await service.prepare()
+    if service.status.stage == "failed" and exit_on_failure:
+        logging.shutdown()
+        os._exit(1)  # EXIT_ON_FAILURE: let the orchestrator restart or report us
+
+
+def _configure_logging(level: str) -> None:
+    root = logging.getLogger("app")
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+    root.setLevel(level.upper())
+
+
+app = create_app()

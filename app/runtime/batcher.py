@@ -1,0 +1,124 @@
+"""Dynamic micro-batching: sequences from requests that arrive together run in one call.
+
+Requests append a job to a queue and await it. One worker takes every job waiting (up to
+``max_batch_size`` sequences, always at least one whole job), runs them through the
+:class:`~app.runtime.runner.Runner` on a single engine thread, and hands each job exactly
+its own results. While a call runs, new requests queue up and form the next batch, so
+batching grows with load by itself; ``max_delay_s`` optionally waits a little longer for
+company when the queue is short (0 by default: a lone request never waits).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from app.runtime.runner import Result, Runner
+
+
+@dataclass
+class Job:
+    sequences: list[np.ndarray]
+    future: asyncio.Future[list[Result]]
+    queued_at: float = field(default_factory=time.perf_counter)
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    """What one engine call did, for metrics."""
+
+    jobs: int
+    sequences: int
+    queue_wait_s: list[float]
+    compute_s: float
+
+
+class MicroBatcher:
+    def __init__(self, runner: Runner, max_batch_size: int, max_delay_s: float) -> None:
+        self.runner = runner
+        self.max_batch_size = max_batch_size
+        self.max_delay_s = max_delay_s
+        self.on_batch: list[Callable[[BatchStats], None]] = []
+        self._queue: deque[Job] = deque()
+        self._wakeup = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self._worker: asyncio.Task[None] | None = None
+
+    @property
+    def pending(self) -> int:
+        return len(self._queue)
+
+    def start(self) -> None:
+        self._worker = asyncio.get_running_loop().create_task(self._work(), name="micro-batcher")
+
+    async def submit(self, sequences: list[np.ndarray]) -> list[Result]:
+        job = Job(sequences, asyncio.get_running_loop().create_future())
+        self._queue.append(job)
+        self._wakeup.set()
+        return await job.future
+
+    async def run_now(self, sequences: list[np.ndarray]) -> list[Result]:
+        """Run on the engine thread without queueing (start-up work, before serving)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self.runner.run, sequences)
+
+    async def close(self) -> None:
+        """Finish every queued job, then stop the worker."""
+        while self._queue:
+            await asyncio.sleep(0.005)
+        if self._worker is not None:
+            self._worker.cancel()
+            await asyncio.gather(self._worker, return_exceptions=True)
+        self._executor.shutdown(wait=True)
+
+    async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            if self.max_delay_s and self._waiting_sequences() < self.max_batch_size:
+                await asyncio.sleep(self.max_delay_s)
+            jobs = self._take()
+            if not jobs:
+                continue
+            started = time.perf_counter()
+            sequences = [s for job in jobs for s in job.sequences]
+            try:
+                results = await loop.run_in_executor(self._executor, self.runner.run, sequences)
+            except Exception as exc:  # an engine failure fails these jobs, not the service
+                for job in jobs:
+                    if not job.future.done():
+                        job.future.set_exception(exc)
+                continue
+            self._deliver(jobs, results)
+            stats = BatchStats(len(jobs), len(sequences), [started - j.queued_at for j in jobs],
+                               time.perf_counter() - started)
+            for callback in self.on_batch:
+                callback(stats)
+
+    def _waiting_sequences(self) -> int:
+        return sum(len(job.sequences) for job in self._queue)
+
+    def _take(self) -> list[Job]:
+        jobs = [self._queue.popleft()]
+        count = len(jobs[0].sequences)
+        while self._queue and count + len(self._queue[0].sequences) <= self.max_batch_size:
+            job = self._queue.popleft()
+            jobs.append(job)
+            count += len(job.sequences)
+        return [job for job in jobs if not job.future.done()]  # skip clients that left
+
+    @staticmethod
+    def _deliver(jobs: list[Job], results: list[Result]) -> None:
+        start = 0
+        for job in jobs:
+            end = start + len(job.sequences)
+            if not job.future.done():  # the client may have gone away
+                job.future.set_result(results[start:end])
+            start = end

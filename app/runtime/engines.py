@@ -1,0 +1,109 @@
+"""Engines run one right-padded batch: ``ids (B, T) int32`` and ``lengths (B,)`` in,
+``outputs (B, T, C)`` and ``hidden (B, T, H)`` out. Rows past a sequence's length are
+padding and are ignored by the caller; each sequence's own rows are exact.
+
+- :class:`OnnxRuntimeEngine` runs the graph of :mod:`app.build.onnx_graph`. No per-shape
+  compilation, so there is nothing to warm per length. The fastest path measured here.
+- :class:`KerasEngine` runs the model of :mod:`app.build.keras_model`, XLA-compiled once
+  per padded shape ``(batch bucket, length bucket)``: the reference engine.
+
+Both are called from a single worker thread (see :mod:`app.runtime.batcher`), so each
+gets all ``threads`` cores for one call at a time.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from app.spec import ModelSpec
+
+
+class Engine(Protocol):
+    name: str
+
+    def run(self, ids: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def pad_shape(self, batch: int, steps: int) -> tuple[int, int]:
+        """The shape a ``(batch, steps)`` group is padded to before :meth:`run`."""
+        ...
+
+    def warm_shapes(self, max_batch: int, max_len: int) -> list[tuple[int, int]]:
+        """Shapes to run once before the service reports ready."""
+        ...
+
+
+class OnnxRuntimeEngine:
+    name = "onnxruntime"
+
+    def __init__(self, spec: ModelSpec, threads: int) -> None:
+        import onnxruntime as ort
+
+        from app.build.onnx_graph import build_onnx_model
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Threads spin between calls by default: that steals the event loop's core.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self._session = ort.InferenceSession(
+            build_onnx_model(spec).SerializeToString(), options, providers=["CPUExecutionProvider"]
+        )
+
+    def run(self, ids: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        outputs, hidden = self._session.run(
+            ["outputs", "hidden"], {"ids": ids, "lengths": lengths.astype(np.int32)}
+        )
+        return outputs, hidden
+
+    def pad_shape(self, batch: int, steps: int) -> tuple[int, int]:
+        return batch, steps
+
+    def warm_shapes(self, max_batch: int, max_len: int) -> list[tuple[int, int]]:
+        return [(1, 16), (max_batch, 64), (1, max_len)]
+
+
+class KerasEngine:
+    """XLA-compiled Keras 3; each new padded shape compiles once (about a second)."""
+
+    name = "keras-xla"
+
+    def __init__(self, spec: ModelSpec, threads: int, length_buckets: list[int]) -> None:
+        import tensorflow as tf
+
+        from app.build.keras_model import build_keras_model
+
+        _set_tf_threads(tf, threads)
+        self._buckets = length_buckets
+        self._model = build_keras_model(spec)
+        self._call = tf.function(lambda ids, mask: self._model([ids, mask], training=False),
+                                 jit_compile=True, reduce_retracing=False)
+
+    def run(self, ids: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        mask = np.arange(ids.shape[1])[None, :] < lengths[:, None]
+        outputs, hidden = self._call(ids, mask)
+        return outputs.numpy(), hidden.numpy()
+
+    def pad_shape(self, batch: int, steps: int) -> tuple[int, int]:
+        return 1 << (batch - 1).bit_length(), next(b for b in self._buckets if b >= steps)
+
+    def warm_shapes(self, max_batch: int, max_len: int) -> list[tuple[int, int]]:
+        return [(1, bucket) for bucket in self._buckets if bucket <= max_len]
+
+
+def _set_tf_threads(tf: object, threads: int) -> None:
+    config = tf.config.threading  # type: ignore[attr-defined]
+    try:
+        config.set_intra_op_parallelism_threads(threads)
+        config.set_inter_op_parallelism_threads(1)
+    except RuntimeError:
+        pass  # already initialised in this process (tests build several engines)
+
+
+def make_engine(kind: str, spec: ModelSpec, threads: int, length_buckets: list[int]) -> Engine:
+    if kind == "keras":
+        return KerasEngine(spec, threads, length_buckets)
+    return OnnxRuntimeEngine(spec, threads)

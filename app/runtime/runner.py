@@ -1,0 +1,73 @@
+"""The one runner: unpadded sequences in, each sequence's own per-step rows out.
+
+Sequences are grouped by length bucket so that padding stays small, each group is
+right-padded (the engines honour the true lengths, so padding never reaches the backward
+direction), and every result is sliced back to its sequence's length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from app.runtime.engines import Engine
+
+Result = tuple[np.ndarray, np.ndarray]  # (outputs (len, C), hidden (len, H))
+
+
+def length_buckets(max_len: int) -> list[int]:
+    """8, 12, 16, 24, 32, 48, ...: each bucket at most 1.5x the one before, up to ``max_len``."""
+    buckets, size = [], 8
+    while size < max_len:
+        buckets += [size, size + size // 2]
+        size *= 2
+    return sorted({bucket for bucket in buckets if bucket < max_len} | {max_len})
+
+
+def bucket_of(buckets: list[int], length: int) -> int:
+    return buckets[int(np.searchsorted(buckets, length))]
+
+
+@dataclass
+class Runner:
+    engine: Engine
+    buckets: list[int]
+    max_batch_size: int
+
+    def run(self, sequences: list[np.ndarray]) -> list[Result]:
+        results: list[Result | None] = [None] * len(sequences)
+        for group in self._groups(sequences):
+            for index, result in zip(group, self._run_group([sequences[i] for i in group])):
+                results[index] = result
+        return results  # type: ignore[return-value]
+
+    def _groups(self, sequences: list[np.ndarray]) -> list[list[int]]:
+        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+        groups: list[list[int]] = []
+        current_bucket = -1
+        for index in order:
+            bucket = bucket_of(self.buckets, len(sequences[index]))
+            if bucket != current_bucket or len(groups[-1]) >= self.max_batch_size:
+                groups.append([])
+                current_bucket = bucket
+            groups[-1].append(index)
+        return groups
+
+    def _run_group(self, group: list[np.ndarray]) -> list[Result]:
+        lengths = np.array([len(s) for s in group], dtype=np.int32)
+        batch, steps = self.engine.pad_shape(len(group), int(lengths.max()))
+        ids = np.zeros((batch, steps), dtype=np.int32)
+        padded_lengths = np.ones(batch, dtype=np.int32)  # filler rows: one padding token each
+        padded_lengths[: len(group)] = lengths
+        for row, sequence in enumerate(group):
+            ids[row, : len(sequence)] = sequence
+        outputs, hidden = self.engine.run(ids, padded_lengths)
+        return [(outputs[row, :length], hidden[row, :length]) for row, length in enumerate(lengths)]
+
+    def warm_up(self) -> int:
+        """Run every shape the engine wants warm; returns how many shapes ran."""
+        shapes = self.engine.warm_shapes(self.max_batch_size, self.buckets[-1])
+        for batch, steps in shapes:
+            self.engine.run(np.zeros((batch, steps), np.int32), np.full(batch, steps, np.int32))
+        return len(shapes)

@@ -1,0 +1,50 @@
+"""The start-up self-check: the serving engine against outputs recorded on the GPU."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from app.errors import ModelError
+from app.formats import ParityData
+from app.runtime.runner import Result
+
+DEFAULT_TOLERANCE = 1e-4
+
+
+@dataclass(frozen=True)
+class SelfCheck:
+    passed: bool
+    sequences: int
+    max_abs_diff_outputs: float
+    max_abs_diff_hidden: float | None
+    tolerance: float
+    reference: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def max_abs_diff(got: list[np.ndarray], expected: list[np.ndarray]) -> float:
+    for g, e in zip(got, expected, strict=True):
+        if g.shape != e.shape:
+            raise ModelError(f"parity data has rows of shape {e.shape}, the model gives {g.shape}")
+    return max(float(np.max(np.abs(g - e))) for g, e in zip(got, expected))
+
+
+def run_self_check(parity: ParityData, run: Callable[[list[np.ndarray]], list[Result]],
+                   tolerance: float) -> SelfCheck:
+    results = run(parity.sequences)
+    output_diff = max_abs_diff([o for o, _ in results], parity.outputs)
+    hidden_diff = None if parity.hidden is None else max_abs_diff([h for _, h in results], parity.hidden)
+    worst = max(output_diff, hidden_diff or 0.0)
+    return SelfCheck(
+        passed=bool(worst <= tolerance),
+        sequences=len(parity.sequences),
+        max_abs_diff_outputs=output_diff,
+        max_abs_diff_hidden=hidden_diff,
+        tolerance=tolerance,
+        reference=parity.file,
+    )
