@@ -14,9 +14,9 @@ import os
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
+import keras
 
-from app.spec import DenseHead, ModelSpec, RecurrentLayer  # noqa: E402
+from app.spec import DenseHead, ModelSpec, RecurrentLayer
 
 
 def build_keras_model(spec: ModelSpec) -> keras.Model:

@@ -144,7 +144,8 @@ class _GraphWalker:
     def _functional_layer(entry: dict[str, Any]) -> Layer:
         nodes = entry.get("inbound_nodes", [])
         if len(nodes) > 1:
-            raise ModelError(f"layer {entry.get('name')!r}: shared layers (called more than once) are not supported")
+            raise ModelError(
+                f"layer {entry.get('name')!r}: shared layers (called more than once) are not supported")
         try:
             inbound = tuple(tensor[0] for tensor in nodes[0]) if nodes else ()
         except (TypeError, IndexError, KeyError) as exc:
@@ -187,7 +188,8 @@ class _GraphWalker:
         branches = [self._branch(name) for name in merge.inbound]
         sources = {branch.source for branch in branches}
         if len(sources) != 1:
-            raise ModelError(f"layer {merge.name!r}: its two GRU branches start from different layers {sources}")
+            raise ModelError(
+                f"layer {merge.name!r}: its two GRU branches start from different layers {sources}")
         directions = [self._direction(branch) for branch in branches]
         if sorted(directions) != ["backward", "forward"]:
             raise ModelError(

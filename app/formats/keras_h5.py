@@ -28,7 +28,7 @@ from app.spec import GRUWeights, ModelSpec, Source
 def read_keras_h5(path: Path, architecture: Architecture, name: str) -> ModelSpec:
     with open_h5(path) as file:
         raw_config = text_attr(file, "model_config")
-        weights_root = file["model_weights"] if "model_weights" in file else file
+        weights_root = file.get("model_weights", file)
         source = H5Weights(path, weights_root)
         if raw_config is not None:
             steps = parse_model_config(raw_config, architecture.directions)

@@ -129,6 +129,6 @@ def _versions() -> dict[str, str]:
 
         versions["keras"] = version("keras")
         versions["tensorflow"] = version("tensorflow-cpu")
-    except Exception:  # noqa: BLE001 - optional packages; absent ones are simply not listed
+    except Exception:
         pass
     return versions

@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+DEFAULT_MODEL = ROOT / "models" / "segmenter"
+
+
+@pytest.fixture(scope="session")
+def legacy_expected() -> dict:
+    return json.loads((FIXTURES / "legacy" / "expected.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def gpu_reference() -> dict:
+    """The GPU's own outputs for the default model, split per sequence."""
+    with np.load(DEFAULT_MODEL / "segmenter.ref.npz") as data:
+        arrays = {key: data[key] for key in data.files}
+    cuts = np.cumsum(arrays["lengths"])[:-1]
+    split = {key: np.split(arrays[key], cuts) for key in
+             ("ids", "probs_fp32", "probs_tf32", "hidden_fp32", "probs_padded_nomask")}
+    split["lengths"] = arrays["lengths"]
+    return split
+
+
+class Server:
+    """A real uvicorn process on a free loopback port."""
+
+    def __init__(self, env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> None:
+        import socket
+        import subprocess
+        import sys
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1",
+             "--port", str(self.port), "--no-access-log", *args],
+            cwd=ROOT, env={**os.environ, "THREADS": "2", **(env or {})},
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+
+    def wait_until(self, path: str = "/readyz", status: int = 200, timeout: float = 60) -> None:
+        import time
+
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.output()}")
+            try:
+                if httpx.get(self.url + path, timeout=2).status_code == status:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"{path} never answered {status}:\n{self.stop()}")
+
+    def output(self) -> str:
+        assert self.process.stdout is not None
+        return self.process.stdout.read()
+
+    def stop(self) -> str:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except Exception:
+                self.process.kill()
+        return self.output()
+
+
+@pytest.fixture(scope="session")
+def server():
+    handle = Server()
+    handle.wait_until()
+    yield handle
+    handle.stop()

@@ -1,0 +1,39 @@
+"""Run a spec through the project's own runner with either engine."""
+
+from __future__ import annotations
+
+from functools import cache
+
+import numpy as np
+
+from app.runtime.engines import KerasEngine, OnnxRuntimeEngine
+from app.runtime.runner import Runner, length_buckets
+from app.spec import ModelSpec
+
+ENGINES = ("onnxruntime", "keras")
+
+
+def runner_for(spec: ModelSpec, engine: str, max_len: int = 64, max_batch_size: int = 8) -> Runner:
+    buckets = length_buckets(max_len)
+    built = (OnnxRuntimeEngine(spec, threads=2) if engine == "onnxruntime"
+             else KerasEngine(spec, threads=2, length_buckets=buckets))
+    return Runner(built, buckets, max_batch_size)
+
+
+def outputs(spec: ModelSpec, sequences: list[list[int]], engine: str) -> list[np.ndarray]:
+    runner = runner_for(spec, engine)
+    return [o for o, _ in runner.run([np.asarray(s, np.int32) for s in sequences])]
+
+
+def max_diff(got: list[np.ndarray], expected: list[np.ndarray]) -> float:
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        assert g.shape == np.shape(e), (g.shape, np.shape(e))
+    return max(float(np.max(np.abs(g - np.asarray(e)))) for g, e in zip(got, expected))
+
+
+@cache
+def tf_keras():
+    import tf_keras as module
+
+    return module

@@ -1,0 +1,96 @@
+"""Writes Keras 2-style HDF5 files (``model.save`` / ``save_weights`` layout) with h5py.
+
+Only what the legacy format holds: ``model_config`` JSON, ``layer_names``, and per-layer
+``weight_names`` with their datasets. Used to test layouts the shared fixtures don't cover.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from tests.reference import NativeModel, to_cudnngru, to_keras_gru
+
+
+def _gru_config(cell: str, units: int) -> dict:
+    config = {"name": "gru", "units": units, "return_sequences": True, "return_state": False,
+              "go_backwards": False, "stateful": False}
+    if cell == "GRU":
+        config |= {"activation": "tanh", "recurrent_activation": "sigmoid", "reset_after": True,
+                   "use_bias": True}
+    return {"class_name": cell, "config": config}
+
+
+def model_config(model: NativeModel, cell: str = "CuDNNGRU") -> dict:
+    vocab, width = model.embeddings.shape
+    layers: list[dict] = [
+        {"class_name": "InputLayer", "config": {"batch_input_shape": [None, None], "name": "ids"}},
+        {"class_name": "Embedding", "config": {"name": "embedding", "input_dim": vocab,
+                                               "output_dim": width, "mask_zero": False}},
+    ]
+    for index, (forward, backward) in enumerate(model.layers):
+        inner = _gru_config(cell, forward.units)
+        if backward is None:
+            layers.append({"class_name": cell, "config": inner["config"] | {"name": f"gru_{index}"}})
+        else:
+            layers.append({"class_name": "Bidirectional", "config": {
+                "name": f"bigru_{index}", "layer": inner, "merge_mode": model.merge_mode}})
+    if model.head_kernel is not None:
+        dense = {"class_name": "Dense", "config": {"name": "dense", "units": model.head_kernel.shape[1],
+                                                   "activation": model.head_activation}}
+        layers.append({"class_name": "TimeDistributed", "config": {"name": "head", "layer": dense}})
+    return {"class_name": "Sequential", "config": {"name": "sequential", "layers": layers}}
+
+
+LayerWeights = list[tuple[str, list[tuple[str, np.ndarray]]]]
+
+
+def layer_weights(model: NativeModel, cell: str = "CuDNNGRU") -> LayerWeights:
+    encode = to_cudnngru if cell == "CuDNNGRU" else to_keras_gru
+    cell_name = "cu_dnngru" if cell == "CuDNNGRU" else "gru_cell"
+    result = [("embedding", [("embedding/embeddings:0", model.embeddings)])]
+    for index, (forward, backward) in enumerate(model.layers):
+        if backward is None:
+            name = f"gru_{index}"
+            result.append((name, [(f"{name}/{w}:0", a) for w, a in
+                                  zip(("kernel", "recurrent_kernel", "bias"), encode(forward))]))
+            continue
+        name = f"bigru_{index}"
+        weights = []
+        for direction, native in (("forward", forward), ("backward", backward)):
+            weights += [(f"{name}/{direction}_{cell_name}/{w}:0", a)
+                        for w, a in zip(("kernel", "recurrent_kernel", "bias"), encode(native))]
+        result.append((name, weights))
+    if model.head_kernel is not None:
+        result.append(("head", [("head/kernel:0", model.head_kernel), ("head/bias:0", model.head_bias)]))
+    return result
+
+
+def _write_weights(group: h5py.Group, layers: LayerWeights) -> None:
+    group.attrs["layer_names"] = np.array([name.encode() for name, _ in layers])
+    group.attrs["backend"] = b"tensorflow"
+    group.attrs["keras_version"] = b"2.2.4"
+    for name, weights in layers:
+        layer_group = group.create_group(name)
+        layer_group.attrs["weight_names"] = np.array([w.encode() for w, _ in weights])
+        for weight_name, array in weights:
+            layer_group.create_dataset(weight_name, data=array)
+
+
+def write_full_model(path: Path, model: NativeModel, cell: str = "CuDNNGRU",
+                     config: dict | None = None) -> Path:
+    with h5py.File(path, "w") as file:
+        file.attrs["keras_version"] = b"2.2.4"
+        file.attrs["backend"] = b"tensorflow"
+        file.attrs["model_config"] = json.dumps(config or model_config(model, cell)).encode()
+        _write_weights(file.create_group("model_weights"), layer_weights(model, cell))
+    return path
+
+
+def write_weights_only(path: Path, model: NativeModel, cell: str = "CuDNNGRU") -> Path:
+    with h5py.File(path, "w") as file:
+        _write_weights(file, layer_weights(model, cell))
+    return path

@@ -1,0 +1,148 @@
+"""An independent NumPy GRU, written from cuDNN's own definition, and writers that encode
+cuDNN-native weights into each file layout the service reads.
+
+cuDNN's GRU (per layer and direction; matrices are (U, in) and compute ``W @ x``)::
+
+    r  = sigmoid(W_r x + bW_r + R_r h + bR_r)
+    z  = sigmoid(W_z x + bW_z + R_z h + bR_z)
+    hh = tanh(W_h x + bW_h + r * (R_h h + bR_h))
+    h' = (1 - z) * hh + z * h
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Native:
+    """One direction of one layer in cuDNN's terms: gate -> matrix / bias."""
+
+    W: dict[str, np.ndarray]  # (U, in)
+    R: dict[str, np.ndarray]  # (U, U)
+    bW: dict[str, np.ndarray]  # (U,)
+    bR: dict[str, np.ndarray]  # (U,)
+
+    @property
+    def units(self) -> int:
+        return self.R["r"].shape[0]
+
+
+def random_native(rng: np.random.Generator, width: int, units: int, scale: float = 0.5) -> Native:
+    def draw(*shape: int) -> np.ndarray:
+        return rng.uniform(-scale, scale, shape).astype(np.float32)
+
+    return Native(
+        W={g: draw(units, width) for g in "rzh"},
+        R={g: draw(units, units) for g in "rzh"},
+        bW={g: draw(units) for g in "rzh"},
+        bR={g: draw(units) for g in "rzh"},
+    )
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def run_direction(native: Native, x: np.ndarray) -> np.ndarray:
+    """``x (T, in)`` -> states ``(T, U)``, in float64 for a clean reference."""
+    W = {g: native.W[g].astype(np.float64) for g in "rzh"}
+    R = {g: native.R[g].astype(np.float64) for g in "rzh"}
+    h = np.zeros(native.units)
+    states = []
+    for x_t in x.astype(np.float64):
+        r = sigmoid(W["r"] @ x_t + native.bW["r"] + R["r"] @ h + native.bR["r"])
+        z = sigmoid(W["z"] @ x_t + native.bW["z"] + R["z"] @ h + native.bR["z"])
+        hh = np.tanh(W["h"] @ x_t + native.bW["h"] + r * (R["h"] @ h + native.bR["h"]))
+        h = (1 - z) * hh + z * h
+        states.append(h)
+    return np.array(states)
+
+
+MERGES = {
+    "concat": lambda f, b: np.concatenate([f, b], axis=-1),
+    "sum": lambda f, b: f + b,
+    "ave": lambda f, b: (f + b) / 2,
+    "mul": lambda f, b: f * b,
+}
+
+
+def activation(name: str, x: np.ndarray) -> np.ndarray:
+    if name == "softmax":
+        e = np.exp(x - x.max(axis=-1, keepdims=True))
+        return e / e.sum(axis=-1, keepdims=True)
+    return {"linear": lambda v: v, "sigmoid": sigmoid, "tanh": np.tanh,
+            "relu": lambda v: np.maximum(v, 0)}[name](x)
+
+
+@dataclass
+class NativeModel:
+    embeddings: np.ndarray
+    layers: list[tuple[Native, Native | None]]
+    merge_mode: str
+    head_kernel: np.ndarray | None
+    head_bias: np.ndarray | None
+    head_activation: str = "softmax"
+
+    def hidden(self, ids: np.ndarray) -> np.ndarray:
+        x = self.embeddings[ids]
+        for forward, backward in self.layers:
+            f = run_direction(forward, x)
+            x = f if backward is None else MERGES[self.merge_mode](f, run_direction(backward, x[::-1])[::-1])
+        return x
+
+    def outputs(self, ids: np.ndarray) -> np.ndarray:
+        x = self.hidden(ids)
+        if self.head_kernel is None:
+            return x
+        return activation(self.head_activation, x @ self.head_kernel + self.head_bias)
+
+
+def random_model(rng: np.random.Generator, vocab: int, width: int, units: int, layers: int,
+                 bidirectional: bool = True, merge_mode: str = "concat", head: int | None = 5,
+                 head_activation: str = "softmax") -> NativeModel:
+    embeddings = rng.normal(0, 1, (vocab, width)).astype(np.float32)
+    stack, in_width = [], width
+    for _ in range(layers):
+        forward = random_native(rng, in_width, units)
+        backward = random_native(rng, in_width, units) if bidirectional else None
+        stack.append((forward, backward))
+        in_width = 2 * units if bidirectional and merge_mode == "concat" else units
+    kernel = rng.normal(0, 0.5, (in_width, head)).astype(np.float32) if head else None
+    bias = rng.normal(0, 0.1, head).astype(np.float32) if head else None
+    return NativeModel(embeddings, stack, merge_mode, kernel, bias, head_activation)
+
+
+# --- encoders: cuDNN-native weights -> each file layout ---------------------------------
+
+def to_cudnngru(native: Native) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Keras 2 ``CuDNNGRU`` weights: each (U, in) matrix's raw row-major bytes stored as an
+    (in, U) block, gates z, r, h; bias = [input z, r, h | recurrent z, r, h]."""
+    units, width = native.W["z"].shape
+    kernel = np.hstack([np.frombuffer(native.W[g].tobytes(), np.float32).reshape(width, units)
+                        for g in "zrh"])
+    recurrent = np.hstack([np.frombuffer(native.R[g].tobytes(), np.float32).reshape(units, units)
+                           for g in "zrh"])
+    bias = np.concatenate([native.bW[g] for g in "zrh"] + [native.bR[g] for g in "zrh"])
+    return kernel, recurrent, bias
+
+
+def to_keras_gru(native: Native) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Keras ``GRU(reset_after=True)``: x @ kernel, so kernel blocks are W.T; gates z, r, h."""
+    kernel = np.hstack([native.W[g].T for g in "zrh"])
+    recurrent = np.hstack([native.R[g].T for g in "zrh"])
+    bias = np.stack([np.concatenate([native.bW[g] for g in "zrh"]),
+                     np.concatenate([native.bR[g] for g in "zrh"])])
+    return kernel, recurrent, bias
+
+
+def to_torch(native: Native) -> dict[str, np.ndarray]:
+    """PyTorch ``nn.GRU``: row blocks r, z, n."""
+    return {
+        "weight_ih": np.vstack([native.W[g] for g in "rzh"]),
+        "weight_hh": np.vstack([native.R[g] for g in "rzh"]),
+        "bias_ih": np.concatenate([native.bW[g] for g in "rzh"]),
+        "bias_hh": np.concatenate([native.bR[g] for g in "rzh"]),
+    }
