@@ -19,14 +19,17 @@ class Settings(BaseSettings):
     model_path: Path = Field(DEFAULT_MODEL, description="model directory (with model.json) or file")
     engine: Literal["onnxruntime", "keras"] = Field(
         "onnxruntime", description="onnxruntime (fastest) or keras (XLA-compiled Keras 3)")
-    threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1,
-                         description="intra-op threads of the engine")
+    workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1,
+                         description="engine calls that run in parallel (onnxruntime; keras uses 1)")
+    threads: int | None = Field(None, ge=1, description="intra-op threads of each engine call "
+                                "(default: 1 for onnxruntime, all cores for keras)")
 
     max_batch: int = Field(64, ge=1, description="most sequences in one request")
     max_len: int = Field(2048, ge=1, description="most tokens in one sequence")
     max_batch_size: int = Field(32, ge=1, description="most sequences the engine runs in one call")
     max_queue_delay_ms: float = Field(
-        1.0, ge=0, description="how long the batcher waits for more work before a call")
+        0.0, ge=0, description="how long the batcher waits for more work before a call "
+        "(0: never; requests that arrive while the engine is busy batch by themselves)")
 
     parity_tolerance: float | None = Field(
         None, gt=0, description="max abs difference allowed by the start-up self-check "

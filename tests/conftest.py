@@ -47,7 +47,7 @@ class Server:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1",
              "--port", str(self.port), "--no-access-log", *args],
-            cwd=ROOT, env={**os.environ, "THREADS": "2", **(env or {})},
+            cwd=ROOT, env={**os.environ, **(env or {})},
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
 

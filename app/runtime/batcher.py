@@ -1,11 +1,14 @@
 """Dynamic micro-batching: sequences from requests that arrive together run in one call.
 
-Requests append a job to a queue and await it. One worker takes every job waiting (up to
-``max_batch_size`` sequences, always at least one whole job), runs them through the
-:class:`~app.runtime.runner.Runner` on a single engine thread, and hands each job exactly
-its own results. While a call runs, new requests queue up and form the next batch, so
-batching grows with load by itself; ``max_delay_s`` optionally waits a little longer for
-company when the queue is short (0 by default: a lone request never waits).
+Requests append a job to a queue and await it. ``workers`` loops (one engine thread
+each) take waiting jobs, run them through the :class:`~app.runtime.runner.Runner` and
+hand each job exactly its own results. A loop takes its fair share of what waits (split
+between the idle loops, at most ``max_batch_size`` sequences, always at least one whole
+job), because on these CPUs two one-thread engine calls side by side do far more than one
+call with two threads or one call with twice the batch. While calls run, new requests
+queue up and form the next batches, so batching grows with load by itself; ``max_delay_s``
+optionally waits a little for company when the queue is short (0 by default: a lone
+request never waits).
 """
 
 from __future__ import annotations
@@ -40,22 +43,25 @@ class BatchStats:
 
 
 class MicroBatcher:
-    def __init__(self, runner: Runner, max_batch_size: int, max_delay_s: float) -> None:
+    def __init__(self, runner: Runner, workers: int, max_batch_size: int, max_delay_s: float) -> None:
         self.runner = runner
+        self.workers = workers
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
         self.on_batch: list[Callable[[BatchStats], None]] = []
         self._queue: deque[Job] = deque()
         self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
-        self._worker: asyncio.Task[None] | None = None
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="engine")
+        self._loops: list[asyncio.Task[None]] = []
+        self._idle = workers
 
     @property
     def pending(self) -> int:
         return len(self._queue)
 
     def start(self) -> None:
-        self._worker = asyncio.get_running_loop().create_task(self._work(), name="micro-batcher")
+        loop = asyncio.get_running_loop()
+        self._loops = [loop.create_task(self._work(), name=f"batcher-{i}") for i in range(self.workers)]
 
     async def submit(self, sequences: list[np.ndarray]) -> list[Result]:
         job = Job(sequences, asyncio.get_running_loop().create_future())
@@ -69,11 +75,11 @@ class MicroBatcher:
 
     async def close(self) -> None:
         """Finish every queued job, then stop the worker."""
-        while self._queue:
+        while self._queue or self._idle < self.workers:
             await asyncio.sleep(0.005)
-        if self._worker is not None:
-            self._worker.cancel()
-            await asyncio.gather(self._worker, return_exceptions=True)
+        for task in self._loops:
+            task.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
         self._executor.shutdown(wait=True)
 
     async def _work(self) -> None:
@@ -84,11 +90,14 @@ class MicroBatcher:
                 await self._wakeup.wait()
             if self.max_delay_s and self._waiting_sequences() < self.max_batch_size:
                 await asyncio.sleep(self.max_delay_s)
+            if not self._queue:
+                continue  # another loop took it meanwhile
             jobs = self._take()
             if not jobs:
                 continue
             started = time.perf_counter()
             sequences = [s for job in jobs for s in job.sequences]
+            self._idle -= 1
             try:
                 results = await loop.run_in_executor(self._executor, self.runner.run, sequences)
             except Exception as exc:  # an engine failure fails these jobs, not the service
@@ -96,6 +105,8 @@ class MicroBatcher:
                     if not job.future.done():
                         job.future.set_exception(exc)
                 continue
+            finally:
+                self._idle += 1
             self._deliver(jobs, results)
             stats = BatchStats(len(jobs), len(sequences), [started - j.queued_at for j in jobs],
                                time.perf_counter() - started)
@@ -106,9 +117,11 @@ class MicroBatcher:
         return sum(len(job.sequences) for job in self._queue)
 
     def _take(self) -> list[Job]:
+        """This loop's share: what waits, split between the idle loops (this one included)."""
+        share = min(self.max_batch_size, -(-self._waiting_sequences() // max(self._idle, 1)))
         jobs = [self._queue.popleft()]
         count = len(jobs[0].sequences)
-        while self._queue and count + len(self._queue[0].sequences) <= self.max_batch_size:
+        while self._queue and count + len(self._queue[0].sequences) <= share:
             job = self._queue.popleft()
             jobs.append(job)
             count += len(job.sequences)

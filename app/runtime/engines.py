@@ -7,12 +7,13 @@ padding and are ignored by the caller; each sequence's own rows are exact.
 - :class:`KerasEngine` runs the model of :mod:`app.build.keras_model`, XLA-compiled once
   per padded shape ``(batch bucket, length bucket)``: the reference engine.
 
-Both are called from a single worker thread (see :mod:`app.runtime.batcher`), so each
-gets all ``threads`` cores for one call at a time.
+The ONNX Runtime session is thread-safe and runs best as several one-thread calls side by
+side (``parallel_calls``); the Keras engine runs one call at a time on all its threads.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Protocol
 
 import numpy as np
@@ -22,6 +23,7 @@ from app.spec import ModelSpec
 
 class Engine(Protocol):
     name: str
+    parallel_calls: bool
 
     def run(self, ids: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
 
@@ -36,8 +38,9 @@ class Engine(Protocol):
 
 class OnnxRuntimeEngine:
     name = "onnxruntime"
+    parallel_calls = True
 
-    def __init__(self, spec: ModelSpec, threads: int) -> None:
+    def __init__(self, spec: ModelSpec, threads: int = 1) -> None:
         import onnxruntime as ort
 
         from app.build.onnx_graph import build_onnx_model
@@ -70,6 +73,7 @@ class KerasEngine:
     """XLA-compiled Keras 3; each new padded shape compiles once (about a second)."""
 
     name = "keras-xla"
+    parallel_calls = False
 
     def __init__(self, spec: ModelSpec, threads: int, length_buckets: list[int]) -> None:
         import tensorflow as tf
@@ -103,7 +107,7 @@ def _set_tf_threads(tf: object, threads: int) -> None:
         pass  # already initialised in this process (tests build several engines)
 
 
-def make_engine(kind: str, spec: ModelSpec, threads: int, length_buckets: list[int]) -> Engine:
+def make_engine(kind: str, spec: ModelSpec, threads: int | None, length_buckets: list[int]) -> Engine:
     if kind == "keras":
-        return KerasEngine(spec, threads, length_buckets)
-    return OnnxRuntimeEngine(spec, threads)
+        return KerasEngine(spec, threads or os.cpu_count() or 1, length_buckets)
+    return OnnxRuntimeEngine(spec, threads or 1)

@@ -70,7 +70,9 @@ class ModelService:
         buckets = length_buckets(settings.max_len)
         engine = await asyncio.to_thread(make_engine, settings.engine, spec, settings.threads, buckets)
         runner = Runner(engine, buckets, settings.max_batch_size)
-        self.batcher = MicroBatcher(runner, settings.max_batch_size, settings.max_queue_delay_ms / 1000)
+        workers = settings.workers if engine.parallel_calls else 1
+        self.batcher = MicroBatcher(runner, workers, settings.max_batch_size,
+                                    settings.max_queue_delay_ms / 1000)
         if self.bundle.parity is not None:
             self.status.stage = "self-check"
             parity = self.bundle.parity

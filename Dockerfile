@@ -1,0 +1,33 @@
+# Real-time CPU inference for cuDNN-trained (bidirectional) GRU models.
+# Build:  docker build -t bigru-serve .
+# Run:    docker run -p 8000:8000 bigru-serve            (default model baked in)
+#         docker run -p 8000:8000 -v $PWD/my-model:/models/custom:ro -e MODEL_PATH=/models/custom bigru-serve
+ARG PYTHON_IMAGE=python:3.11.7-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS build
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /src
+RUN python -m venv /opt/venv
+COPY pyproject.toml README.md ./
+COPY app ./app
+RUN /opt/venv/bin/pip install --no-cache-dir .
+
+# The final stage has no compiler, no pip cache and no source tree: only the venv and models.
+FROM ${PYTHON_IMAGE}
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    HOME=/tmp \
+    MODEL_PATH=/models/segmenter \
+    FORWARDED_ALLOW_IPS=* \
+    TF_CPP_MIN_LOG_LEVEL=2
+RUN groupadd --system --gid 10001 app \
+    && useradd --system --uid 10001 --gid app --no-create-home --shell /usr/sbin/nologin app
+COPY --from=build /opt/venv /opt/venv
+COPY models /models
+USER 10001:10001
+WORKDIR /tmp
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
+    CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2).status != 200)"]
+CMD ["uvicorn", "app.main:app", "--host", "0.0.0.0", "--port", "8000", "--proxy-headers", "--no-access-log"]
