@@ -146,3 +146,16 @@ def to_torch(native: Native) -> dict[str, np.ndarray]:
         "bias_ih": np.concatenate([native.bW[g] for g in "rzh"]),
         "bias_hh": np.concatenate([native.bR[g] for g in "rzh"]),
     }
+
+
+def to_tf1_canonical(native: Native) -> dict[str, np.ndarray]:
+    """TF 1.x ``cudnn_compatible_gru_cell``: gates r then z; only bias sums are stored."""
+    W, R, bW, bR = native.W, native.R, native.bW, native.bR
+    return {
+        "gates/kernel": np.vstack([np.hstack([W["r"].T, W["z"].T]), np.hstack([R["r"].T, R["z"].T])]),
+        "gates/bias": np.concatenate([bW["r"] + bR["r"], bW["z"] + bR["z"]]),
+        "candidate/input_projection/kernel": W["h"].T,
+        "candidate/input_projection/bias": bW["h"],
+        "candidate/hidden_projection/kernel": R["h"].T,
+        "candidate/hidden_projection/bias": bR["h"],
+    }

@@ -120,3 +120,25 @@ def test_default_model_bundle_reads_everything() -> None:
     assert bundle.spec.source.conversion == "cudnn-gru->keras-gru"
     assert bundle.vocabulary is not None and len(bundle.vocabulary) == bundle.spec.vocab_size == 96
     assert bundle.parity is not None and len(bundle.parity.sequences) == 32
+
+
+def test_manual_pair_directions_from_the_architecture_file(tmp_path: Path, legacy_expected: dict) -> None:
+    """When the Lambdas can't be read, the architecture file says which layer runs backward."""
+    import json
+    import shutil
+
+    import h5py
+
+    path = tmp_path / "b.h5"
+    shutil.copy(legacy_file("B", "model"), path)
+    with h5py.File(path, "a") as file:
+        config = json.loads(file.attrs["model_config"])
+        for layer in config["config"]["layers"]:
+            if layer["class_name"] == "Lambda":
+                layer["config"]["function"] = ["AAAA", None, None]
+        file.attrs["model_config"] = json.dumps(config)
+    (tmp_path / "model.json").write_text(json.dumps({"artifact": "b.h5", "architecture": {
+        "directions": {"cu_dnngru": "forward", "cu_dnngru_1": "backward"}}}))
+    spec = load_bundle(tmp_path).spec
+    got = outputs(spec, legacy_expected["sequences"], "onnxruntime")
+    assert max_diff(got, [np.asarray(e) for e in legacy_expected["expected"]["B"]]) < 1e-5

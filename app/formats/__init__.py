@@ -34,6 +34,7 @@ class ModelBundle:
     spec: ModelSpec
     parity: ParityData | None
     vocabulary: list[str] | None
+    converted_from: dict[str, str | None] | None = None
 
 
 def read_spec(path: Path, architecture: Architecture, name: str) -> ModelSpec:
@@ -43,7 +44,20 @@ def read_spec(path: Path, architecture: Architecture, name: str) -> ModelSpec:
         from app.formats.keras_h5 import read_keras_h5
 
         return read_keras_h5(path, architecture, name)
-    raise ModelError(f"{path}: unsupported model file type {suffix!r} (supported: .h5)")
+    if suffix == ".keras":
+        from app.formats.keras3 import read_keras3
+
+        return read_keras3(path, architecture, name)
+    if suffix == ".safetensors":
+        from app.formats.torch_safetensors import read_torch_safetensors
+
+        return read_torch_safetensors(path, architecture, name)
+    from app.formats.tf1_checkpoint import is_checkpoint, read_tf1_checkpoint
+
+    if is_checkpoint(path):
+        return read_tf1_checkpoint(path, architecture, name)
+    raise ModelError(f"{path}: unsupported model file type {suffix!r} "
+                     "(supported: .h5, .keras, .safetensors, a TF checkpoint prefix)")
 
 
 def load_bundle(path: Path) -> ModelBundle:
@@ -57,8 +71,8 @@ def load_bundle(path: Path) -> ModelBundle:
         if vocabulary is not None and len(vocabulary) != spec.vocab_size:
             raise ModelError(f"{path / str(manifest.vocabulary)}: {len(vocabulary)} tokens, "
                              f"but the embedding has {spec.vocab_size} rows")
-        return ModelBundle(spec, parity, vocabulary)
-    if not path.exists():
+        return ModelBundle(spec, parity, vocabulary, manifest.converted_from)
+    if not path.exists() and not Path(f"{path}.index").exists():
         raise ModelError(f"{path}: no such model file or directory")
     return ModelBundle(read_spec(path, Architecture(), path.stem), None, None)
 
@@ -90,6 +104,17 @@ def read_parity(directory: Path, parity: Parity) -> ParityData:
         hidden=split(parity.hidden) if parity.hidden else None,
         tolerance=parity.tolerance,
     )
+
+
+def write_parity(path: Path, parity: ParityData) -> Path:
+    """The canonical parity file: ``ids``, ``lengths``, ``outputs`` (and ``hidden``)."""
+    arrays = {"ids": np.concatenate(parity.sequences),
+              "lengths": np.array([len(s) for s in parity.sequences], np.int32),
+              "outputs": np.concatenate(parity.outputs)}
+    if parity.hidden is not None:
+        arrays["hidden"] = np.concatenate(parity.hidden)
+    np.savez(path, **arrays)
+    return path
 
 
 def read_vocabulary(path: Path) -> list[str]:

@@ -1,7 +1,9 @@
-"""Reads a Keras 2 / tf.keras ``model_config`` JSON into a layer plan, without running it.
+"""Reads a Keras model description (Keras 2 ``model_config``, Keras 3 ``config.json``) into a
+layer plan, without running it.
 
 Handles Sequential models (Keras <= 2.1 stores the layers as a bare list, 2.2+ as
-``{"name", "layers"}``) and Functional models, including the "manual" bidirectional build:
+``{"name", "layers"}``) and Functional models (Keras 2 and Keras 3 node formats; the first
+output is the one served), including the "manual" bidirectional build:
 two GRU layers joined by a merge layer, one of them fed reversed input through a ``Lambda``.
 A ``Lambda``'s body is marshalled bytecode: it is never executed, only searched for the
 name ``reverse`` to recognise the reversing layers.
@@ -21,7 +23,7 @@ from app.formats.plan import EmbeddingStep, HeadStep, RecurrentStep, Step
 GRU_CLASSES = {"CuDNNGRU": True, "GRU": False, "GRUV2": False}
 INFERENCE_NO_OPS = {
     "InputLayer", "Dropout", "SpatialDropout1D", "GaussianNoise", "GaussianDropout",
-    "AlphaDropout", "ActivityRegularization",
+    "AlphaDropout", "ActivityRegularization", "Identity",
 }
 MERGE_LAYERS = {"Concatenate": "concat", "Add": "sum", "Average": "ave", "Multiply": "mul"}
 SUPPORTED = (
@@ -136,8 +138,8 @@ class _GraphWalker:
         self.layers = {layer.name: layer for layer in map(self._functional_layer, body.get("layers", []))}
         self.directions = directions
         outputs = body.get("output_layers", [])
-        if len(outputs) != 1:
-            raise ModelError(f"model_config: expected one output, found {len(outputs)}")
+        if not outputs:
+            raise ModelError("model_config: the model has no output")
         self.output = outputs[0][0]
 
     @staticmethod
@@ -147,7 +149,7 @@ class _GraphWalker:
             raise ModelError(
                 f"layer {entry.get('name')!r}: shared layers (called more than once) are not supported")
         try:
-            inbound = tuple(tensor[0] for tensor in nodes[0]) if nodes else ()
+            inbound = tuple(_inbound_names(nodes[0])) if nodes else ()
         except (TypeError, IndexError, KeyError) as exc:
             raise ModelError(f"layer {entry.get('name')!r}: unreadable inbound_nodes") from exc
         return _layer(entry, inbound)
@@ -242,6 +244,22 @@ class _GraphWalker:
         if before == 0 and branch.reversals_after == 0:
             return "forward"
         return "unknown"
+
+
+def _inbound_names(node: Any) -> list[str]:
+    """Layer names feeding a node: Keras 2 ``[[name, 0, 0, {}], ...]``, or Keras 3
+    ``{"args": [...keras tensors...], "kwargs": {...}}`` (kwargs such as ``mask`` are not data)."""
+    if isinstance(node, dict):
+        return [name for arg in node.get("args", []) for name in _keras3_tensors(arg)]
+    return [tensor[0] for tensor in node]
+
+
+def _keras3_tensors(value: Any) -> list[str]:
+    if isinstance(value, dict) and value.get("class_name") == "__keras_tensor__":
+        return [value["config"]["keras_history"][0]]
+    if isinstance(value, list):
+        return [name for item in value for name in _keras3_tensors(item)]
+    return []
 
 
 @dataclass(frozen=True)

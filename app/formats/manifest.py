@@ -22,10 +22,14 @@ class _Strict(BaseModel):
 
 
 class TensorPrefixes(_Strict):
-    """Where a PyTorch state_dict keeps each part (``emb.weight``, ``gru.weight_ih_l0``, ...)."""
+    """Which tensors are which, where names don't tell (unset: inferred from shapes).
 
-    embedding: str = "embedding"
-    gru: str = "gru"
+    PyTorch: module prefixes (``emb`` for ``emb.weight``, ``gru`` for ``gru.weight_ih_l0``).
+    TF 1.x checkpoints: the embedding variable's name and the head's variable scope.
+    """
+
+    embedding: str | None = None
+    gru: str | None = None
     head: str | None = None
 
 
@@ -55,6 +59,8 @@ class Parity(_Strict):
 class Manifest(_Strict):
     name: str | None = None
     artifact: str
+    converted_from: dict[str, str | None] | None = Field(
+        default=None, description="written by `convert`: the original file, format and conversion")
     architecture: Architecture = Field(default_factory=Architecture)
     vocabulary: str | None = None
     parity: Parity | None = None

@@ -1,0 +1,129 @@
+"""TF 1.x ``tf.contrib.cudnn_rnn.CudnnGRU`` checkpoints, by their canonical variable names.
+
+Per layer ``i`` and direction, under ``.../cell_{i}/cudnn_compatible_gru_cell/`` (from
+``MultiRNNCell``) or ``.../cell_{i}/bidirectional_rnn/{fw,bw}/cudnn_compatible_gru_cell/``
+(from ``stack_bidirectional_dynamic_rnn``, which concatenates the directions):
+``gates/kernel``, ``gates/bias``, ``candidate/input_projection/{kernel,bias}``,
+``candidate/hidden_projection/{kernel,bias}``. Read with ``tf.train.load_checkpoint``,
+which reads tensors and runs nothing. The embedding and a dense head (``<scope>/kernel``,
+``<scope>/bias``) are found by shape unless ``architecture.tensors`` names them.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from app.errors import ModelError
+from app.formats.gru_layouts import from_tf1_canonical
+from app.formats.manifest import Architecture
+from app.formats.named_tensors import find_by_shape, pick_one
+from app.formats.plan import EmbeddingStep, HeadStep, RecurrentStep, Step, assemble
+from app.spec import GRUWeights, ModelSpec, Source
+
+CELL = re.compile(r"^(?P<base>.*cell_(?P<index>\d+)/(?:.*/(?P<dir>fw|bw)/)?cudnn_compatible_gru_cell/)"
+                  r"gates/kernel$")
+OPTIMIZER_STATE = ("Adam", "Momentum", "RMSProp", "Adagrad", "Ftrl", "beta1_power", "beta2_power",
+                   "global_step", "ExponentialMovingAverage")
+
+
+def is_checkpoint(path: Path) -> bool:
+    return path.suffix == ".index" or Path(f"{path}.index").exists()
+
+
+def read_tf1_checkpoint(path: Path, architecture: Architecture, name: str) -> ModelSpec:
+    prefix = path.with_suffix("") if path.suffix == ".index" else path
+    source = CheckpointWeights(prefix, _read_all(prefix), architecture)
+    merge = "concat" if source.bidirectional else None
+    steps: list[Step] = [EmbeddingStep(source.embedding_key)]
+    steps += [RecurrentStep(str(index), merge) for index in sorted(source.cells)]
+    if source.head_scope is not None:
+        steps.append(HeadStep(source.head_scope, architecture.head_activation))
+    return assemble(name, steps, source, Source(str(prefix), "tf1-cudnngru-checkpoint",
+                                                "tf1-canonical-gru->keras-gru"))
+
+
+def _read_all(prefix: Path) -> dict[str, np.ndarray]:
+    import tensorflow as tf
+
+    try:
+        reader = tf.train.load_checkpoint(str(prefix))
+        names = [n for n in reader.get_variable_to_shape_map() if not any(s in n for s in OPTIMIZER_STATE)]
+        return {n: np.asarray(reader.get_tensor(n)) for n in names}
+    except (tf.errors.OpError, ValueError) as exc:
+        raise ModelError(f"{prefix}: not a readable TF checkpoint (truncated?): {exc}") from exc
+
+
+class CheckpointWeights:
+    """The :class:`~app.formats.plan.WeightSource` of a TF 1.x checkpoint."""
+
+    def __init__(self, prefix: Path, tensors: dict[str, np.ndarray], architecture: Architecture) -> None:
+        self.prefix, self.tensors = prefix, tensors
+        self.cells: dict[int, dict[str | None, str]] = {}
+        for key in tensors:
+            if match := CELL.match(key):
+                self.cells.setdefault(int(match["index"]), {})[match["dir"]] = match["base"]
+        if not self.cells:
+            raise ModelError(f"{prefix}: no cudnn_compatible_gru_cell variables in this checkpoint")
+        if sorted(self.cells) != list(range(len(self.cells))):
+            raise ModelError(f"{prefix}: GRU cells {sorted(self.cells)} are not numbered 0..n-1")
+        kinds = {frozenset(directions) for directions in self.cells.values()}
+        if kinds not in ({frozenset({None})}, {frozenset({"fw", "bw"})}):
+            raise ModelError(f"{prefix}: every layer must be unidirectional or every layer fw+bw")
+        self.bidirectional = kinds == {frozenset({"fw", "bw"})}
+        names = architecture.tensors
+        used = {key for key in tensors if "cudnn_compatible_gru_cell/" in key}
+        self.embedding_key = self._embedding_key(names.embedding if names else None, used)
+        self.head_scope = self._head_scope(names.head if names else None, used | {self.embedding_key})
+
+    def _base(self, index: int, direction: str | None) -> str:
+        if not self.bidirectional:
+            return self.cells[index][None]
+        return self.cells[index]["bw" if direction == "backward" else "fw"]
+
+    def _embedding_key(self, named: str | None, exclude: set[str]) -> str:
+        if named is not None:
+            if named not in self.tensors:
+                raise ModelError(f"{self.prefix}: no embedding variable {named!r}")
+            return named
+        base = self._base(0, "forward" if self.bidirectional else None)
+        units = self.tensors[base + "candidate/hidden_projection/kernel"].shape[0]
+        width = self.tensors[base + "gates/kernel"].shape[0] - units
+        candidates = [key for key in find_by_shape(self.tensors, exclude, lambda a: a.shape[1] == width)
+                      if not key.endswith("/kernel")]  # a dense layer's, not an embedding
+        return pick_one(candidates, "embedding", str(self.prefix), "tensors.embedding")
+
+    def _head_scope(self, named: str | None, exclude: set[str]) -> str | None:
+        if named is not None:
+            if f"{named}/kernel" not in self.tensors:
+                raise ModelError(f"{self.prefix}: no head variable {named}/kernel")
+            return named
+        base = self._base(len(self.cells) - 1, "forward" if self.bidirectional else None)
+        units = self.tensors[base + "candidate/hidden_projection/kernel"].shape[0]
+        hidden = 2 * units if self.bidirectional else units
+        candidates = [key for key in find_by_shape(self.tensors, exclude, lambda a: a.shape[0] == hidden)
+                      if key.endswith("/kernel")]
+        if not candidates:
+            return None
+        return pick_one(candidates, "head", str(self.prefix), "tensors.head").removesuffix("/kernel")
+
+    def embeddings(self, name: str) -> np.ndarray:
+        return np.ascontiguousarray(self.tensors[name], dtype=np.float32)
+
+    def gru(self, name: str, direction: str | None, claims_cudnn: bool | None) -> tuple[GRUWeights, str]:
+        base = self._base(int(name), direction)
+        parts = ("gates/kernel", "gates/bias", "candidate/input_projection/kernel",
+                 "candidate/input_projection/bias", "candidate/hidden_projection/kernel",
+                 "candidate/hidden_projection/bias")
+        missing = [p for p in parts if base + p not in self.tensors]
+        if missing:
+            raise ModelError(f"{self.prefix}: {base} lacks {missing}")
+        weights = from_tf1_canonical(*(self.tensors[base + p] for p in parts), where=base)
+        return weights, "tf1-canonical-gru->keras-gru"
+
+    def dense(self, name: str) -> tuple[np.ndarray, np.ndarray | None]:
+        bias = self.tensors.get(f"{name}/bias")
+        return (np.ascontiguousarray(self.tensors[f"{name}/kernel"], dtype=np.float32),
+                None if bias is None else np.ascontiguousarray(bias, dtype=np.float32))

@@ -1,0 +1,112 @@
+"""PyTorch ``nn.GRU`` state_dicts saved as safetensors (plain tensors; nothing is unpickled).
+
+``<gru>.weight_ih_l{k}``, ``weight_hh_l{k}``, ``bias_ih_l{k}``, ``bias_hh_l{k}``, with the
+suffix ``_reverse`` for the backward direction; stacked bidirectional layers concatenate.
+The embedding (``<emb>.weight (V, D)``) and an ``nn.Linear`` head (``<head>.weight (C, H)``)
+are found by shape unless ``architecture.tensors`` names them.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file
+
+from app.errors import ModelError
+from app.formats.gru_layouts import from_torch_gru
+from app.formats.manifest import Architecture
+from app.formats.named_tensors import find_by_shape, pick_one
+from app.formats.plan import EmbeddingStep, HeadStep, RecurrentStep, Step, assemble
+from app.spec import GRUWeights, ModelSpec, Source
+
+GRU_KEY = re.compile(r"^(?P<prefix>.*?)\.?weight_ih_l0$")
+
+
+def read_torch_safetensors(path: Path, architecture: Architecture, name: str) -> ModelSpec:
+    try:
+        tensors = load_file(str(path))
+    except FileNotFoundError as exc:
+        raise ModelError(f"{path}: file not found") from exc
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelError(f"{path}: not a readable safetensors file (truncated?): {exc}") from exc
+    source = TorchWeights(path, tensors, architecture)
+    steps: list[Step] = [EmbeddingStep(source.embedding_key)]
+    merge = "concat" if source.bidirectional else None
+    steps += [RecurrentStep(f"{source.gru_prefix}l{k}", merge) for k in range(source.layers)]
+    if source.head_prefix is not None:
+        steps.append(HeadStep(source.head_prefix, architecture.head_activation))
+    return assemble(name, steps, source, Source(str(path), "pytorch-safetensors", "torch-gru->keras-gru"))
+
+
+class TorchWeights:
+    """The :class:`~app.formats.plan.WeightSource` of a PyTorch state_dict."""
+
+    def __init__(self, path: Path, tensors: dict[str, np.ndarray], architecture: Architecture) -> None:
+        self.path, self.tensors = path, tensors
+        names = architecture.tensors
+        self.gru_prefix = self._gru_prefix(names.gru if names else None)
+        self.layers = sum(1 for key in tensors if re.fullmatch(
+            re.escape(self.gru_prefix) + r"weight_ih_l\d+", key))
+        self.bidirectional = f"{self.gru_prefix}weight_ih_l0_reverse" in tensors
+        gru_keys = {key for key in tensors if key.startswith(self.gru_prefix)}
+        self.embedding_key = self._embedding_key(names.embedding if names else None, gru_keys)
+        self.head_prefix = self._head_prefix(names.head if names else None,
+                                             gru_keys | {self.embedding_key})
+
+    def _gru_prefix(self, named: str | None) -> str:
+        if named is not None:
+            prefix = f"{named}." if named else ""
+            if f"{prefix}weight_ih_l0" not in self.tensors:
+                raise ModelError(f"{self.path}: no tensor {prefix}weight_ih_l0")
+            return prefix
+        matches = [m["prefix"] for key in self.tensors if (m := GRU_KEY.match(key))]
+        if len(matches) != 1:
+            raise ModelError(f"{self.path}: expected one nn.GRU (a *.weight_ih_l0 tensor), found "
+                             f"{len(matches)}; name it in the architecture file's tensors.gru")
+        return f"{matches[0]}." if matches[0] else ""
+
+    def _embedding_key(self, named: str | None, exclude: set[str]) -> str:
+        if named is not None:
+            key = named if named in self.tensors else f"{named}.weight"
+            if key not in self.tensors:
+                raise ModelError(f"{self.path}: no embedding tensor {key}")
+            return key
+        width = self.tensors[f"{self.gru_prefix}weight_ih_l0"].shape[1]
+        candidates = find_by_shape(self.tensors, exclude, lambda a: a.shape[1] == width)
+        return pick_one(candidates, "embedding", str(self.path), "tensors.embedding")
+
+    def _head_prefix(self, named: str | None, exclude: set[str]) -> str | None:
+        if named is not None:
+            if f"{named}.weight" not in self.tensors:
+                raise ModelError(f"{self.path}: no head tensor {named}.weight")
+            return named
+        units = self.tensors[f"{self.gru_prefix}weight_hh_l0"].shape[1]
+        hidden = 2 * units if self.bidirectional else units
+        candidates = find_by_shape(self.tensors, exclude, lambda a: a.shape[1] == hidden)
+        if not candidates:
+            return None
+        return pick_one(candidates, "head", str(self.path), "tensors.head").removesuffix(".weight")
+
+    def embeddings(self, name: str) -> np.ndarray:
+        return np.ascontiguousarray(self.tensors[name], dtype=np.float32)
+
+    def gru(self, name: str, direction: str | None, claims_cudnn: bool | None) -> tuple[GRUWeights, str]:
+        layer = name.removeprefix(self.gru_prefix)
+        suffix = f"_{layer}" + ("_reverse" if direction == "backward" else "")
+        get = self.tensors.get
+        keys = [f"{self.gru_prefix}{part}{suffix}" for part in
+                ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+        if keys[0] not in self.tensors or keys[1] not in self.tensors:
+            raise ModelError(f"{self.path}: missing {keys[0]} or {keys[1]}")
+        where = f"{self.path}: {self.gru_prefix}*{suffix}"
+        weights = from_torch_gru(get(keys[0]), get(keys[1]), get(keys[2]), get(keys[3]), where)
+        return weights, "torch-gru->keras-gru"
+
+    def dense(self, name: str) -> tuple[np.ndarray, np.ndarray | None]:
+        bias = self.tensors.get(f"{name}.bias")
+        kernel = self.tensors[f"{name}.weight"].T  # nn.Linear computes x @ weight.T
+        return (np.ascontiguousarray(kernel, dtype=np.float32),
+                None if bias is None else np.ascontiguousarray(bias, dtype=np.float32))

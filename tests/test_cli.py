@@ -1,0 +1,151 @@
+"""The command line: inspect, convert -> serve -> verify, and exports run by their own runtimes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from app.cli import main
+from tests.conftest import DEFAULT_MODEL, ROOT, Server
+from tests.helpers import max_diff
+from tests.reference import activation, sigmoid
+
+REFERENCE = DEFAULT_MODEL / "segmenter.ref.npz"
+
+
+def test_inspect_reports_format_layers_and_conversion(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["inspect", str(DEFAULT_MODEL / "segmenter.h5")]) == 0
+    out = capsys.readouterr().out
+    assert "keras_version: 2.21.0" in out
+    assert "model_weights/bigru_1/bigru_1/forward_gru/kernel:0" in out and "(256, 384)" in out
+    assert "servable: yes, as keras2-h5-model; conversion: cudnn-gru->keras-gru" in out
+    assert "bigru_1    GRU(128)  bidirectional" in out
+
+
+def test_inspect_says_why_a_file_cannot_be_served(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    broken = tmp_path / "broken.h5"
+    broken.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)
+    assert main(["inspect", str(broken)]) == 1
+    assert "broken.h5" in capsys.readouterr().err
+
+
+def test_python_m_app_help() -> None:
+    result = subprocess.run([sys.executable, "-m", "app", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0
+    for command in ("inspect", "convert", "verify", "export"):
+        assert command in result.stdout
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("converted") / "segmenter"
+    assert main(["convert", str(DEFAULT_MODEL), "--out", str(out)]) == 0
+    return out
+
+
+def test_convert_writes_a_ready_directory(converted: Path) -> None:
+    files = sorted(p.name for p in converted.iterdir())
+    assert files == ["model.json", "model.keras", "parity.npz", "vocab.json"]
+    manifest = json.loads((converted / "model.json").read_text())
+    assert manifest["converted_from"]["conversion"] == "cudnn-gru->keras-gru"
+
+
+def test_converted_directory_serves_gpu_outputs(converted: Path, gpu_reference: dict) -> None:
+    server = Server({"MODEL_PATH": str(converted)})
+    try:
+        server.wait_until()
+        meta = httpx.get(server.url + "/v1/model").json()
+        assert meta["source"]["format"] == "keras3"
+        assert meta["source"]["converted_from"]["format"] == "keras2-h5-model"
+        assert meta["self_check"]["passed"]
+        sequences = [s.tolist() for s in gpu_reference["ids"]]
+        body = httpx.post(server.url + "/infer", json={"sequences": sequences}, timeout=60).json()
+        got = [np.asarray(o, np.float32) for o in body["outputs"]]
+        assert max_diff(got, gpu_reference["probs_fp32"]) <= 1e-4
+    finally:
+        server.stop()
+
+
+def test_verify_prints_max_diff_per_output(converted: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["verify", str(converted)]) == 0
+    out = capsys.readouterr().out
+    assert "outputs" in out and "hidden" in out and "FAIL" not in out
+
+
+def test_verify_against_tf32_outputs_needs_a_looser_tolerance(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["verify", str(DEFAULT_MODEL), "--reference", str(REFERENCE), "--outputs-key", "probs_tf32"]
+    assert main(args) == 1
+    assert "FAIL" in capsys.readouterr().out
+    assert main([*args, "--tolerance", "1e-2"]) == 0
+
+
+def test_verify_with_the_keras_engine(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["verify", str(DEFAULT_MODEL), "--engine", "keras"]) == 0
+
+
+def split_reference() -> tuple[list[np.ndarray], list[np.ndarray]]:
+    with np.load(REFERENCE) as data:
+        cuts = np.cumsum(data["lengths"])[:-1]
+        return np.split(data["ids"], cuts)[:6], np.split(data["probs_fp32"], cuts)[:6]
+
+
+def test_exported_onnx_runs_in_onnxruntime(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    assert main(["export", str(DEFAULT_MODEL), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 0
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    ids, expected = split_reference()
+    got = [session.run(["outputs"], {"ids": s[None].astype(np.int32),
+                                     "lengths": np.array([len(s)], np.int32)})[0][0] for s in ids]
+    assert max_diff(got, expected) <= 1e-4
+
+
+def test_exported_savedmodel_runs_in_tensorflow(tmp_path: Path) -> None:
+    import tensorflow as tf
+
+    assert main(["export", str(DEFAULT_MODEL), "--format", "savedmodel", "--out", str(tmp_path / "sm")]) == 0
+    loaded = tf.saved_model.load(str(tmp_path / "sm"))
+    ids, expected = split_reference()
+    got = []
+    for s in ids:
+        outputs, _hidden = loaded.serve([tf.constant(s[None], tf.int32), tf.ones((1, len(s)), tf.bool)])
+        got.append(outputs.numpy()[0])
+    assert max_diff(got, expected) <= 1e-4
+
+
+def npz_engine(arrays: dict[str, np.ndarray], ids: np.ndarray) -> np.ndarray:
+    """What a C++ engine does with the documented .npz layout, in NumPy."""
+    meta = json.loads(str(arrays["meta"]))
+
+    def run(prefix: str, x: np.ndarray) -> np.ndarray:
+        kernel, recurrent, bias = (arrays[f"{prefix}.{n}"] for n in ("kernel", "recurrent_kernel", "bias"))
+        h, states = np.zeros(recurrent.shape[0]), []
+        for x_t in x:
+            xz, xr, xh = np.split(x_t @ kernel + bias[0], 3)
+            mz, mr, mh = np.split(h @ recurrent + bias[1], 3)
+            z, r = sigmoid(xz + mz), sigmoid(xr + mr)
+            h = z * h + (1 - z) * np.tanh(xh + r * mh)
+            states.append(h)
+        return np.array(states)
+
+    x = arrays["embeddings"][ids]
+    for index, layer in enumerate(meta["recurrent"]):
+        forward = run(f"layer{index}.forward", x)
+        x = np.concatenate([forward, run(f"layer{index}.backward", x[::-1])[::-1]], axis=-1) \
+            if layer["bidirectional"] else forward
+    return activation(meta["head"]["activation"], x @ arrays["head.kernel"] + arrays["head.bias"])
+
+
+def test_exported_npz_follows_its_documented_layout(tmp_path: Path) -> None:
+    assert main(["export", str(DEFAULT_MODEL), "--format", "npz", "--out", str(tmp_path / "w.npz")]) == 0
+    with np.load(tmp_path / "w.npz") as data:
+        arrays = {k: data[k] for k in data.files}
+    assert arrays["layer1.backward.kernel"].shape == (256, 384)
+    ids, expected = split_reference()
+    assert max_diff([npz_engine(arrays, s) for s in ids], expected) <= 1e-4
