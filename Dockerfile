@@ -19,6 +19,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     HOME=/tmp \
     MODEL_PATH=/models/segmenter \
+    HOST=0.0.0.0 \
+    PORT=8000 \
     FORWARDED_ALLOW_IPS=* \
     TF_CPP_MIN_LOG_LEVEL=2
 RUN groupadd --system --gid 10001 app \
@@ -30,4 +32,5 @@ WORKDIR /tmp
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2).status != 200)"]
-CMD ["uvicorn", "app.main:app", "--host", "0.0.0.0", "--port", "8000", "--proxy-headers", "--no-access-log"]
+# uvicorn with --proxy-headers, JSON logs, and a draining shutdown on SIGTERM (app/server.py)
+CMD ["python", "-m", "app", "serve"]

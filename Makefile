@@ -9,7 +9,7 @@ TOOLS  := .venv-tools
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench soak clean
 
 install: $(VENV)/.installed $(TOOLS)/.installed
 
@@ -28,7 +28,7 @@ $(TOOLS)/.installed:
 	touch $@
 
 run: $(VENV)/.installed
-	$(BIN)/uvicorn app.main:app --host $(HOST) --port $(PORT) --proxy-headers --no-access-log
+	HOST=$(HOST) PORT=$(PORT) $(BIN)/python -m app serve
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check app tests bench examples
@@ -38,6 +38,10 @@ test: install lint
 
 bench: $(VENV)/.installed
 	$(BIN)/python -m bench
+
+# Bounded soak on loopback: mixed traffic for SOAK_SECONDS (default 600), RSS and errors.
+soak: $(VENV)/.installed
+	$(BIN)/python -m bench.soak
 
 clean:
 	rm -rf $(VENV) $(TOOLS) .pytest_cache .ruff_cache

@@ -1,4 +1,4 @@
-"""Command line: ``python -m app inspect | convert | verify | export`` (or ``bigru-serve ...``)."""
+"""Command line: ``python -m app serve | inspect | convert | verify | export`` (or ``bigru-serve ...``)."""
 
 from __future__ import annotations
 
@@ -204,9 +204,20 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(_: argparse.Namespace) -> int:
+    from app.server import run
+
+    run()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m app", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the service (settings from the environment: "
+                                "MODEL_PATH, HOST, PORT, ...; see the README)")
+    serve.set_defaults(run=cmd_serve)
 
     inspect = commands.add_parser("inspect", help="what a model file holds, and whether it can be served")
     inspect.add_argument("file", help="a .h5, .keras, .safetensors, TF checkpoint prefix, or model directory")

@@ -31,6 +31,22 @@ class Settings(BaseSettings):
         0.0, ge=0, description="how long the batcher waits for more work before a call "
         "(0: never; requests that arrive while the engine is busy batch by themselves)")
 
+    max_queue: int = Field(512, ge=1, description="most sequences waiting for the engine; "
+                           "past that, /infer answers 503 with Retry-After at once")
+    request_timeout_s: float = Field(10.0, gt=0, description="deadline of one /infer request (504 past it)")
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024,
+                                description="largest request body; bigger ones get 413 before parsing")
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    root_path: str = Field("", description="the path prefix a gateway serves us under, e.g. /api/gru")
+    forwarded_allow_ips: str = Field("127.0.0.1", description="proxies whose X-Forwarded-* are trusted")
+    grace_period_s: float = Field(20.0, ge=0, description="on SIGTERM, the longest wait for in-flight "
+                                  "work before exiting (keep it under Kubernetes' 30 s)")
+    drain_delay_s: float = Field(2.0, ge=0, description="on SIGTERM, how long /readyz says 503 while "
+                                 "still serving, so load balancers stop sending first")
+    log_format: Literal["json", "text"] = "json"
+
     parity_tolerance: float | None = Field(
         None, gt=0, description="max abs difference allowed by the start-up self-check "
         "(default: the model's manifest, else 1e-4; use ~1e-2 for TF32 references)")

@@ -1,4 +1,5 @@
-"""The ASGI application: ``uvicorn app.main:app``."""
+"""The ASGI application: ``uvicorn app.main:app``, or ``python -m app serve`` (which adds the
+draining shutdown of :mod:`app.server`)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ from fastapi import FastAPI
 
 from app import __version__
 from app.api.errors import install_error_handlers
+from app.api.middleware import RequestEnvelope
 from app.api.routes import include_routes
 from app.config import Settings, get_settings
 from app.errors import ModelError
+from app.observability import Metrics, configure_logging
 from app.runtime.service import ModelService
 
 log = logging.getLogger("app")
@@ -22,11 +25,12 @@ log = logging.getLogger("app")
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    _configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
+    metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        service = ModelService(settings)
+        service = ModelService(settings, metrics)
         try:
             await asyncio.to_thread(service.load)
         except ModelError as exc:
@@ -37,13 +41,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         preparing.cancel()
         await service.close()
+        log.info("stopped")
 
     app = FastAPI(
         title="BiGRU inference",
         version=__version__,
         description="Per-step outputs of a cuDNN-trained (bidirectional) GRU model, served on CPU.",
+        root_path=settings.root_path,
         lifespan=lifespan,
     )
+    app.state.metrics = metrics
+    app.add_middleware(RequestEnvelope, metrics=metrics, max_body_bytes=settings.max_body_bytes)
     install_error_handlers(app)
     include_routes(app, settings)
     return app
@@ -54,15 +62,6 @@ async def _prepare(service: ModelService, exit_on_failure: bool) -> None:
     if service.status.stage == "failed" and exit_on_failure:
         logging.shutdown()
         os._exit(1)  # EXIT_ON_FAILURE: let the orchestrator restart or report us
-
-
-def _configure_logging(level: str) -> None:
-    root = logging.getLogger("app")
-    if not root.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        root.addHandler(handler)
-    root.setLevel(level.upper())
 
 
 app = create_app()

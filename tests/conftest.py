@@ -35,21 +35,34 @@ def gpu_reference() -> dict:
 class Server:
     """A real uvicorn process on a free loopback port."""
 
-    def __init__(self, env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> None:
+    def __init__(self, env: dict[str, str] | None = None, serve: bool = False) -> None:
+        """``serve``: run ``python -m app serve`` (draining shutdown) instead of plain uvicorn."""
         import socket
         import subprocess
         import sys
+        import threading
 
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
+        command = (["-m", "app", "serve"] if serve else
+                   ["-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(self.port),
+                    "--no-access-log"])
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1",
-             "--port", str(self.port), "--no-access-log", *args],
-            cwd=ROOT, env={**os.environ, **(env or {})},
+            [sys.executable, *command],
+            cwd=ROOT, env={**os.environ, "HOST": "127.0.0.1", "PORT": str(self.port), **(env or {})},
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
+        # Read the log as it comes: a full pipe would block the server.
+        self._lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self._lines.append(line)
 
     def wait_until(self, path: str = "/readyz", status: int = 200, timeout: float = 60) -> None:
         import time
@@ -69,8 +82,14 @@ class Server:
         raise TimeoutError(f"{path} never answered {status}:\n{self.stop()}")
 
     def output(self) -> str:
-        assert self.process.stdout is not None
-        return self.process.stdout.read()
+        """Everything the server logged so far (all of it, once it has exited)."""
+        if self.process.poll() is not None:
+            self._reader.join(timeout=10)
+        return "".join(self._lines)
+
+    def log_records(self) -> list[dict]:
+        """The JSON log lines so far, parsed."""
+        return [json.loads(line) for line in self.output().splitlines() if line.startswith("{")]
 
     def stop(self) -> str:
         if self.process.poll() is None:

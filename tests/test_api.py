@@ -104,13 +104,13 @@ BAD_REQUESTS = [
     ("no sequences", b'{"sequences": []}', 422, "invalid_request"),
     ("empty sequence", b'{"sequences": [[]]}', 422, "invalid_request"),
     ("string token", b'{"sequences": [["a"]]}', 422, "invalid_request"),
-    ("float token", b'{"sequences": [[1.5]]}', 422, "invalid_request"),
+    ("float token", b'{"sequences": [[1.5]]}', 422, "invalid_token"),
     ("bool token", b'{"sequences": [[true]]}', 422, "invalid_request"),
     ("nested too deep", b'{"sequences": [[[1]]]}', 422, "invalid_request"),
     ("flat list", b'{"sequences": [1, 2]}', 422, "invalid_request"),
     ("negative id", b'{"sequences": [[1, -1]]}', 422, "invalid_token"),
     ("id past vocab", b'{"sequences": [[1, 96]]}', 422, "invalid_token"),
-    ("huge id", b'{"sequences": [[1, 123456789012345678901234567890]]}', 422, "invalid_request"),
+    ("huge id", b'{"sequences": [[1, 123456789012345678901234567890]]}', 422, "invalid_token"),
     ("id past int64", b'{"sequences": [[1, 9223372036854775808]]}', 422, "invalid_token"),
     ("too many sequences", b'{"sequences": [' + b",".join([b"[1]"] * 65) + b"]}", 422, "invalid_request"),
     ("too long", b'{"sequences": [[' + b",".join([b"1"] * 2049) + b"]]}", 422, "invalid_request"),
@@ -129,9 +129,14 @@ def test_bad_requests_get_a_json_4xx(server: Server, case: str, body: bytes, sta
 
 def test_errors_say_where(server: Server) -> None:
     response = httpx.post(server.url + "/infer", json={"sequences": [[1, 2], [3, 400]]})
-    assert response.json()["error"]["message"] == "sequences.1.1: token id 400 is outside [0, 96)"
+    assert response.json()["error"]["message"] == "sequences.1.1: token id 400 is not an integer in [0, 96)"
     response = httpx.post(server.url + "/infer", json={"sequences": [[1, "x"]]})
     assert response.json()["error"]["details"][0]["loc"] == ["sequences", 0, 1]
+
+
+def test_integral_floats_are_integers(server: Server) -> None:
+    """JSON Schema's "integer" includes 2.0; the schema says integer, so 2.0 is accepted."""
+    assert infer(server, [[2.0, 3, 40.0]]) == infer(server, [[2, 3, 40]])
 
 
 def test_unknown_route_and_method_are_json(server: Server) -> None:

@@ -28,7 +28,7 @@ def test_dockerfile_runs_as_non_root_with_a_healthcheck() -> None:
     final_stage = text.split("\nFROM ")[-1]
     assert "USER 10001:10001" in final_stage
     assert "HEALTHCHECK" in final_stage and "/healthz" in final_stage
-    assert "--proxy-headers" in final_stage and "COPY models /models" in final_stage
+    assert 'CMD ["python", "-m", "app", "serve"]' in final_stage and "COPY models /models" in final_stage
     assert "pip install" not in final_stage and "apt-get" not in final_stage  # no build tools
 
 

@@ -1,4 +1,5 @@
-"""Every error leaves as JSON: ``{"error": {"status", "type", "message", "details"?}}``."""
+"""Every error leaves as JSON:
+``{"error": {"status", "type", "message", "details"?, "request_id"}}``."""
 
 from __future__ import annotations
 
@@ -24,18 +25,29 @@ class ApiError(Exception):
 
 
 def error_response(status: int, type_: str, message: str, details: list[dict] | None = None,
-                   headers: dict[str, str] | None = None) -> Response:
+                   headers: dict[str, str] | None = None, request_id: str | None = None) -> Response:
     body: dict = {"status": status, "type": type_, "message": message}
     if details:
         body["details"] = details
+    if request_id:
+        body["request_id"] = request_id
     return Response(orjson.dumps({"error": body}), status_code=status, headers=headers,
                     media_type="application/json")
 
 
+UNION_TAGS = frozenset({"int", "float"})  # a token is ``int | float``: one problem, not two
+
+
 def validation_details(exc: ValidationError | RequestValidationError) -> list[dict]:
     """The first few problems, each with where it is and what is wrong (no echoed input)."""
-    return [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
-            for e in exc.errors()[:MAX_DETAILS]]
+    details: dict[tuple, dict] = {}
+    for error in exc.errors():
+        loc = tuple(part for part in error.get("loc", ()) if part not in UNION_TAGS)
+        details.setdefault(loc, {"loc": list(loc), "msg": error.get("msg", ""),
+                                 "type": error.get("type", "")})
+        if len(details) == MAX_DETAILS:
+            break
+    return list(details.values())
 
 
 def summarize(details: list[dict]) -> str:
@@ -45,22 +57,30 @@ def summarize(details: list[dict]) -> str:
     return f"{where}: {first['msg']}{more}"
 
 
+def request_id_of(request: Request) -> str | None:
+    return getattr(request.state, "request_id", None)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
-    async def api_error(_: Request, exc: ApiError) -> Response:
-        return error_response(exc.status, exc.type, exc.message, exc.details, exc.headers)
+    async def api_error(request: Request, exc: ApiError) -> Response:
+        return error_response(exc.status, exc.type, exc.message, exc.details, exc.headers,
+                              request_id_of(request))
 
     @app.exception_handler(RequestValidationError)
-    async def request_validation(_: Request, exc: RequestValidationError) -> Response:
+    async def request_validation(request: Request, exc: RequestValidationError) -> Response:
         details = validation_details(exc)
-        return error_response(422, "invalid_request", summarize(details), details)
+        return error_response(422, "invalid_request", summarize(details), details,
+                              request_id=request_id_of(request))
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         return error_response(exc.status_code, "http_error", str(exc.detail), None,
-                              getattr(exc, "headers", None))
+                              getattr(exc, "headers", None), request_id_of(request))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> Response:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal_error", "internal error; see the service log")
+        log.exception("unhandled error on %s %s", request.method, request.url.path,
+                      extra={"request_id": request_id_of(request)})
+        return error_response(500, "internal_error", "internal error; see the service log",
+                              request_id=request_id_of(request))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from itertools import chain
 from typing import Annotated, Any
 
@@ -9,11 +10,14 @@ import numpy as np
 import orjson
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 
 from app.api.errors import ApiError, summarize, validation_details
 from app.api.schemas import ErrorResponse, InferResponse, make_infer_request
 from app.config import Settings
+from app.observability import Metrics
+from app.runtime.batcher import QueueFull
 from app.runtime.service import ModelService
 
 JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
@@ -23,7 +27,12 @@ def get_service(request: Request) -> ModelService:
     return request.app.state.service
 
 
+def get_metrics(request: Request) -> Metrics:
+    return request.app.state.metrics
+
+
 Service = Annotated[ModelService, Depends(get_service)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 
 
 def json_response(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -34,7 +43,7 @@ def json_response(content: Any, status: int = 200, headers: dict[str, str] | Non
 def build_router(settings: Settings) -> APIRouter:
     router = APIRouter()
     infer_request = make_infer_request(settings.max_batch, settings.max_len)
-    errors = {code: {"model": ErrorResponse} for code in (400, 413, 422, 503)}
+    errors = {code: {"model": ErrorResponse} for code in (400, 413, 422, 503, 504)}
 
     @router.post(
         "/infer", response_model=InferResponse, responses=errors,  # type: ignore[arg-type]
@@ -42,13 +51,24 @@ def build_router(settings: Settings) -> APIRouter:
             "application/json": {"schema": infer_request.model_json_schema()}}}},
         summary="Per-step outputs for unpadded, variable-length sequences",
     )
-    async def infer(request: Request, service: Service) -> Response:
-        if not service.status.ready:
+    async def infer(request: Request, service: Service, metrics: MetricsDep) -> Response:
+        if not service.accepting:
             raise ApiError(503, "not_ready", f"model not ready ({service.status.stage})",
                            headers={"Retry-After": "1"})
         body = parse_body(await request.body(), infer_request)
         sequences = token_arrays(body.sequences, service.bundle.spec.vocab_size)  # type: ignore[attr-defined, union-attr]
-        results = await service.infer(sequences)
+        for sequence in sequences:
+            metrics.sequence_length.observe(len(sequence))
+        try:
+            results = await asyncio.wait_for(service.infer(sequences), settings.request_timeout_s)
+        except QueueFull:
+            metrics.rejected.labels("queue_full").inc()
+            raise ApiError(503, "overloaded", "the queue is full; retry shortly",
+                           headers={"Retry-After": "1"}) from None
+        except TimeoutError:
+            metrics.rejected.labels("deadline").inc()
+            raise ApiError(504, "deadline_exceeded",
+                           f"no result within {settings.request_timeout_s:g} s") from None
         content: dict[str, Any] = {"model": service.bundle.spec.name,  # type: ignore[union-attr]
                                    "outputs": [outputs for outputs, _ in results]}
         if body.return_hidden:  # type: ignore[attr-defined]
@@ -65,6 +85,10 @@ def build_router(settings: Settings) -> APIRouter:
         status = service.status
         body = {"ready": status.ready, "stage": status.stage, "error": status.error}
         return json_response(body, 200 if status.ready else 503)
+
+    @router.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics(metrics: MetricsDep) -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @router.get("/v1/model", summary="What is served: source, conversion, architecture, self-check")
     async def model_info(service: Service) -> Response:
@@ -93,21 +117,23 @@ def parse_body(raw: bytes, model: type[BaseModel]) -> BaseModel:
         raise ApiError(422, "invalid_request", summarize(details), details) from None
 
 
-def token_arrays(sequences: list[list[int]], vocab_size: int) -> list[np.ndarray]:
-    """One int32 array per sequence, after checking every id is in ``[0, vocab_size)``."""
+def token_arrays(sequences: list[list[float]], vocab_size: int) -> list[np.ndarray]:
+    """One int32 array per sequence, after checking every id is an integer in ``[0, vocab_size)``.
+
+    float64 holds every integer up to 2**53 exactly, far past any vocabulary."""
     lengths = np.fromiter(map(len, sequences), dtype=np.int64, count=len(sequences))
     try:
-        flat = np.fromiter(chain.from_iterable(sequences), dtype=np.int64, count=int(lengths.sum()))
+        flat = np.fromiter(chain.from_iterable(sequences), dtype=np.float64, count=int(lengths.sum()))
     except OverflowError:
         raise ApiError(422, "invalid_token", f"token ids must be in [0, {vocab_size})") from None
-    bad = np.flatnonzero((flat < 0) | (flat >= vocab_size))
+    bad = np.flatnonzero((flat < 0) | (flat >= vocab_size) | (flat != np.floor(flat)))
     if bad.size:
         offsets = np.cumsum(lengths)
         row = int(np.searchsorted(offsets, bad[0], side="right"))
         column = int(bad[0] - (offsets[row - 1] if row else 0))
         raise ApiError(
             422, "invalid_token",
-            f"sequences.{row}.{column}: token id {int(flat[bad[0]])} is outside [0, {vocab_size})"
+            f"sequences.{row}.{column}: token id {flat[bad[0]]:g} is not an integer in [0, {vocab_size})"
             + (f" (and {bad.size - 1} more)" if bad.size > 1 else ""),
         )
     return np.split(flat.astype(np.int32), np.cumsum(lengths)[:-1])
@@ -115,3 +141,16 @@ def token_arrays(sequences: list[list[int]], vocab_size: int) -> list[np.ndarray
 
 def include_routes(app: FastAPI, settings: Settings) -> None:
     app.include_router(build_router(settings))
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        """The schema, with the loaded model's vocabulary as the token ids' upper bound."""
+        schema = generate()
+        service: ModelService | None = getattr(app.state, "service", None)
+        if service is not None and service.bundle is not None:
+            body = schema["paths"]["/infer"]["post"]["requestBody"]["content"]["application/json"]
+            body["schema"]["properties"]["sequences"]["items"]["items"]["maximum"] = \
+                service.bundle.spec.vocab_size - 1
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, WithJsonSchema
 
 
 def make_infer_request(max_batch: int, max_len: int) -> type[BaseModel]:
     """The ``POST /infer`` body, with this deployment's limits in its schema."""
-    sequence = Annotated[list[StrictInt], Field(min_length=1, max_length=max_len)]
+    # JSON Schema's "integer" includes 2.0, so integral floats are accepted; the range and
+    # integrality are checked on the whole batch at once in app.api.routes.token_arrays, and
+    # the upper bound (vocab_size) joins the published schema once the model is loaded.
+    token = Annotated[StrictInt | StrictFloat, WithJsonSchema({"type": "integer", "minimum": 0})]
+    sequence = Annotated[list[token], Field(min_length=1, max_length=max_len)]
 
     class InferRequest(BaseModel):
         model_config = ConfigDict(

@@ -8,7 +8,8 @@ job), because on these CPUs two one-thread engine calls side by side do far more
 call with two threads or one call with twice the batch. While calls run, new requests
 queue up and form the next batches, so batching grows with load by itself; ``max_delay_s``
 optionally waits a little for company when the queue is short (0 by default: a lone
-request never waits).
+request never waits). At most ``max_queue`` sequences wait: past that, :meth:`submit`
+raises :class:`QueueFull` at once instead of letting latency grow without bound.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from app.runtime.runner import Result, Runner
+
+
+class QueueFull(Exception):
+    """The queue holds ``max_queue`` sequences already; try again shortly."""
 
 
 @dataclass
@@ -43,8 +48,10 @@ class BatchStats:
 
 
 class MicroBatcher:
-    def __init__(self, runner: Runner, workers: int, max_batch_size: int, max_delay_s: float) -> None:
+    def __init__(self, runner: Runner, workers: int, max_batch_size: int, max_delay_s: float,
+                 max_queue: int) -> None:
         self.runner = runner
+        self.max_queue = max_queue
         self.workers = workers
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
@@ -54,18 +61,25 @@ class MicroBatcher:
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="engine")
         self._loops: list[asyncio.Task[None]] = []
         self._idle = workers
+        self._waiting = 0  # sequences in the queue
 
     @property
     def pending(self) -> int:
-        return len(self._queue)
+        """Sequences waiting for an engine call."""
+        return self._waiting
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._loops = [loop.create_task(self._work(), name=f"batcher-{i}") for i in range(self.workers)]
 
     async def submit(self, sequences: list[np.ndarray]) -> list[Result]:
+        """Queue the sequences and wait for their results. Cancelling the wait (a deadline,
+        a client gone) drops the job if it has not started."""
+        if self._waiting + len(sequences) > self.max_queue:
+            raise QueueFull
         job = Job(sequences, asyncio.get_running_loop().create_future())
         self._queue.append(job)
+        self._waiting += len(sequences)
         self._wakeup.set()
         return await job.future
 
@@ -88,7 +102,7 @@ class MicroBatcher:
             while not self._queue:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            if self.max_delay_s and self._waiting_sequences() < self.max_batch_size:
+            if self.max_delay_s and self._waiting < self.max_batch_size:
                 await asyncio.sleep(self.max_delay_s)
             if not self._queue:
                 continue  # another loop took it meanwhile
@@ -113,18 +127,16 @@ class MicroBatcher:
             for callback in self.on_batch:
                 callback(stats)
 
-    def _waiting_sequences(self) -> int:
-        return sum(len(job.sequences) for job in self._queue)
-
     def _take(self) -> list[Job]:
         """This loop's share: what waits, split between the idle loops (this one included)."""
-        share = min(self.max_batch_size, -(-self._waiting_sequences() // max(self._idle, 1)))
+        share = min(self.max_batch_size, -(-self._waiting // max(self._idle, 1)))
         jobs = [self._queue.popleft()]
         count = len(jobs[0].sequences)
         while self._queue and count + len(self._queue[0].sequences) <= share:
             job = self._queue.popleft()
             jobs.append(job)
             count += len(job.sequences)
+        self._waiting -= count
         return [job for job in jobs if not job.future.done()]  # skip clients that left
 
     @staticmethod

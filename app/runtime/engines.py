@@ -18,6 +18,7 @@ from typing import Protocol
 
 import numpy as np
 
+from app.runtime.buckets import bucket_of
 from app.spec import ModelSpec
 
 
@@ -92,7 +93,7 @@ class KerasEngine:
         return outputs.numpy(), hidden.numpy()
 
     def pad_shape(self, batch: int, steps: int) -> tuple[int, int]:
-        return 1 << (batch - 1).bit_length(), next(b for b in self._buckets if b >= steps)
+        return 1 << (batch - 1).bit_length(), bucket_of(self._buckets, steps)
 
     def warm_shapes(self, max_batch: int, max_len: int) -> list[tuple[int, int]]:
         return [(1, bucket) for bucket in self._buckets if bucket <= max_len]

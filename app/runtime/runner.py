@@ -11,22 +11,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from app.runtime.buckets import bucket_of, length_buckets
 from app.runtime.engines import Engine
 
 Result = tuple[np.ndarray, np.ndarray]  # (outputs (len, C), hidden (len, H))
-
-
-def length_buckets(max_len: int) -> list[int]:
-    """8, 12, 16, 24, 32, 48, ...: each bucket at most 1.5x the one before, up to ``max_len``."""
-    buckets, size = [], 8
-    while size < max_len:
-        buckets += [size, size + size // 2]
-        size *= 2
-    return sorted({bucket for bucket in buckets if bucket < max_len} | {max_len})
-
-
-def bucket_of(buckets: list[int], length: int) -> int:
-    return buckets[int(np.searchsorted(buckets, length))]
+__all__ = ["Result", "Runner", "length_buckets"]
 
 
 @dataclass

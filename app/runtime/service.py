@@ -18,6 +18,7 @@ import numpy as np
 from app import __version__
 from app.config import Settings
 from app.formats import ModelBundle, load_bundle
+from app.observability import Metrics
 from app.runtime.batcher import MicroBatcher
 from app.runtime.engines import make_engine
 from app.runtime.runner import Result, Runner, length_buckets
@@ -28,7 +29,7 @@ log = logging.getLogger("app.service")
 
 @dataclass
 class Status:
-    stage: str = "starting"  # starting -> loading -> self-check -> warm-up -> ready | failed
+    stage: str = "starting"  # starting -> loading -> self-check -> warm-up -> ready | failed | draining
     ready: bool = False
     error: str | None = None
     started_at: float = field(default_factory=time.perf_counter)
@@ -36,8 +37,9 @@ class Status:
 
 
 class ModelService:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings = settings
+        self.metrics = metrics
         self.status = Status()
         self.bundle: ModelBundle | None = None
         self.batcher: MicroBatcher | None = None
@@ -48,8 +50,9 @@ class ModelService:
         self.status.stage = "loading"
         self.bundle = load_bundle(self.settings.model_path)
         spec = self.bundle.spec
-        log.info("model loaded", extra={"model": spec.name, "format": spec.source.format,
-                                        "conversion": spec.source.conversion})
+        log.info("model loaded: %s (%s, %s)", spec.name, spec.source.format, spec.source.conversion,
+                 extra={"model": spec.name, "format": spec.source.format,
+                        "conversion": spec.source.conversion, "path": spec.source.path})
         return self.bundle
 
     async def prepare(self) -> None:
@@ -62,7 +65,20 @@ class ModelService:
             return
         self.status.seconds_to_ready = time.perf_counter() - self.status.started_at
         self.status.stage, self.status.ready = "ready", True
-        log.info("ready in %.2f s", self.status.seconds_to_ready)
+        self.metrics.ready.set(1)
+        log.info("ready in %.2f s", self.status.seconds_to_ready,
+                 extra={"seconds_to_ready": round(self.status.seconds_to_ready, 3)})
+
+    @property
+    def accepting(self) -> bool:
+        """Whether /infer is served: once ready, and on through draining."""
+        return self.status.stage in ("ready", "draining")
+
+    def drain(self) -> None:
+        """Stop reporting ready (shutdown has begun); requests are still answered."""
+        self.status.stage, self.status.ready = "draining", False
+        self.metrics.ready.set(0)
+        log.info("draining: /readyz now answers 503")
 
     async def _prepare(self) -> None:
         assert self.bundle is not None
@@ -72,13 +88,19 @@ class ModelService:
         runner = Runner(engine, buckets, settings.max_batch_size)
         workers = settings.workers if engine.parallel_calls else 1
         self.batcher = MicroBatcher(runner, workers, settings.max_batch_size,
-                                    settings.max_queue_delay_ms / 1000)
+                                    settings.max_queue_delay_ms / 1000, settings.max_queue)
+        self.batcher.on_batch.append(self.metrics.observe_batch)
+        self.metrics.queue_depth.set_function(lambda: self.batcher.pending if self.batcher else 0)
+        self.metrics.model_info.labels(spec.name, __version__, spec.source.format,
+                                       spec.source.conversion, engine.name).set(1)
         if self.bundle.parity is not None:
             self.status.stage = "self-check"
             parity = self.bundle.parity
             tolerance = settings.parity_tolerance or parity.tolerance or DEFAULT_TOLERANCE
             self.self_check = await asyncio.to_thread(run_self_check, parity, runner.run, tolerance)
-            log.info("self-check", extra={"self_check": self.self_check.as_dict()})
+            self.metrics.self_check_diff.set(self._worst_diff())
+            log.info("self-check %s", "passed" if self.self_check.passed else "FAILED",
+                     extra={"self_check": self.self_check.as_dict()})
             if not self.self_check.passed:
                 raise RuntimeError(
                     f"self-check failed: max abs diff {self._worst_diff():.3g} > tolerance "

@@ -1,0 +1,75 @@
+"""Prometheus metrics and structured JSON logs."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from pythonjsonlogger.json import JsonFormatter
+
+from app.runtime.batcher import BatchStats
+
+disable_created_metrics()  # the *_created series only add noise to every scrape
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30)
+QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+class Metrics:
+    """All of the service's metrics, in a registry of their own (one per app)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("bigru_http_requests", "HTTP requests by route, method and status",
+                                ["route", "method", "status"], registry=r)
+        self.latency = Histogram("bigru_http_request_duration_seconds", "time to answer a request",
+                                 ["route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.in_flight = Gauge("bigru_http_requests_in_flight", "requests being answered", registry=r)
+        self.queue_wait = Histogram("bigru_queue_wait_seconds", "time a request waited for the engine",
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.compute = Histogram("bigru_engine_compute_seconds", "time of one engine call (a batch)",
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("bigru_engine_batch_sequences", "sequences in one engine call",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        self.sequence_length = Histogram("bigru_sequence_tokens", "tokens per requested sequence",
+                                         buckets=(1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096),
+                                         registry=r)
+        self.queue_depth = Gauge("bigru_queue_sequences", "sequences waiting for the engine", registry=r)
+        self.rejected = Counter("bigru_rejected_requests", "requests refused before compute, by reason",
+                                ["reason"], registry=r)
+        self.model_info = Gauge("bigru_model_info", "the served model (value 1)",
+                                ["name", "version", "source_format", "conversion", "engine"], registry=r)
+        self.self_check_diff = Gauge("bigru_self_check_max_abs_diff",
+                                     "the start-up self-check's max abs difference", registry=r)
+        self.ready = Gauge("bigru_ready", "1 when the service is ready", registry=r)
+
+    def observe_batch(self, stats: BatchStats) -> None:
+        self.compute.observe(stats.compute_s)
+        self.batch_size.observe(stats.sequences)
+        for wait in stats.queue_wait_s:
+            self.queue_wait.observe(wait)
+
+
+def _drop_color_message(record: logging.LogRecord) -> bool:
+    record.__dict__.pop("color_message", None)  # uvicorn's ANSI-coloured copy of the message
+    return True
+
+
+def configure_logging(level: str, fmt: str) -> None:
+    """One JSON object per line on stderr for the service's and uvicorn's loggers."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_drop_color_message)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter(
+            "{asctime}{levelname}{name}{message}", style="{",
+            rename_fields={"asctime": "time", "levelname": "level", "name": "logger"}))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in ("app", "uvicorn", "uvicorn.error"):
+        logger = logging.getLogger(name)
+        logger.handlers = [handler]
+        logger.propagate = False
+        logger.setLevel(level.upper())
+    logging.getLogger("uvicorn.access").disabled = True  # one line per request comes from us

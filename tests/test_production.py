@@ -1,0 +1,166 @@
+"""Production behaviour: request ids, metrics, logs, body limits, overload, deadlines, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.conftest import Server
+
+
+@pytest.fixture(scope="module")
+def small_server():
+    """Tight limits, to reach them cheaply."""
+    server = Server({"MAX_BODY_BYTES": "16384", "MAX_QUEUE": "16", "WORKERS": "2", "DRAIN_DELAY_S": "0"},
+                    serve=True)
+    server.wait_until()
+    yield server
+    server.stop()
+
+
+def test_request_id_is_echoed_generated_and_in_error_bodies(small_server: Server) -> None:
+    given = httpx.post(small_server.url + "/infer", json={"sequences": [[2, 3]]},
+                       headers={"X-Request-ID": "trace-42"})
+    assert given.headers["x-request-id"] == "trace-42"
+    generated = httpx.post(small_server.url + "/infer", json={"sequences": [[2, 500]]})
+    assert len(generated.headers["x-request-id"]) == 32
+    assert generated.json()["error"]["request_id"] == generated.headers["x-request-id"]
+    hostile = httpx.get(small_server.url + "/healthz", headers={"X-Request-ID": "a\tb" * 100})
+    assert hostile.headers["x-request-id"] != "a\tb" * 100
+
+
+def test_body_limit_answers_413_before_parsing(small_server: Server) -> None:
+    big = b'{"sequences": [[' + b",".join([b"7"] * 9000) + b"]]}"
+    response = httpx.post(small_server.url + "/infer", content=big,
+                          headers={"content-type": "application/json"})
+    assert response.status_code == 413 and response.json()["error"]["type"] == "body_too_large"
+
+    def chunks():  # no Content-Length: the limit still holds while streaming
+        for _ in range(20):
+            yield b" " * 1000 * 1000
+
+    streamed = httpx.post(small_server.url + "/infer", content=chunks())
+    assert streamed.status_code == 413
+    assert httpx.get(small_server.url + "/readyz").status_code == 200
+
+
+def test_metrics_separate_queueing_from_compute(small_server: Server) -> None:
+    for length in (5, 50, 500):
+        httpx.post(small_server.url + "/infer", json={"sequences": [[3] * length]})
+    text = httpx.get(small_server.url + "/metrics").text
+    for name in ("bigru_http_requests_total{method=\"POST\",route=\"/infer\",status=\"200\"}",
+                 "bigru_http_request_duration_seconds_bucket", "bigru_queue_wait_seconds_count",
+                 "bigru_engine_compute_seconds_count", "bigru_engine_batch_sequences_bucket",
+                 "bigru_sequence_tokens_bucket", "bigru_http_requests_in_flight",
+                 "bigru_queue_sequences", "bigru_model_info{", "bigru_ready 1.0"):
+        assert name in text, name
+    assert 'source_format="keras2-h5-model"' in text
+    assert 'bigru_sequence_tokens_bucket{le="512.0"} ' in text
+
+
+def post_many(url: str, bodies: list[dict], timeout: float = 30) -> list[tuple[int, float]]:
+    async def run() -> list[tuple[int, float]]:
+        limits = httpx.Limits(max_connections=len(bodies))
+        async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as client:
+            async def one(body: dict) -> tuple[int, float]:
+                start = time.perf_counter()
+                response = await client.post("/infer", json=body)
+                return response.status_code, time.perf_counter() - start
+
+            return await asyncio.gather(*[one(b) for b in bodies])
+
+    return asyncio.run(run())
+
+
+def test_flood_gets_correct_200s_or_fast_503s(small_server: Server, gpu_reference: dict) -> None:
+    rng = np.random.default_rng(0)
+    bodies = [{"sequences": [rng.integers(2, 96, 300).tolist() for _ in range(4)]} for _ in range(150)]
+    results = post_many(small_server.url, bodies)
+    statuses = [status for status, _ in results]
+    assert set(statuses) <= {200, 503}, set(statuses)
+    assert statuses.count(503) > 0 and statuses.count(200) > 0
+    rejected = [seconds for status, seconds in results if status == 503]
+    assert max(rejected) < 5.0
+    assert float(np.percentile([seconds for _, seconds in results], 99)) < 10.0
+    assert httpx.get(small_server.url + "/readyz").status_code == 200
+    sequences = [s.tolist() for s in gpu_reference["ids"][:8]]
+    body = httpx.post(small_server.url + "/infer", json={"sequences": sequences}, timeout=30).json()
+    for got, expected in zip(body["outputs"], gpu_reference["probs_fp32"][:8]):
+        assert np.max(np.abs(np.asarray(got) - expected)) <= 1e-4
+    metrics = httpx.get(small_server.url + "/metrics").text
+    assert 'bigru_rejected_requests_total{reason="queue_full"}' in metrics
+
+
+def test_overloaded_answer_says_when_to_retry(small_server: Server) -> None:
+    bodies = [{"sequences": [[5] * 800] * 8} for _ in range(12)]
+    async def run() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=small_server.url, timeout=60) as client:
+            return await asyncio.gather(*[client.post("/infer", json=b) for b in bodies])
+
+    responses = asyncio.run(run())
+    overloaded = [r for r in responses if r.status_code == 503]
+    assert overloaded, "MAX_QUEUE=16 must refuse 96 queued sequences"
+    assert all(r.headers["retry-after"] == "1" and r.json()["error"]["type"] == "overloaded"
+               for r in overloaded)
+
+
+def test_deadline_gives_504_and_the_service_goes_on() -> None:
+    server = Server({"REQUEST_TIMEOUT_S": "0.005"})
+    try:
+        server.wait_until()
+        response = httpx.post(server.url + "/infer", json={"sequences": [[4] * 2048] * 16}, timeout=30)
+        assert response.status_code == 504 and response.json()["error"]["type"] == "deadline_exceeded"
+        assert httpx.get(server.url + "/readyz").status_code == 200
+    finally:
+        server.stop()
+
+
+def test_probes_and_metrics_stay_out_of_the_log(small_server: Server) -> None:
+    for path in ("/healthz", "/readyz", "/metrics"):
+        httpx.get(small_server.url + path)
+    httpx.post(small_server.url + "/infer", json={"sequences": [[9]]}, headers={"X-Request-ID": "logged-1"})
+    time.sleep(0.2)
+    small_server.stop()
+    lines = [line for line in small_server.log_records() if line.get("message") == "request"]
+    assert any(line["request_id"] == "logged-1" and line["status"] == 200 and "duration_ms" in line
+               for line in lines)
+    assert not any(line["path"] in ("/healthz", "/readyz", "/metrics") for line in lines)
+
+
+def test_sigterm_drains_then_finishes_every_accepted_request() -> None:
+    server = Server({"DRAIN_DELAY_S": "1.5", "GRACE_PERIOD_S": "20", "WORKERS": "1"}, serve=True)
+    server.wait_until()
+    results: list[int] = []
+
+    def client() -> None:
+        try:
+            response = httpx.post(server.url + "/infer", json={"sequences": [[6] * 2048] * 8}, timeout=60)
+            results.append(response.status_code)
+        except httpx.HTTPError as exc:
+            results.append(-1)
+            raise AssertionError(exc) from exc
+
+    threads = [threading.Thread(target=client) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.3)  # the requests are in flight, most of them queued
+    sent_at = time.monotonic()
+    server.process.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    draining = httpx.get(server.url + "/readyz")
+    assert draining.status_code == 503 and draining.json()["stage"] == "draining"
+    assert httpx.get(server.url + "/healthz").status_code == 200
+    for thread in threads:
+        thread.join(timeout=60)
+    assert results == [200] * 6
+    code = server.process.wait(timeout=30)
+    assert time.monotonic() - sent_at < 20
+    assert code in (0, -signal.SIGTERM)
+    output = server.output()
+    assert "draining" in output and "stopped" in output
