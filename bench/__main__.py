@@ -124,13 +124,13 @@ def start_server():
 
     import httpx
 
-    port = PORT
+    # As users run it (python -m app serve), request logging included; the log is discarded.
     process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "app.main:app", "--host", HOST, "--port", str(port),
-         "--no-access-log", "--log-level", "warning"],
-        cwd=ROOT, env=dict(os.environ),
+        [sys.executable, "-m", "app", "serve"], cwd=ROOT,
+        env={**os.environ, "HOST": HOST, "PORT": str(PORT)},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
-    url = f"http://{HOST}:{port}"
+    url = f"http://{HOST}:{PORT}"
     start = time.perf_counter()
     while time.perf_counter() - start < 120:
         try:

@@ -35,8 +35,10 @@ def gpu_reference() -> dict:
 class Server:
     """A real uvicorn process on a free loopback port."""
 
-    def __init__(self, env: dict[str, str] | None = None, serve: bool = False) -> None:
-        """``serve``: run ``python -m app serve`` (draining shutdown) instead of plain uvicorn."""
+    def __init__(self, env: dict[str, str] | None = None, serve: bool = False,
+                 argv: tuple[str, ...] = ()) -> None:
+        """``serve``: run ``python -m app serve`` (draining shutdown) instead of plain uvicorn;
+        ``argv``: run these Python arguments instead (a wrapper around the service)."""
         import socket
         import subprocess
         import sys
@@ -46,9 +48,9 @@ class Server:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        command = (["-m", "app", "serve"] if serve else
-                   ["-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(self.port),
-                    "--no-access-log"])
+        command = list(argv) or (["-m", "app", "serve"] if serve else
+                                 ["-m", "uvicorn", "app.main:app", "--host", "127.0.0.1",
+                                  "--port", str(self.port), "--no-access-log"])
         self.process = subprocess.Popen(
             [sys.executable, *command],
             cwd=ROOT, env={**os.environ, "HOST": "127.0.0.1", "PORT": str(self.port), **(env or {})},

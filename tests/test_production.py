@@ -164,3 +164,19 @@ def test_sigterm_drains_then_finishes_every_accepted_request() -> None:
     assert code in (0, -signal.SIGTERM)
     output = server.output()
     assert "draining" in output and "stopped" in output
+
+
+@pytest.mark.parametrize("engine", ["onnxruntime", "keras"])
+def test_service_writes_nothing_outside_tmp(engine: str) -> None:
+    """What a read-only root filesystem needs (the container sets HOME=/tmp)."""
+    server = Server({"HOME": "/tmp", "PYTHONDONTWRITEBYTECODE": "1", "ENGINE": engine, "MAX_LEN": "64"},
+                    argv=("tests/audited_serve.py",))
+    try:
+        server.wait_until(timeout=120)
+        assert httpx.post(server.url + "/infer", json={"sequences": [[5, 6, 7]]}).status_code == 200
+        for path in ("/metrics", "/v1/model", "/openapi.json", "/docs"):
+            assert httpx.get(server.url + path).status_code == 200
+    finally:
+        server.stop()
+    writes = [r["write_outside_tmp"] for r in server.log_records() if "write_outside_tmp" in r]
+    assert writes == []

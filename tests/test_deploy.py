@@ -1,0 +1,69 @@
+"""Deployment files, validated offline: Kubernetes manifests against the API schemas
+(kubernetes-validate ships them), and the compose file's scaled profile."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+
+MANIFESTS = sorted((ROOT / "deploy" / "kubernetes").glob("*.yaml"))
+RESOURCES = [m for m in MANIFESTS if m.name != "kustomization.yaml"]
+MEASURED_RSS_MIB = 200  # README "Operations": max RSS in the 10-minute soak, rounded up
+
+
+def load(name: str) -> dict:
+    return yaml.safe_load((ROOT / "deploy" / "kubernetes" / name).read_text())
+
+
+@pytest.mark.parametrize("version", ["1.30.0", "1.37.0"])
+@pytest.mark.parametrize("manifest", RESOURCES, ids=[m.name for m in RESOURCES])
+def test_manifest_is_valid(manifest: Path, version: str) -> None:
+    for document in yaml.safe_load_all(manifest.read_text()):
+        kubernetes_validate.validate(document, version, strict=True)
+
+
+def test_the_validator_rejects_a_wrong_manifest() -> None:
+    deployment = copy.deepcopy(load("deployment.yaml"))
+    deployment["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {}  # a typo
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, "1.37.0", strict=True)
+
+
+def test_kustomization_lists_every_resource() -> None:
+    assert sorted(load("kustomization.yaml")["resources"]) == sorted(m.name for m in RESOURCES)
+
+
+def test_deployment_probes_resources_and_hardening() -> None:
+    pod = load("deployment.yaml")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["startupProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    memory = container["resources"]["requests"]["memory"]
+    assert memory.endswith("Mi") and int(memory[:-2]) >= MEASURED_RSS_MIB
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert float(env["GRACE_PERIOD_S"]) + 5 <= pod["terminationGracePeriodSeconds"]
+    assert float(env["DRAIN_DELAY_S"]) < float(env["GRACE_PERIOD_S"])
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert any(m["mountPath"] == "/tmp" for m in container["volumeMounts"])
+    hpa = load("hpa.yaml")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == load("deployment.yaml")["metadata"]["name"]
+
+
+def test_compose_scaled_profile_puts_replicas_behind_nginx() -> None:
+    compose = ROOT / ".venv-tools" / "bin" / "docker-compose"
+    result = subprocess.run([str(compose), "--profile", "scaled", "config"], cwd=ROOT,
+                            capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    services = yaml.safe_load(result.stdout)["services"]
+    assert services["bigru-replica"]["deploy"]["replicas"] == 3
+    assert services["gateway"]["environment"]["UPSTREAM"] == "bigru-replica:8000"
+    assert "gateway.conf.template" in services["gateway"]["volumes"][0]
