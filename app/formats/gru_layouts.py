@@ -14,7 +14,8 @@ from app.spec import GRUWeights
 GATES = 3
 
 
-def _f32(array: np.ndarray) -> np.ndarray:
+def float32(array: np.ndarray) -> np.ndarray:
+    """Contiguous float32, the one dtype the spec holds."""
     return np.ascontiguousarray(array, dtype=np.float32)
 
 
@@ -52,9 +53,9 @@ def from_cudnn_gru(
         return matrix[:, gate * units : (gate + 1) * units]
 
     return GRUWeights(
-        kernel=_f32(np.hstack([block(kernel, g).reshape(units, width).T for g in range(GATES)])),
-        recurrent_kernel=_f32(np.hstack([block(recurrent_kernel, g).T for g in range(GATES)])),
-        bias=_f32(bias.reshape(2, GATES * units)),
+        kernel=float32(np.hstack([block(kernel, g).reshape(units, width).T for g in range(GATES)])),
+        recurrent_kernel=float32(np.hstack([block(recurrent_kernel, g).T for g in range(GATES)])),
+        bias=float32(bias.reshape(2, GATES * units)),
     )
 
 
@@ -69,7 +70,7 @@ def from_keras_gru(
             "that is a different model from cuDNN's GRU and is not supported"
         )
     _check(bias, (2, GATES * units), "bias", where)
-    return GRUWeights(_f32(kernel), _f32(recurrent_kernel), _f32(bias))
+    return GRUWeights(float32(kernel), float32(recurrent_kernel), float32(bias))
 
 
 def from_keras2_file(
@@ -106,9 +107,9 @@ def from_torch_gru(
         return [z, r, n]
 
     return GRUWeights(
-        kernel=_f32(np.hstack([w.T for w in zrn(weight_ih)])),
-        recurrent_kernel=_f32(np.hstack([w.T for w in zrn(weight_hh)])),
-        bias=_f32(np.stack([np.concatenate(zrn(bias_ih)), np.concatenate(zrn(bias_hh))])),
+        kernel=float32(np.hstack([w.T for w in zrn(weight_ih)])),
+        recurrent_kernel=float32(np.hstack([w.T for w in zrn(weight_hh)])),
+        bias=float32(np.stack([np.concatenate(zrn(bias_ih)), np.concatenate(zrn(bias_hh))])),
     )
 
 
@@ -134,9 +135,9 @@ def from_tf1_canonical(
     on_x, on_h = gates_kernel[:width], gates_kernel[width:]
     zeros = np.zeros(units, np.float32)
     return GRUWeights(
-        kernel=_f32(np.hstack([on_x[:, units:], on_x[:, :units], input_kernel])),
-        recurrent_kernel=_f32(np.hstack([on_h[:, units:], on_h[:, :units], hidden_kernel])),
-        bias=_f32(np.stack([
+        kernel=float32(np.hstack([on_x[:, units:], on_x[:, :units], input_kernel])),
+        recurrent_kernel=float32(np.hstack([on_h[:, units:], on_h[:, :units], hidden_kernel])),
+        bias=float32(np.stack([
             np.concatenate([gates_bias[units:], gates_bias[:units], input_bias]),
             np.concatenate([zeros, zeros, hidden_bias]),
         ])),

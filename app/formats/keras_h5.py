@@ -106,7 +106,7 @@ class H5Weights:
         named = self._named(name, None)
         if "embeddings" not in named:
             raise ModelError(f"{self.path}: layer {name!r} has no embeddings dataset")
-        return np.ascontiguousarray(named["embeddings"], dtype=np.float32)
+        return named["embeddings"]
 
     def gru(self, name: str, direction: str | None, claims_cudnn: bool | None) -> tuple[GRUWeights, str]:
         named = self._named(name, direction)
@@ -128,9 +128,7 @@ class H5Weights:
         named = self._named(name, None)
         if "kernel" not in named:
             raise ModelError(f"{self.path}: layer {name!r} has no kernel dataset")
-        bias = named.get("bias")
-        return (np.ascontiguousarray(named["kernel"], dtype=np.float32),
-                None if bias is None else np.ascontiguousarray(bias, dtype=np.float32))
+        return named["kernel"], named.get("bias")
 
 
 def plan_from_weights(source: H5Weights, architecture: Architecture) -> list[Step]:

@@ -13,6 +13,7 @@ from typing import Protocol
 import numpy as np
 
 from app.errors import ModelError
+from app.formats.gru_layouts import float32
 from app.spec import DenseHead, GRUWeights, ModelSpec, RecurrentLayer, Source
 
 
@@ -87,11 +88,12 @@ def assemble(name: str, steps: list[Step], weights: WeightSource, source: Source
             conversions.update(applied)
         elif isinstance(step, HeadStep):
             kernel, bias = weights.dense(step.name)
-            head = DenseHead(step.name, kernel, bias, step.activation)
+            head = DenseHead(step.name, float32(kernel), None if bias is None else float32(bias),
+                             step.activation)
     conversion = ", ".join(sorted(conversions)) if source.conversion == "auto" else source.conversion
     spec = ModelSpec(
         name=name,
-        embeddings=weights.embeddings(embedding.name),
+        embeddings=float32(weights.embeddings(embedding.name)),
         layers=tuple(layers),
         head=head,
         source=Source(source.path, source.format, conversion, source.keras_version),

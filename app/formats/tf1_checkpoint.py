@@ -110,7 +110,7 @@ class CheckpointWeights:
         return pick_one(candidates, "head", str(self.prefix), "tensors.head").removesuffix("/kernel")
 
     def embeddings(self, name: str) -> np.ndarray:
-        return np.ascontiguousarray(self.tensors[name], dtype=np.float32)
+        return self.tensors[name]
 
     def gru(self, name: str, direction: str | None, claims_cudnn: bool | None) -> tuple[GRUWeights, str]:
         base = self._base(int(name), direction)
@@ -124,6 +124,4 @@ class CheckpointWeights:
         return weights, "tf1-canonical-gru->keras-gru"
 
     def dense(self, name: str) -> tuple[np.ndarray, np.ndarray | None]:
-        bias = self.tensors.get(f"{name}/bias")
-        return (np.ascontiguousarray(self.tensors[f"{name}/kernel"], dtype=np.float32),
-                None if bias is None else np.ascontiguousarray(bias, dtype=np.float32))
+        return self.tensors[f"{name}/kernel"], self.tensors.get(f"{name}/bias")

@@ -91,7 +91,7 @@ class TorchWeights:
         return pick_one(candidates, "head", str(self.path), "tensors.head").removesuffix(".weight")
 
     def embeddings(self, name: str) -> np.ndarray:
-        return np.ascontiguousarray(self.tensors[name], dtype=np.float32)
+        return self.tensors[name]
 
     def gru(self, name: str, direction: str | None, claims_cudnn: bool | None) -> tuple[GRUWeights, str]:
         layer = name.removeprefix(self.gru_prefix)
@@ -106,7 +106,5 @@ class TorchWeights:
         return weights, "torch-gru->keras-gru"
 
     def dense(self, name: str) -> tuple[np.ndarray, np.ndarray | None]:
-        bias = self.tensors.get(f"{name}.bias")
-        kernel = self.tensors[f"{name}.weight"].T  # nn.Linear computes x @ weight.T
-        return (np.ascontiguousarray(kernel, dtype=np.float32),
-                None if bias is None else np.ascontiguousarray(bias, dtype=np.float32))
+        # nn.Linear computes x @ weight.T
+        return self.tensors[f"{name}.weight"].T, self.tensors.get(f"{name}.bias")
