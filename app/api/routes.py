@@ -23,11 +23,13 @@ from app.runtime.service import ModelService
 JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
 
 
-def get_service(request: Request) -> ModelService:
+# Dependencies are async so that FastAPI calls them in place: a sync one would take a
+# thread-pool round trip on every request.
+async def get_service(request: Request) -> ModelService:
     return request.app.state.service
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
