@@ -142,3 +142,14 @@ def test_manual_pair_directions_from_the_architecture_file(tmp_path: Path, legac
     spec = load_bundle(tmp_path).spec
     got = outputs(spec, legacy_expected["sequences"], "onnxruntime")
     assert max_diff(got, [np.asarray(e) for e in legacy_expected["expected"]["B"]]) < 1e-5
+
+
+def test_weights_only_manual_pair_needs_consistent_directions() -> None:
+    from app.errors import ModelError
+
+    both_forward = Architecture(directions={"cu_dnngru": "forward", "cu_dnngru_1": "forward"})
+    with pytest.raises(ModelError, match="both marked forward"):
+        read_keras_h5(legacy_file("B", "weights"), both_forward, "B")
+    alone = Architecture(directions={"cu_dnngru_1": "backward"})
+    with pytest.raises(ModelError, match="'cu_dnngru_1' is marked backward but the next layer is not"):
+        read_keras_h5(legacy_file("B", "weights"), alone, "B")

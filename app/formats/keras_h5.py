@@ -79,13 +79,16 @@ class H5Weights:
     def layer_names(self) -> list[str]:
         return list_attr(self.root, "layer_names")
 
-    def weights(self, layer: str) -> list[tuple[str, np.ndarray]]:
-        """``(weight name, array)`` in the layer's ``weight_names`` order."""
+    def weight_names(self, layer: str) -> list[str]:
         if layer not in self.root:
             raise ModelError(f"{self.path}: no weights group for layer {layer!r}")
+        return list_attr(self.root[layer], "weight_names")
+
+    def weights(self, layer: str) -> list[tuple[str, np.ndarray]]:
+        """``(weight name, array)`` in the layer's ``weight_names`` order."""
         group = self.root[layer]
         result = []
-        for weight_name in list_attr(group, "weight_names"):
+        for weight_name in self.weight_names(layer):
             try:
                 result.append((weight_name, np.asarray(group[weight_name][()])))
             except (KeyError, OSError) as exc:
@@ -132,41 +135,44 @@ class H5Weights:
 
 
 def plan_from_weights(source: H5Weights, architecture: Architecture) -> list[Step]:
-    """The plan of a weights-only file: layer order from ``layer_names``, roles from names."""
+    """The plan of a weights-only file: layer order from ``layer_names``, roles from names.
+
+    Two GRU layers named in ``architecture.directions`` form a manual bidirectional pair;
+    they must follow each other in ``layer_names``.
+    """
     steps: list[Step] = []
-    marked: dict[str, str] = {}
+    waiting: str | None = None  # the first half of a manual pair
     for layer in source.layer_names():
-        short = [n.split("/")[-1].split(":")[0] for n, _ in source.weights(layer)]
-        full = [n for n, _ in source.weights(layer)]
+        full = source.weight_names(layer)
+        short = [name.split("/")[-1].split(":")[0] for name in full]
+        direction = architecture.directions.get(layer)
+        if short and waiting is not None and not ("recurrent_kernel" in short and direction):
+            raise ModelError(f"{source.path}: layer {waiting!r} is marked "
+                             f"{architecture.directions[waiting]} but the next layer is not its pair")
         if not short:
             continue
         if short == ["embeddings"]:
             steps.append(EmbeddingStep(layer))
         elif any("/forward_" in n for n in full) and any("/backward_" in n for n in full):
             steps.append(RecurrentStep(layer, architecture.merge_mode))
+        elif "recurrent_kernel" in short and direction is None:
+            steps.append(RecurrentStep(layer))
+        elif "recurrent_kernel" in short and waiting is None:
+            waiting = layer
         elif "recurrent_kernel" in short:
-            steps.append(_paired(layer, architecture, steps, marked))
+            steps.append(_pair(waiting, layer, architecture))  # type: ignore[arg-type]
+            waiting = None
         elif "kernel" in short:
             steps.append(HeadStep(layer, architecture.head_activation))
         else:
             raise ModelError(f"{source.path}: cannot tell what layer {layer!r} is from weights {short}")
+    if waiting is not None:
+        raise ModelError(f"{source.path}: layer {waiting!r} is marked but has no pair")
     return steps
 
 
-def _paired(layer: str, architecture: Architecture, steps: list[Step],
-            marked: dict[str, str]) -> Step:
-    """A lone GRU, or one half of a manual pair named in ``architecture.directions``."""
-    direction = architecture.directions.get(layer)
-    if direction is None:
-        return RecurrentStep(layer)
-    previous = steps[-1] if steps else None
-    half = isinstance(previous, RecurrentStep) and previous.name in marked
-    if not half:
-        marked[layer] = direction
-        return RecurrentStep(layer)
-    assert isinstance(previous, RecurrentStep)
-    if marked[previous.name] == direction:
-        raise ModelError(f"layers {previous.name!r} and {layer!r} are both marked {direction}")
-    forward, backward = (previous.name, layer) if direction == "backward" else (layer, previous.name)
-    steps.pop()
+def _pair(first: str, second: str, architecture: Architecture) -> RecurrentStep:
+    if architecture.directions[first] == architecture.directions[second]:
+        raise ModelError(f"layers {first!r} and {second!r} are both marked {architecture.directions[first]}")
+    forward, backward = (first, second) if architecture.directions[first] == "forward" else (second, first)
     return RecurrentStep(forward, architecture.merge_mode, backward)
