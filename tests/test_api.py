@@ -139,6 +139,32 @@ def test_integral_floats_are_integers(server: Server) -> None:
     assert infer(server, [[2.0, 3, 40.0]]) == infer(server, [[2, 3, 40]])
 
 
+def test_mask_zero_models_refuse_the_padding_id(tmp_path) -> None:
+    """A model with Embedding(mask_zero=True) treats id 0 as padding to skip; requests are
+    unpadded, so id 0 is refused rather than computed differently from the trained model."""
+    from tests.keras2_files import model_config, write_full_model
+    from tests.reference import random_model
+
+    model = random_model(np.random.default_rng(0), vocab=10, width=5, units=3, layers=1)
+    config = model_config(model)
+    config["config"]["layers"][1]["config"]["mask_zero"] = True
+    path = write_full_model(tmp_path / "masked.h5", model, config=config)
+    server = Server({"MODEL_PATH": str(path)})
+    try:
+        server.wait_until()
+        refused = httpx.post(server.url + "/infer", json={"sequences": [[3, 0, 4]]})
+        assert refused.status_code == 422
+        message = refused.json()["error"]["message"]
+        assert message == "sequences.0.1: token id 0 is not an integer in [1, 10)"
+        body = infer(server, [[3, 9, 4]])
+        assert max_diff(as_arrays(body["outputs"]), [model.outputs(np.array([3, 9, 4]))]) < 1e-5
+        token = httpx.get(server.url + "/openapi.json").json()["paths"]["/infer"]["post"]["requestBody"]
+        schema = token["content"]["application/json"]["schema"]["properties"]["sequences"]["items"]["items"]
+        assert (schema["minimum"], schema["maximum"]) == (1, 9)
+    finally:
+        server.stop()
+
+
 def test_unknown_route_and_method_are_json(server: Server) -> None:
     missing = httpx.get(server.url + "/nope")
     assert missing.status_code == 404 and missing.json()["error"]["status"] == 404

@@ -58,7 +58,7 @@ def build_router(settings: Settings) -> APIRouter:
             raise ApiError(503, "not_ready", f"model not ready ({service.status.stage})",
                            headers={"Retry-After": "1"})
         body = parse_body(await request.body(), infer_request)
-        sequences = token_arrays(body.sequences, service.bundle.spec.vocab_size)  # type: ignore[attr-defined, union-attr]
+        sequences = token_arrays(body.sequences, service.token_range)  # type: ignore[attr-defined]
         for sequence in sequences:
             metrics.sequence_length.observe(len(sequence))
         try:
@@ -119,23 +119,24 @@ def parse_body(raw: bytes, model: type[BaseModel]) -> BaseModel:
         raise ApiError(422, "invalid_request", summarize(details), details) from None
 
 
-def token_arrays(sequences: list[list[float]], vocab_size: int) -> list[np.ndarray]:
-    """One int32 array per sequence, after checking every id is an integer in ``[0, vocab_size)``.
+def token_arrays(sequences: list[list[float]], token_range: tuple[int, int]) -> list[np.ndarray]:
+    """One int32 array per sequence, after checking every id is an integer in ``token_range``.
 
     float64 holds every integer up to 2**53 exactly, far past any vocabulary."""
+    low, high = token_range
     lengths = np.fromiter(map(len, sequences), dtype=np.int64, count=len(sequences))
     try:
         flat = np.fromiter(chain.from_iterable(sequences), dtype=np.float64, count=int(lengths.sum()))
     except OverflowError:
-        raise ApiError(422, "invalid_token", f"token ids must be in [0, {vocab_size})") from None
-    bad = np.flatnonzero((flat < 0) | (flat >= vocab_size) | (flat != np.floor(flat)))
+        raise ApiError(422, "invalid_token", f"token ids must be in [{low}, {high})") from None
+    bad = np.flatnonzero((flat < low) | (flat >= high) | (flat != np.floor(flat)))
     if bad.size:
         offsets = np.cumsum(lengths)
         row = int(np.searchsorted(offsets, bad[0], side="right"))
         column = int(bad[0] - (offsets[row - 1] if row else 0))
         raise ApiError(
             422, "invalid_token",
-            f"sequences.{row}.{column}: token id {flat[bad[0]]:g} is not an integer in [0, {vocab_size})"
+            f"sequences.{row}.{column}: token id {flat[bad[0]]:g} is not an integer in [{low}, {high})"
             + (f" (and {bad.size - 1} more)" if bad.size > 1 else ""),
         )
     return np.split(flat.astype(np.int32), np.cumsum(lengths)[:-1])
@@ -151,8 +152,9 @@ def include_routes(app: FastAPI, settings: Settings) -> None:
         service: ModelService | None = getattr(app.state, "service", None)
         if service is not None and service.bundle is not None:
             body = schema["paths"]["/infer"]["post"]["requestBody"]["content"]["application/json"]
-            body["schema"]["properties"]["sequences"]["items"]["items"]["maximum"] = \
-                service.bundle.spec.vocab_size - 1
+            low, high = service.token_range
+            token = body["schema"]["properties"]["sequences"]["items"]["items"]
+            token["minimum"], token["maximum"] = low, high - 1
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -70,6 +70,14 @@ class ModelService:
                  extra={"seconds_to_ready": round(self.status.seconds_to_ready, 3)})
 
     @property
+    def token_range(self) -> tuple[int, int]:
+        """Ids a request may carry. With ``mask_zero`` the model skips id 0 as padding (state
+        carried over): a different computation from padding-free serving, so id 0 is refused."""
+        assert self.bundle is not None
+        spec = self.bundle.spec
+        return (1 if spec.mask_zero else 0), spec.vocab_size
+
+    @property
     def accepting(self) -> bool:
         """Whether /infer is served: once ready, and on through draining."""
         return self.status.stage in ("ready", "draining")
