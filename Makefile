@@ -9,7 +9,7 @@ TOOLS  := .venv-tools
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: install run test lint bench soak clean
+.PHONY: install run test lint bench soak flood clean
 
 install: $(VENV)/.installed $(TOOLS)/.installed
 
@@ -42,6 +42,10 @@ bench: $(VENV)/.installed
 # Bounded soak on loopback: mixed traffic for SOAK_SECONDS (default 600), RSS and errors.
 soak: $(VENV)/.installed
 	$(BIN)/python -m bench.soak
+
+# Far more concurrent work than the queue holds: every answer a correct 200 or a fast 503.
+flood: $(VENV)/.installed
+	$(BIN)/python -m bench.flood
 
 clean:
 	rm -rf $(VENV) $(TOOLS) .pytest_cache .ruff_cache
