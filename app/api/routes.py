@@ -18,6 +18,7 @@ from app.api.schemas import ErrorResponse, InferResponse, make_infer_request
 from app.config import Settings
 from app.observability import Metrics
 from app.runtime.batcher import QueueFull
+from app.runtime.runner import Result
 from app.runtime.service import ModelService
 
 JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
@@ -61,16 +62,7 @@ def build_router(settings: Settings) -> APIRouter:
         sequences = token_arrays(body.sequences, service.token_range)  # type: ignore[attr-defined]
         for sequence in sequences:
             metrics.sequence_length.observe(len(sequence))
-        try:
-            results = await asyncio.wait_for(service.infer(sequences), settings.request_timeout_s)
-        except QueueFull:
-            metrics.rejected.labels("queue_full").inc()
-            raise ApiError(503, "overloaded", "the queue is full; retry shortly",
-                           headers={"Retry-After": "1"}) from None
-        except TimeoutError:
-            metrics.rejected.labels("deadline").inc()
-            raise ApiError(504, "deadline_exceeded",
-                           f"no result within {settings.request_timeout_s:g} s") from None
+        results = await run_within_limits(service, sequences, settings.request_timeout_s, metrics)
         content: dict[str, Any] = {"model": service.bundle.spec.name,  # type: ignore[union-attr]
                                    "outputs": [outputs for outputs, _ in results]}
         if body.return_hidden:  # type: ignore[attr-defined]
@@ -105,6 +97,20 @@ def build_router(settings: Settings) -> APIRouter:
         return json_response({"tokens": tokens})
 
     return router
+
+
+async def run_within_limits(service: ModelService, sequences: list[np.ndarray], timeout_s: float,
+                            metrics: Metrics) -> list[Result]:
+    """The service's results, or 503 at once when its queue is full, or 504 past the deadline."""
+    try:
+        return await asyncio.wait_for(service.infer(sequences), timeout_s)
+    except QueueFull:
+        metrics.rejected.labels("queue_full").inc()
+        raise ApiError(503, "overloaded", "the queue is full; retry shortly",
+                       headers={"Retry-After": "1"}) from None
+    except TimeoutError:
+        metrics.rejected.labels("deadline").inc()
+        raise ApiError(504, "deadline_exceeded", f"no result within {timeout_s:g} s") from None
 
 
 def parse_body(raw: bytes, model: type[BaseModel]) -> BaseModel:
