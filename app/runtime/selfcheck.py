@@ -16,15 +16,22 @@ DEFAULT_TOLERANCE = 1e-4
 
 @dataclass(frozen=True)
 class SelfCheck:
-    passed: bool
     sequences: int
     max_abs_diff_outputs: float
     max_abs_diff_hidden: float | None
     tolerance: float
     reference: str
 
+    @property
+    def worst(self) -> float:
+        return max(self.max_abs_diff_outputs, self.max_abs_diff_hidden or 0.0)
+
+    @property
+    def passed(self) -> bool:
+        return self.worst <= self.tolerance
+
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {"passed": self.passed, **asdict(self)}
 
 
 def max_abs_diff(got: list[np.ndarray], expected: list[np.ndarray]) -> float:
@@ -39,9 +46,7 @@ def run_self_check(parity: ParityData, run: Callable[[list[np.ndarray]], list[Re
     results = run(parity.sequences)
     output_diff = max_abs_diff([o for o, _ in results], parity.outputs)
     hidden_diff = None if parity.hidden is None else max_abs_diff([h for _, h in results], parity.hidden)
-    worst = max(output_diff, hidden_diff or 0.0)
     return SelfCheck(
-        passed=bool(worst <= tolerance),
         sequences=len(parity.sequences),
         max_abs_diff_outputs=output_diff,
         max_abs_diff_hidden=hidden_diff,

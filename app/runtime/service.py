@@ -17,7 +17,7 @@ import numpy as np
 
 from app import __version__
 from app.config import Settings
-from app.formats import ModelBundle, load_bundle
+from app.formats import ModelBundle, ParityData, load_bundle
 from app.observability import Metrics
 from app.runtime.batcher import MicroBatcher
 from app.runtime.engines import make_engine
@@ -103,25 +103,22 @@ class ModelService:
                                        spec.source.conversion, engine.name).set(1)
         if self.bundle.parity is not None:
             self.status.stage = "self-check"
-            parity = self.bundle.parity
-            tolerance = settings.parity_tolerance or parity.tolerance or DEFAULT_TOLERANCE
-            self.self_check = await asyncio.to_thread(run_self_check, parity, runner.run, tolerance)
-            self.metrics.self_check_diff.set(self._worst_diff())
-            log.info("self-check %s", "passed" if self.self_check.passed else "FAILED",
-                     extra={"self_check": self.self_check.as_dict()})
-            if not self.self_check.passed:
-                raise RuntimeError(
-                    f"self-check failed: max abs diff {self._worst_diff():.3g} > tolerance "
-                    f"{tolerance:g} against {parity.file}"
-                )
+            await self._check(self.bundle.parity, runner)
         self.status.stage = "warm-up"
         await asyncio.to_thread(runner.warm_up)
         self.batcher.start()
 
-    def _worst_diff(self) -> float:
-        check = self.self_check
-        assert check is not None
-        return max(check.max_abs_diff_outputs, check.max_abs_diff_hidden or 0.0)
+    async def _check(self, parity: ParityData, runner: Runner) -> None:
+        """The serving engine against the GPU's outputs; raises if they differ too much."""
+        tolerance = self.settings.parity_tolerance or parity.tolerance or DEFAULT_TOLERANCE
+        check = await asyncio.to_thread(run_self_check, parity, runner.run, tolerance)
+        self.self_check = check
+        self.metrics.self_check_diff.set(check.worst)
+        log.info("self-check %s", "passed" if check.passed else "FAILED",
+                 extra={"self_check": check.as_dict()})
+        if not check.passed:
+            raise RuntimeError(f"self-check failed: max abs diff {check.worst:.3g} > tolerance "
+                               f"{tolerance:g} against {parity.file}")
 
     async def infer(self, sequences: list[np.ndarray]) -> list[Result]:
         assert self.batcher is not None
