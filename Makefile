@@ -9,14 +9,14 @@ TOOLS  := .venv-tools
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: install run test lint bench soak flood clean
+.PHONY: install run test lint bench soak flood constraints clean
 
 install: $(VENV)/.installed $(TOOLS)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	touch $@
 
 # docker-compose 1.x (for `docker-compose config` in the tests) pins old libraries, so it
@@ -46,6 +46,10 @@ soak: $(VENV)/.installed
 # Far more concurrent work than the queue holds: every answer a correct 200 or a fast 503.
 flood: $(VENV)/.installed
 	$(BIN)/python -m bench.flood
+
+constraints: $(VENV)/.installed
+	{ sed -n '1,2p' constraints.txt; $(BIN)/pip freeze --exclude-editable | grep -v '^-e'; } > constraints.new
+	mv constraints.new constraints.txt
 
 clean:
 	rm -rf $(VENV) $(TOOLS) .pytest_cache .ruff_cache
