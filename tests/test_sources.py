@@ -130,3 +130,15 @@ def test_tf1_checkpoint_without_gru_cells_is_refused(tmp_path: Path) -> None:
     prefix = saver.save(None, str(tmp_path / "model.ckpt"))
     with pytest.raises(ModelError, match="no cudnn_compatible_gru_cell variables"):
         load_bundle(Path(prefix))
+
+
+def test_segmenter_weights_only_h5_reproduces_the_gpu(tmp_path: Path) -> None:
+    shutil.copy(FIXTURES / "segmenter_weights.h5", tmp_path)
+    shutil.copy(DEFAULT_MODEL / "segmenter.ref.npz", tmp_path)
+    write_dir(tmp_path, "segmenter_weights.h5", architecture={"head_activation": "softmax"},
+              parity={"file": "segmenter.ref.npz", "outputs": "probs_fp32", "hidden": "hidden_fp32"})
+    bundle = load_bundle(tmp_path)
+    assert bundle.spec.source.format == "keras2-h5-weights"
+    assert bundle.spec.source.conversion == "cudnn-gru->keras-gru"
+    check = run_self_check(bundle.parity, runner_for(bundle.spec, "onnxruntime", 256, 32).run, 1e-4)
+    assert check.passed and check.max_abs_diff_outputs <= 1e-4 and check.max_abs_diff_hidden <= 1e-4
