@@ -183,8 +183,9 @@ def verify(bundle: ModelBundle, reference: ParityData | None, engine: str, toler
 
 
 def _run_check(bundle: ModelBundle, parity: ParityData, engine: str, tolerance: float) -> SelfCheck:
+    from app.runtime.buckets import length_buckets
     from app.runtime.engines import make_engine
-    from app.runtime.runner import Runner, length_buckets
+    from app.runtime.runner import Runner
 
     buckets = length_buckets(max(len(s) for s in parity.sequences))
     runner = Runner(make_engine(engine, bundle.spec, None, buckets), buckets, 32)

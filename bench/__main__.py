@@ -69,8 +69,9 @@ def bench_predict(bundle, rng, quick: bool) -> dict:
 
 
 def bench_engine(bundle, rng, quick: bool) -> dict:
+    from app.runtime.buckets import length_buckets
     from app.runtime.engines import OnnxRuntimeEngine
-    from app.runtime.runner import Runner, length_buckets
+    from app.runtime.runner import Runner
 
     runner = Runner(OnnxRuntimeEngine(bundle.spec), length_buckets(2048), 32)
     vocab = bundle.spec.vocab_size

@@ -6,8 +6,9 @@ from functools import cache
 
 import numpy as np
 
+from app.runtime.buckets import length_buckets
 from app.runtime.engines import KerasEngine, OnnxRuntimeEngine
-from app.runtime.runner import Runner, length_buckets
+from app.runtime.runner import Runner
 from app.spec import ModelSpec
 
 ENGINES = ("onnxruntime", "keras")

@@ -28,13 +28,20 @@ def write_dir(directory: Path, artifact: str, **manifest) -> Path:
     return directory
 
 
-def test_segmenter_safetensors_reproduces_the_gpu(tmp_path: Path) -> None:
-    shutil.copy(FIXTURES / "segmenter.safetensors", tmp_path)
+@pytest.mark.parametrize(("artifact", "file_format", "conversion"), [
+    ("segmenter.safetensors", "pytorch-safetensors", "torch-gru->keras-gru"),
+    ("segmenter_weights.h5", "keras2-h5-weights", "cudnn-gru->keras-gru"),
+])
+def test_shared_segmenter_files_reproduce_the_gpu(tmp_path: Path, artifact: str, file_format: str,
+                                                   conversion: str) -> None:
+    """The same GPU-trained weights as a PyTorch state_dict and as a Keras 2 weights-only file,
+    each with a model.json, give the GPU's own outputs."""
+    shutil.copy(FIXTURES / artifact, tmp_path)
     shutil.copy(DEFAULT_MODEL / "segmenter.ref.npz", tmp_path)
-    write_dir(tmp_path, "segmenter.safetensors", architecture={"head_activation": "softmax"},
+    write_dir(tmp_path, artifact, architecture={"head_activation": "softmax"},
               parity={"file": "segmenter.ref.npz", "outputs": "probs_fp32", "hidden": "hidden_fp32"})
     bundle = load_bundle(tmp_path)
-    assert bundle.spec.source.format == "pytorch-safetensors"
+    assert (bundle.spec.source.format, bundle.spec.source.conversion) == (file_format, conversion)
     assert [layer.units for layer in bundle.spec.layers] == [128, 128]
     check = run_self_check(bundle.parity, runner_for(bundle.spec, "onnxruntime", 256, 32).run, 1e-4)
     assert check.passed and check.max_abs_diff_outputs <= 1e-4 and check.max_abs_diff_hidden <= 1e-4
@@ -130,15 +137,3 @@ def test_tf1_checkpoint_without_gru_cells_is_refused(tmp_path: Path) -> None:
     prefix = saver.save(None, str(tmp_path / "model.ckpt"))
     with pytest.raises(ModelError, match="no cudnn_compatible_gru_cell variables"):
         load_bundle(Path(prefix))
-
-
-def test_segmenter_weights_only_h5_reproduces_the_gpu(tmp_path: Path) -> None:
-    shutil.copy(FIXTURES / "segmenter_weights.h5", tmp_path)
-    shutil.copy(DEFAULT_MODEL / "segmenter.ref.npz", tmp_path)
-    write_dir(tmp_path, "segmenter_weights.h5", architecture={"head_activation": "softmax"},
-              parity={"file": "segmenter.ref.npz", "outputs": "probs_fp32", "hidden": "hidden_fp32"})
-    bundle = load_bundle(tmp_path)
-    assert bundle.spec.source.format == "keras2-h5-weights"
-    assert bundle.spec.source.conversion == "cudnn-gru->keras-gru"
-    check = run_self_check(bundle.parity, runner_for(bundle.spec, "onnxruntime", 256, 32).run, 1e-4)
-    assert check.passed and check.max_abs_diff_outputs <= 1e-4 and check.max_abs_diff_hidden <= 1e-4

@@ -84,25 +84,18 @@ class H5Weights:
             raise ModelError(f"{self.path}: no weights group for layer {layer!r}")
         return list_attr(self.root[layer], "weight_names")
 
-    def weights(self, layer: str) -> list[tuple[str, np.ndarray]]:
-        """``(weight name, array)`` in the layer's ``weight_names`` order."""
-        group = self.root[layer]
-        result = []
-        for weight_name in self.weight_names(layer):
-            try:
-                result.append((weight_name, np.asarray(group[weight_name][()])))
-            except (KeyError, OSError) as exc:
-                raise ModelError(f"{self.path}: dataset {layer}/{weight_name} is missing or unreadable "
-                                 f"(truncated file?): {exc}") from exc
-        return result
-
     def _named(self, layer: str, direction: str | None) -> dict[str, np.ndarray]:
-        named: dict[str, np.ndarray] = {}
-        for weight_name, array in self.weights(layer):
+        """The layer's arrays (of one direction) by short name; only those datasets are read."""
+        group, named = self.root[layer], {}
+        for weight_name in self.weight_names(layer):
             parts = weight_name.split("/")
             if direction is not None and not any(p.startswith(f"{direction}_") for p in parts):
                 continue
-            named[parts[-1].split(":")[0]] = array
+            try:
+                named[parts[-1].split(":")[0]] = np.asarray(group[weight_name][()])
+            except (KeyError, OSError) as exc:
+                raise ModelError(f"{self.path}: dataset {layer}/{weight_name} is missing or unreadable "
+                                 f"(truncated file?): {exc}") from exc
         return named
 
     def embeddings(self, name: str) -> np.ndarray:

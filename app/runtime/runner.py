@@ -11,11 +11,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from app.runtime.buckets import bucket_of, length_buckets
+from app.runtime.buckets import bucket_of
 from app.runtime.engines import Engine
 
 Result = tuple[np.ndarray, np.ndarray]  # (outputs (len, C), hidden (len, H))
-__all__ = ["Result", "Runner", "length_buckets"]
 
 
 @dataclass

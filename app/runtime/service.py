@@ -20,8 +20,9 @@ from app.config import Settings
 from app.formats import ModelBundle, ParityData, load_bundle
 from app.observability import Metrics
 from app.runtime.batcher import MicroBatcher
+from app.runtime.buckets import length_buckets
 from app.runtime.engines import make_engine
-from app.runtime.runner import Result, Runner, length_buckets
+from app.runtime.runner import Result, Runner
 from app.runtime.selfcheck import DEFAULT_TOLERANCE, SelfCheck, run_self_check
 
 log = logging.getLogger("app.service")
