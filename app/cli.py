@@ -135,7 +135,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         bundle = load_bundle(Path(args.source))
     out.mkdir(parents=True, exist_ok=True)
     with step("building the Keras 3 model and saving model.keras"):
-        from app.build.keras_model import build_keras_model
+        from app.convert.keras_model import build_keras_model
 
         build_keras_model(bundle.spec).save(out / "model.keras")
     spec = bundle.spec
@@ -193,7 +193,7 @@ def _run_check(bundle: ModelBundle, parity: ParityData, engine: str, tolerance: 
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from app.build.exports import export
+    from app.lowering.exports import export
 
     bundle = load_bundle(Path(args.model))
     out = Path(args.out or f"{bundle.spec.name}.{args.format}")

@@ -50,7 +50,7 @@ def random_ids(rng: np.random.Generator, length: int, vocab: int) -> np.ndarray:
 
 def bench_predict(bundle, rng, quick: bool) -> dict:
     """What a user writes by hand: ``model.predict`` once per request."""
-    from app.build.keras_model import build_keras_model
+    from app.convert.keras_model import build_keras_model
 
     model = build_keras_model(bundle.spec)
     vocab = bundle.spec.vocab_size

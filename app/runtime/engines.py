@@ -2,9 +2,9 @@
 ``outputs (B, T, C)`` and ``hidden (B, T, H)`` out. Rows past a sequence's length are
 padding and are ignored by the caller; each sequence's own rows are exact.
 
-- :class:`OnnxRuntimeEngine` runs the graph of :mod:`app.build.onnx_graph`. No per-shape
+- :class:`OnnxRuntimeEngine` runs the graph of :mod:`app.lowering.onnx_graph`. No per-shape
   compilation, so there is nothing to warm per length. The fastest path measured here.
-- :class:`KerasEngine` runs the model of :mod:`app.build.keras_model`, XLA-compiled once
+- :class:`KerasEngine` runs the model of :mod:`app.convert.keras_model`, XLA-compiled once
   per padded shape ``(batch bucket, length bucket)``: the reference engine.
 
 The ONNX Runtime session is thread-safe and runs best as several one-thread calls side by
@@ -44,7 +44,7 @@ class OnnxRuntimeEngine:
     def __init__(self, spec: ModelSpec, threads: int = 1) -> None:
         import onnxruntime as ort
 
-        from app.build.onnx_graph import build_onnx_model
+        from app.lowering.onnx_graph import build_onnx_model
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
@@ -79,7 +79,7 @@ class KerasEngine:
     def __init__(self, spec: ModelSpec, threads: int, length_buckets: list[int]) -> None:
         import tensorflow as tf
 
-        from app.build.keras_model import build_keras_model
+        from app.convert.keras_model import build_keras_model
 
         _set_tf_threads(tf, threads)
         self._buckets = length_buckets

@@ -50,7 +50,7 @@ def export_npz(spec: ModelSpec, path: Path) -> Path:
 def export_onnx(spec: ModelSpec, path: Path) -> Path:
     import onnx
 
-    from app.build.onnx_graph import build_onnx_model
+    from app.lowering.onnx_graph import build_onnx_model
 
     onnx.save(build_onnx_model(spec), str(path))
     return path
@@ -58,7 +58,7 @@ def export_onnx(spec: ModelSpec, path: Path) -> Path:
 
 def export_savedmodel(spec: ModelSpec, path: Path) -> Path:
     """A SavedModel whose ``serve`` signature takes ``(ids int32, mask bool)``, both (B, T)."""
-    from app.build.keras_model import build_keras_model
+    from app.convert.keras_model import build_keras_model
 
     build_keras_model(spec).export(str(path), format="tf_saved_model", verbose=False)
     return path

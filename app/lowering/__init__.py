@@ -1,0 +1,1 @@
+"""Lowered forms of a ModelSpec: the ONNX graph the serving engine runs, and exports."""
