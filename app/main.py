@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from app import __version__
+from app.api.docs import include_docs
 from app.api.errors import install_error_handlers
 from app.api.middleware import RequestEnvelope
 from app.api.routes import include_routes
@@ -49,11 +50,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Per-step outputs of a cuDNN-trained (bidirectional) GRU model, served on CPU.",
         root_path=settings.root_path,
         lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.metrics = metrics
     app.add_middleware(RequestEnvelope, metrics=metrics, max_body_bytes=settings.max_body_bytes)
     install_error_handlers(app)
     include_routes(app, settings)
+    include_docs(app)
     return app
 
 
