@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT
-from tests.image.container import declared_memory_limit
+from tests.image.container import declared_memory_limit_mib
 
 BIN = Path(sys.executable).parent
 COMPOSE = ROOT / ".venv-tools" / "bin" / "docker-compose"
@@ -55,4 +55,4 @@ def test_compose_file_is_valid_and_probes_readiness(compose_config: dict) -> Non
 def test_compose_limits_memory_as_the_kubernetes_manifest_does(compose_config: dict) -> None:
     """One memory limit wherever we deploy, the one `make image-test` runs the image under."""
     for name in ("bigru", "bigru-replica"):
-        assert compose_config["services"][name]["mem_limit"] == declared_memory_limit(), name
+        assert compose_config["services"][name]["mem_limit"] == f"{declared_memory_limit_mib()}m", name

@@ -20,7 +20,7 @@ import pytest
 
 from tests.conftest import ROOT
 from tests.helpers import max_diff
-from tests.image.container import Container, podman
+from tests.image.container import Container, declared_memory_limit_mib, podman
 
 IMAGE = os.environ.get("IMAGE_TEST", "")
 # Collected and skipped (not left out) without an image, so that running this file alone
@@ -85,7 +85,7 @@ def test_ready_as_uid_10001_on_a_read_only_root(container: Container) -> None:
     # The limit is visible where the service sizes itself from (cgroup v2, else v1).
     limit = container.exec("sh", "-c", "cat /sys/fs/cgroup/memory.max 2>/dev/null"
                            " || cat /sys/fs/cgroup/memory/memory.limit_in_bytes").stdout
-    assert int(limit) == 512 * MIB
+    assert int(limit) == declared_memory_limit_mib() * MIB
     report_memory(container.memory(), "ready, idle")
 
 
@@ -154,8 +154,9 @@ def check_complete_and_correct(answer: Path, alone: dict) -> None:
     body = orjson.loads(answer.read_bytes())
     assert max_diff(as_arrays(body["outputs"]), alone["outputs"]) <= 1e-6
     assert len(body["hidden"]) == MAXIMAL["sequences"]
+    hidden_width = next(iter(alone["hidden"].values())).shape[1]
     for i, rows in enumerate(body["hidden"]):
-        assert np.shape(rows) == (MAXIMAL["tokens"], 256), i
+        assert np.shape(rows) == (MAXIMAL["tokens"], hidden_width), i
     checked = [np.asarray(body["hidden"][i], np.float32) for i in HIDDEN_CHECKED]
     assert max_diff(checked, list(alone["hidden"].values())) <= 1e-6
 

@@ -32,12 +32,12 @@ def podman(*args: str, check: bool = True, timeout: float = 120) -> subprocess.C
     return result
 
 
-def declared_memory_limit() -> str:
-    """The Kubernetes manifest's memory limit, in podman's spelling (512Mi -> 512m)."""
+def declared_memory_limit_mib() -> int:
+    """The Kubernetes manifest's memory limit, in MiB."""
     manifest = yaml.safe_load(MANIFEST.read_text())
     limit = manifest["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"]
     assert limit.endswith("Mi"), f"{MANIFEST}: expected a limit in Mi, got {limit}"
-    return limit.removesuffix("Mi") + "m"
+    return int(limit.removesuffix("Mi"))
 
 
 def free_loopback_port() -> int:
@@ -47,12 +47,14 @@ def free_loopback_port() -> int:
 
 
 class Container:
+    """A detached `podman run` of the image; a context manager that removes it on exit."""
+
     def __init__(self, image: str, memory: str | None = None, env: dict[str, str] | None = None) -> None:
         self.name = f"bigru-image-test-{secrets.token_hex(4)}"
         self.port = free_loopback_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._cgroup: tuple[Path, dict[str, str]] | None = None
-        memory = memory or declared_memory_limit()
+        memory = memory or f"{declared_memory_limit_mib()}m"  # podman's m is MiB
         self.started = time.monotonic()
         settings = [f"--env={key}={value}" for key, value in (env or {}).items()]
         # --memory-swap = --memory: no swap on top of the limit, as on Kubernetes.
