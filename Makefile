@@ -1,6 +1,7 @@
 # make run  : install if needed, serve the default model on http://127.0.0.1:8000
 # make test : install if needed, lint and run the whole suite
 # make bench: install if needed, run the latency/throughput benchmark (loopback only)
+# make image-test: build the Dockerfile with podman and test the image as we deploy it
 
 PYTHON ?= python3
 VENV   := .venv
@@ -8,8 +9,9 @@ BIN    := $(VENV)/bin
 TOOLS  := .venv-tools
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
+IMAGE  ?= localhost/bigru-serve:image-test
 
-.PHONY: install run test lint bench soak flood constraints clean
+.PHONY: install run test image-test lint bench soak flood constraints clean
 
 install: $(VENV)/.installed $(TOOLS)/.installed
 
@@ -35,6 +37,13 @@ lint: $(VENV)/.installed
 
 test: install lint
 	$(BIN)/pytest
+
+# The image from our Dockerfile, built by podman on a local stand-in for its base image and run
+# read-only under the manifest's memory limit (tests/image/, tests/test_image.py). Needs root,
+# podman, runc and debootstrap (Debian packages; .ci/run installs them). -rP prints the figures.
+image-test: $(VENV)/.installed
+	tests/image/build.sh $(IMAGE)
+	IMAGE_TEST=$(IMAGE) $(BIN)/pytest -raP tests/test_image.py
 
 bench: $(VENV)/.installed
 	$(BIN)/python -m bench

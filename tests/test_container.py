@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT
+from tests.image.container import declared_memory_limit_mib
 
 BIN = Path(sys.executable).parent
 COMPOSE = ROOT / ".venv-tools" / "bin" / "docker-compose"
@@ -49,3 +50,9 @@ def test_compose_file_is_valid_and_probes_readiness(compose_config: dict) -> Non
     assert service["environment"]["MODEL_PATH"] == "/models/segmenter"
     assert any(v.endswith(":/models:ro") for v in service["volumes"])
     assert service["ports"] == ["127.0.0.1:8000:8000/tcp"]
+
+
+def test_compose_limits_memory_as_the_kubernetes_manifest_does(compose_config: dict) -> None:
+    """One memory limit wherever we deploy, the one `make image-test` runs the image under."""
+    for name in ("bigru", "bigru-replica"):
+        assert compose_config["services"][name]["mem_limit"] == f"{declared_memory_limit_mib()}m", name
