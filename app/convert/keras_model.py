@@ -23,7 +23,9 @@ from app.spec import DenseHead, ModelSpec, RecurrentLayer
 def build_keras_model(spec: ModelSpec) -> keras.Model:
     ids = keras.Input(shape=(None,), dtype="int32", name="ids")
     mask = keras.Input(shape=(None,), dtype="bool", name="mask")
-    embedding = keras.layers.Embedding(spec.vocab_size, spec.embedding_width, name="embedding")
+    # mask_zero is kept for what the saved model says about id 0; the explicit mask is what runs.
+    embedding = keras.layers.Embedding(spec.vocab_size, spec.embedding_width, mask_zero=spec.mask_zero,
+                                       name="embedding")
     x = embedding(ids)
     embedding.set_weights([spec.embeddings])
     for index, layer in enumerate(spec.layers):
