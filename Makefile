@@ -9,7 +9,7 @@ TOOLS  := .venv-tools
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: install run test lint bench soak flood constraints clean
+.PHONY: install run test lint bench startup soak flood constraints clean
 
 install: $(VENV)/.installed $(TOOLS)/.installed
 
@@ -38,6 +38,10 @@ test: install lint
 
 bench: $(VENV)/.installed
 	$(BIN)/python -m bench
+
+# Time to ready and memory of each phase, cold (the Keras conversion runs) and warm (cache hit).
+startup: $(VENV)/.installed
+	$(BIN)/python -m bench.startup
 
 # Bounded soak on loopback: mixed traffic for SOAK_SECONDS (default 600), RSS and errors.
 soak: $(VENV)/.installed

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -53,16 +54,27 @@ SOURCES = {
 
 
 def serve_once(env: dict[str, str]) -> tuple[dict, Server, str]:
-    """Start ``python -m app serve`` until ready; returns /v1/model, the stopped server, and
-    the memory map the serving process had while serving."""
+    """Start ``python -m app serve`` until ready; returns /v1/model (with the ``stages`` that
+    /readyz reported on the way), the stopped server, and its memory map while serving."""
     server = Server({"DRAIN_DELAY_S": "0", **env}, argv=("tests/module_report_serve.py",))
+    stages: list[str] = []
     try:
-        server.wait_until(timeout=300)
+        server.wait_until("/healthz", timeout=60)
+        for _ in range(3000):
+            readyz = httpx.get(server.url + "/readyz").json()
+            if readyz["stage"] == "converting" and "converting" not in stages:
+                assert httpx.get(server.url + "/v1/model").json()["name"] is None  # answers meanwhile
+            if not stages or stages[-1] != readyz["stage"]:
+                stages.append(readyz["stage"])
+            if readyz["ready"] or readyz["stage"] == "failed":
+                break
+            time.sleep(0.1)
+        server.wait_until(timeout=10)
         meta = httpx.get(server.url + "/v1/model").json()
         maps = Path(f"/proc/{server.process.pid}/maps").read_text()
     finally:
         server.stop()
-    return meta, server, maps
+    return {**meta, "stages": stages}, server, maps
 
 
 def assert_no_tensorflow(server: Server, maps: str) -> None:
@@ -100,6 +112,7 @@ def test_start_up_serves_the_keras_model_it_converted(tmp_path: Path, source: st
 
     assert_no_tensorflow(server, maps)
     assert [r["step"] for r in server.records("converting: ")] == CONVERSION_STEPS
+    assert "converting" in meta["stages"] and meta["stages"][-1] == "ready"
     keras_file = Path(meta["keras"]["path"])
     assert keras_file.name == "model.keras" and keras_file.parent.parent == cache
     assert meta["keras"]["conversion"]["how"] == "converted"

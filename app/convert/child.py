@@ -68,7 +68,7 @@ def convert_in_child(source: Path, out: Path, on_step: OnStep, timeout_s: float)
     if "error" in events:
         raise ModelError(str(events["error"]["message"]))
     if child.returncode == 0 and "done" in events:
-        return events["done"]
+        return {key: value for key, value in events["done"].items() if key != "event"}
     tail = "".join(stderr_tail).strip()
     ended = (f"took longer than CONVERT_TIMEOUT_S={timeout_s:g} s and was stopped" if timed_out.is_set()
              else _how_it_ended(child.returncode))
