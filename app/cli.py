@@ -163,9 +163,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def _convert_for_parent(source: Path, out: Path) -> int:
     """The child of a start-up conversion: JSON events on stdout (see app.convert.child)."""
-    from app.convert.child import JsonProgress
+    from app.convert.child import JsonProgress, die_with_parent
     from app.convert.pipeline import convert_model
 
+    die_with_parent()
     try:
         conversion = convert_model(source, out, JsonProgress())
     except ModelError as exc:

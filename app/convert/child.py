@@ -29,6 +29,8 @@ import app
 from app.errors import ModelError
 
 OnStep = Callable[[str, str], None]
+PARENT_PID = "BIGRU_CONVERT_PARENT_PID"
+_running: set[subprocess.Popen] = set()  # conversions in flight in this process
 
 
 class JsonProgress:
@@ -53,7 +55,8 @@ def convert_in_child(source: Path, out: Path, on_step: OnStep, timeout_s: float)
     command = [sys.executable, "-m", "app", "convert", str(source), "--out", str(out), "--progress", "json"]
     timed_out = threading.Event()
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          env=_child_env(), preexec_fn=_die_with_parent) as child:
+                          env=_child_env()) as child:
+        _running.add(child)
         stderr_tail: deque[str] = deque(maxlen=15)
         reader = threading.Thread(target=stderr_tail.extend, args=(child.stderr,), daemon=True)
         reader.start()
@@ -64,6 +67,7 @@ def convert_in_child(source: Path, out: Path, on_step: OnStep, timeout_s: float)
             child.wait()
         finally:
             timer.cancel()
+            _running.discard(child)
         reader.join(timeout=5)
     if "error" in events:
         raise ModelError(str(events["error"]["message"]))
@@ -98,13 +102,21 @@ def _how_it_ended(returncode: int) -> str:
     return f"exited with status {returncode} without a result"
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: get SIGKILL when the server that started us dies, so that
-    no orphaned conversion outlives it (Linux ``PR_SET_PDEATHSIG``)."""
+def stop_conversions() -> None:
+    """Kill the conversions running now (the server is shutting down)."""
+    for child in list(_running):
+        child.kill()
+
+
+def die_with_parent() -> None:
+    """In the child: get SIGKILL when the server that started it dies, however it dies, so
+    that no orphaned conversion outlives it (Linux ``PR_SET_PDEATHSIG``)."""
     if sys.platform.startswith("linux"):
         import ctypes
 
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+    if os.getppid() != int(os.environ.get(PARENT_PID, os.getppid())):
+        os._exit(1)  # the parent died before the line above: nobody is waiting for us
 
 
 def _child_env() -> dict[str, str]:
@@ -112,4 +124,4 @@ def _child_env() -> dict[str, str]:
     root = str(Path(app.__file__).resolve().parent.parent)
     path = os.environ.get("PYTHONPATH")
     return {**os.environ, "PYTHONPATH": root + (os.pathsep + path if path else ""),
-            "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
+            PARENT_PID: str(os.getpid()), "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}

@@ -29,6 +29,7 @@ import numpy as np
 from app import __version__
 from app.config import Settings
 from app.convert.cache import Resolved, resolve
+from app.convert.child import stop_conversions
 from app.formats import ModelBundle, ParityData, load_bundle
 from app.observability import Metrics
 from app.runtime.batcher import MicroBatcher
@@ -186,6 +187,7 @@ class ModelService:
         return await self.batcher.submit(sequences)
 
     async def close(self) -> None:
+        stop_conversions()  # a shutdown during start-up doesn't wait for the conversion
         if self.batcher is not None:
             await self.batcher.close()
 
