@@ -161,6 +161,14 @@ def test_a_conversion_past_its_time_limit_stops_start_up(tmp_path: Path) -> None
     assert [p.name for p in (tmp_path / "cache").iterdir() if p.is_dir()] == []  # nothing half-written
 
 
+def test_a_cache_it_cannot_write_stops_start_up_with_advice(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    cache = tmp_path / "a-file" / "cache"  # not creatable, even for root
+    server = Server({"MODEL_CACHE_DIR": str(cache)})
+    assert server.process.wait(timeout=120) == 3
+    assert f"MODEL_CACHE_DIR {cache}: cannot convert into it" in server.output()
+
+
 def _model_dir_with_tight_tolerance(tmp_path: Path) -> Path:
     directory = tmp_path / "model"
     shutil.copytree(DEFAULT_MODEL, directory)
