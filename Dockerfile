@@ -1,9 +1,9 @@
 # Real-time CPU inference for cuDNN-trained (bidirectional) GRU models.
 # Build:  docker build -t bigru-serve .
 # Run:    docker run -p 8000:8000 bigru-serve            (default model baked in, converted at build)
-#         docker run -p 8000:8000 -m 1g -v $PWD/my-model:/models/custom:ro -e MODEL_PATH=/models/custom bigru-serve
-#         (a model of your own is converted at start-up in a child process: about 700 MiB
-#         while it runs, then about 170 MiB; see the README, "Container", to convert first)
+#         docker run -p 8000:8000 -m 512m -v $PWD/my-model:/models/custom:ro -e MODEL_PATH=/models/custom bigru-serve
+#         (a model of your own is converted at start-up in a child process, about 10 s and
+#         a 305 MiB cgroup peak; see the README, "Container", to convert it once instead)
 ARG PYTHON_IMAGE=python:3.11.7-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
