@@ -148,8 +148,9 @@ class ModelService:
             self.keras_check = SelfCheck(**bundle.keras.check.model_dump(), tolerance=tolerance)
             _require(self.keras_check, "the Keras model against the parity data")
         buckets = length_buckets(settings.max_len)
+        keras_file = spec.source.path if bundle.keras is not None else None  # the saved Keras model
         engine = await asyncio.to_thread(make_engine, settings.engine, spec, settings.threads, buckets,
-                                         spec.source.path)
+                                         keras_file)
         runner = Runner(engine, buckets, settings.max_batch_size)
         workers = settings.workers if engine.parallel_calls else 1
         self.batcher = MicroBatcher(runner, workers, settings.max_batch_size,
