@@ -11,7 +11,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 IMAGE  ?= localhost/bigru-serve:image-test
 
-.PHONY: install run test image-test lint bench soak flood constraints clean
+.PHONY: install run test image-test lint bench startup soak flood constraints clean
 
 install: $(VENV)/.installed $(TOOLS)/.installed
 
@@ -47,6 +47,10 @@ image-test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(BIN)/python -m bench
+
+# Time to ready and memory of each phase, cold (the Keras conversion runs) and warm (cache hit).
+startup: $(VENV)/.installed
+	$(BIN)/python -m bench.startup
 
 # Bounded soak on loopback: mixed traffic for SOAK_SECONDS (default 600), RSS and errors.
 soak: $(VENV)/.installed

@@ -9,11 +9,12 @@ import sys
 import time
 import zipfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
+from app.convert.directory import KERAS_FILE
 from app.errors import ModelError
-from app.formats import ModelBundle, ParityData, load_bundle, read_parity, write_parity
+from app.formats import ModelBundle, ParityData, load_bundle, read_parity
 from app.formats.manifest import MANIFEST_NAME, Parity
 from app.runtime.selfcheck import DEFAULT_TOLERANCE, SelfCheck, run_self_check
 
@@ -129,32 +130,68 @@ def describe_bundle(bundle: ModelBundle) -> None:
 
 # --- convert / verify / export ---------------------------------------------------------
 
-def cmd_convert(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    with step(f"reading {args.source}"):
-        bundle = load_bundle(Path(args.source))
-    out.mkdir(parents=True, exist_ok=True)
-    with step("building the Keras 3 model and saving model.keras"):
-        from app.convert.keras_model import build_keras_model
+class TextProgress:
+    """``convert``'s steps for people, on stderr."""
 
-        build_keras_model(bundle.spec).save(out / "model.keras")
-    spec = bundle.spec
-    manifest: dict[str, object] = {
-        "name": spec.name, "artifact": "model.keras",
-        "converted_from": {"path": spec.source.path, "format": spec.source.format,
-                           "conversion": spec.source.conversion,
-                           "keras_version": spec.source.keras_version},
-    }
-    if bundle.parity is not None:
-        write_parity(out / "parity.npz", bundle.parity)
-        manifest["parity"] = {"file": "parity.npz", "hidden": "hidden" if bundle.parity.hidden else None,
-                              "tolerance": bundle.parity.tolerance}
-    if bundle.vocabulary is not None:
-        (out / "vocab.json").write_text(json.dumps(bundle.vocabulary, ensure_ascii=False))
-        manifest["vocabulary"] = "vocab.json"
-    (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
-    print(f"wrote {out}/ ({', '.join(sorted(p.name for p in out.iterdir()))})")
-    return verify(load_bundle(out), None, args.engine, None)
+    def step(self, name: str, message: str) -> AbstractContextManager[None]:
+        return step(message)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from app.config import get_settings
+
+    source = Path(args.source) if args.source else get_settings().model_path
+    if args.out is None:
+        return _convert_into_cache(source)
+    out = Path(args.out)
+    if args.progress == "json":
+        return _convert_for_parent(source, out)
+    from app.convert.pipeline import convert_model
+
+    conversion = convert_model(source, out, TextProgress(), args.tolerance)
+    print(f"wrote {out}/ ({', '.join(sorted(p.name for p in out.iterdir()))}) in "
+          f"{conversion.seconds:.1f} s, peak RSS {conversion.peak_rss_mib:.0f} MiB")
+    check = conversion.keras_check
+    if check is None:
+        print("no parity data: the Keras model's outputs on probe sequences are recorded for the "
+              "serving engine's check")
+        return 0
+    print(f"Keras ({KERAS_FILE} loaded back in safe mode) against {check.reference}:")
+    print_check(check)
+    return 0 if check.passed else 1
+
+
+def _convert_for_parent(source: Path, out: Path) -> int:
+    """The child of a start-up conversion: JSON events on stdout (see app.convert.child)."""
+    from app.convert.child import JsonProgress, die_with_parent
+    from app.convert.pipeline import convert_model
+
+    die_with_parent()
+    try:
+        conversion = convert_model(source, out, JsonProgress())
+    except ModelError as exc:
+        JsonProgress.emit({"event": "error", "message": str(exc)})
+        return 3
+    JsonProgress.emit({"event": "done", "seconds": round(conversion.seconds, 3),
+                       "peak_rss_mib": round(conversion.peak_rss_mib, 1)})
+    return 0
+
+
+def _convert_into_cache(source: Path) -> int:
+    """What the service does at start-up: find or make the conversion in MODEL_CACHE_DIR
+    (an init container or a one-shot job runs this before the servers start)."""
+    from app.config import get_settings
+    from app.convert.cache import resolve
+
+    settings = get_settings()
+
+    def on_step(_: str, message: str) -> None:
+        print(f"... {message}", file=sys.stderr, flush=True)
+
+    resolved = resolve(source, settings.model_cache_dir, settings.convert_timeout_s, on_step)
+    details = ", ".join(f"{k} {v}" for k, v in resolved.conversion.items())
+    print(f"{resolved.how}: {resolved.directory}" + (f" ({details})" if details else ""))
+    return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -175,11 +212,15 @@ def verify(bundle: ModelBundle, reference: ParityData | None, engine: str, toler
     tolerance = tolerance or parity.tolerance or DEFAULT_TOLERANCE
     with step(f"running {len(parity.sequences)} sequences on {engine}"):
         check = _run_check(bundle, parity, engine, tolerance)
+    print_check(check)
+    return 0 if check.passed else 1
+
+
+def print_check(check: SelfCheck) -> None:
     print_table(["output", "max abs diff", "tolerance", "result"],
-                [[name, f"{diff:.3g}", f"{tolerance:g}", "ok" if diff <= tolerance else "FAIL"]
+                [[name, f"{diff:.3g}", f"{check.tolerance:g}", "ok" if diff <= check.tolerance else "FAIL"]
                  for name, diff in (("outputs", check.max_abs_diff_outputs),
                                     ("hidden", check.max_abs_diff_hidden)) if diff is not None])
-    return 0 if check.passed else 1
 
 
 def _run_check(bundle: ModelBundle, parity: ParityData, engine: str, tolerance: float) -> SelfCheck:
@@ -224,11 +265,15 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("file", help="a .h5, .keras, .safetensors, TF checkpoint prefix, or model directory")
     inspect.set_defaults(run=cmd_inspect)
 
-    convert = commands.add_parser("convert", help="write a ready model directory (Keras 3 .keras, "
-                                  "parity data, vocabulary) and verify it")
-    convert.add_argument("source", help="model file or directory")
-    convert.add_argument("--out", required=True, help="the directory to write")
-    convert.add_argument("--engine", choices=("onnxruntime", "keras"), default="onnxruntime")
+    convert = commands.add_parser(
+        "convert", help="convert into a Keras 3 model, saved by Keras and checked by Keras against "
+        "the parity data; with --out, write that ready model directory; without, put it in "
+        "MODEL_CACHE_DIR as the service does at start-up (for init containers)")
+    convert.add_argument("source", nargs="?", help="model file or directory (default: MODEL_PATH)")
+    convert.add_argument("--out", help="the directory to write (default: the cache entry)")
+    convert.add_argument("--tolerance", type=float, default=None,
+                         help="for the Keras check (default: the model's, else 1e-4)")
+    convert.add_argument("--progress", choices=("text", "json"), default="text", help=argparse.SUPPRESS)
     convert.set_defaults(run=cmd_convert)
 
     verify_cmd = commands.add_parser("verify", help="run the parity check; print max diff per output")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -13,10 +14,22 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "segmenter"
 
 
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/bigru-serve``, else ``/tmp/bigru-serve-cache``: writable under a
+    read-only root filesystem that has a writable /tmp."""
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return Path(xdg) / "bigru-serve" if xdg else Path(tempfile.gettempdir()) / "bigru-serve-cache"
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", extra="ignore", protected_namespaces=())
 
     model_path: Path = Field(DEFAULT_MODEL, description="model directory (with model.json) or file")
+    model_cache_dir: Path = Field(
+        default_factory=default_cache_dir, description="where Keras conversions are kept, by the "
+        "source's content hash (restarts and replicas sharing it convert once); read-only is fine "
+        "when it already holds the model")
+    convert_timeout_s: float = Field(600.0, gt=0, description="longest a start-up conversion may take")
     engine: Literal["onnxruntime", "keras"] = Field(
         "onnxruntime", description="onnxruntime (fastest) or keras (XLA-compiled Keras 3)")
     workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1,

@@ -1,5 +1,6 @@
 """The ASGI application: ``uvicorn app.main:app``, or ``python -m app serve`` (which adds the
-draining shutdown of :mod:`app.server`)."""
+draining shutdown of :mod:`app.server`). The server listens at once; the model is converted,
+loaded and checked in the background while ``/readyz`` reports the stage."""
 
 from __future__ import annotations
 
@@ -32,15 +33,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         service = ModelService(settings, metrics)
-        try:
-            await asyncio.to_thread(service.load)
-        except ModelError as exc:
-            log.error("cannot serve %s: %s", settings.model_path, exc)
-            raise
         app.state.service = service
-        preparing = asyncio.create_task(_prepare(service, settings.exit_on_failure))
+        starting = asyncio.create_task(_start(service, settings))
         yield
-        preparing.cancel()
+        starting.cancel()
         await service.close()
         log.info("stopped")
 
@@ -61,11 +57,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-async def _prepare(service: ModelService, exit_on_failure: bool) -> None:
+async def _start(service: ModelService, settings: Settings) -> None:
+    """Convert and load (while /readyz reports the stage), then prepare the engine.
+
+    A model that can't be converted or read ends the process, as a failed start-up does
+    (exit 3, uvicorn's own code for it), with one line naming the file and the problem."""
+    try:
+        await asyncio.to_thread(service.load)
+    except ModelError as exc:
+        log.error("cannot serve %s: %s", settings.model_path, exc)
+        _exit(3)
     await service.prepare()
-    if service.status.stage == "failed" and exit_on_failure:
-        logging.shutdown()
-        os._exit(1)  # EXIT_ON_FAILURE: let the orchestrator restart or report us
+    if service.status.stage == "failed" and settings.exit_on_failure:
+        _exit(1)  # EXIT_ON_FAILURE: let the orchestrator restart or report us
+
+
+def _exit(code: int) -> None:
+    logging.shutdown()
+    os._exit(code)
 
 
 app = create_app()

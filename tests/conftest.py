@@ -15,6 +15,14 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 DEFAULT_MODEL = ROOT / "models" / "segmenter"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def conversion_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One MODEL_CACHE_DIR for the session's servers: the default model converts once."""
+    path = tmp_path_factory.mktemp("model-cache")
+    os.environ["MODEL_CACHE_DIR"] = str(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def legacy_expected() -> dict:
     return json.loads((FIXTURES / "legacy" / "expected.json").read_text())
@@ -92,6 +100,10 @@ class Server:
     def log_records(self) -> list[dict]:
         """The JSON log lines so far, parsed."""
         return [json.loads(line) for line in self.output().splitlines() if line.startswith("{")]
+
+    def records(self, message_prefix: str) -> list[dict]:
+        """The JSON log records whose message starts with ``message_prefix``."""
+        return [r for r in self.log_records() if str(r.get("message", "")).startswith(message_prefix)]
 
     def stop(self) -> str:
         if self.process.poll() is None:

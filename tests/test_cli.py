@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -51,9 +52,13 @@ def converted(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_convert_writes_a_ready_directory(converted: Path) -> None:
     files = sorted(p.name for p in converted.iterdir())
-    assert files == ["model.json", "model.keras", "parity.npz", "vocab.json"]
+    assert files == ["integrity.json", "keras_outputs.npz", "model.json", "model.keras", "parity.npz",
+                     "vocab.json"]
     manifest = json.loads((converted / "model.json").read_text())
     assert manifest["converted_from"]["conversion"] == "cudnn-gru->keras-gru"
+    check = manifest["keras"]["check"]  # Keras' own run of model.keras against the GPU
+    assert check["sequences"] == 32 and check["max_abs_diff_outputs"] <= 1e-4
+    assert manifest["keras"]["conversion"]["peak_rss_mib"] > 0
 
 
 def test_converted_directory_serves_gpu_outputs(converted: Path, gpu_reference: dict) -> None:
@@ -63,13 +68,25 @@ def test_converted_directory_serves_gpu_outputs(converted: Path, gpu_reference: 
         meta = httpx.get(server.url + "/v1/model").json()
         assert meta["source"]["format"] == "keras3"
         assert meta["source"]["converted_from"]["format"] == "keras2-h5-model"
-        assert meta["self_check"]["passed"]
+        assert meta["keras"]["conversion"]["how"] == "converted directory"
+        assert meta["keras"]["path"] == str(converted / "model.keras")
+        assert server.records("converting: ") == []  # served as it is
+        assert meta["self_check"]["passed"] and meta["engine_vs_keras"]["passed"]
         sequences = [s.tolist() for s in gpu_reference["ids"]]
         body = httpx.post(server.url + "/infer", json={"sequences": sequences}, timeout=60).json()
         got = [np.asarray(o, np.float32) for o in body["outputs"]]
         assert max_diff(got, gpu_reference["probs_fp32"]) <= 1e-4
     finally:
         server.stop()
+
+
+def test_a_damaged_converted_directory_is_refused(converted: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "converted"
+    shutil.copytree(converted, copy)
+    (copy / "vocab.json").write_text('["a"]')
+    server = Server({"MODEL_PATH": str(copy)})
+    assert server.process.wait(timeout=120) == 3
+    assert "vocab.json: sha256 differs from integrity.json (corrupted)" in server.output()
 
 
 def test_verify_prints_max_diff_per_output(converted: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -16,6 +16,7 @@ from tests.conftest import ROOT
 MANIFESTS = sorted((ROOT / "deploy" / "kubernetes").glob("*.yaml"))
 RESOURCES = [m for m in MANIFESTS if m.name != "kustomization.yaml"]
 MEASURED_RSS_MIB = 200  # README "Operations": max RSS in the 10-minute soak, rounded up
+MEASURED_CONVERSION_MIB = 800  # README "Start-up": the conversion's peak (child + parent), rounded up
 
 
 def load(name: str) -> dict:
@@ -54,8 +55,32 @@ def test_deployment_probes_resources_and_hardening() -> None:
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert any(m["mountPath"] == "/tmp" for m in container["volumeMounts"])
+    (init,) = pod["initContainers"]  # the Keras conversion, with limits of its own
+    assert init["command"] == ["python", "-m", "app", "convert"]
+    init_memory = init["resources"]["limits"]["memory"]
+    assert init_memory.endswith("Gi") and int(init_memory[:-2]) * 1024 >= MEASURED_CONVERSION_MIB
+    assert container["resources"]["limits"]["memory"] == "512Mi"
+    init_env = {e["name"]: e["value"] for e in init["env"]}
+    assert all(init_env[name] == env[name] for name in ("MODEL_PATH", "MODEL_CACHE_DIR"))
+    (cache,) = [m for m in container["volumeMounts"] if m["mountPath"] == env["MODEL_CACHE_DIR"]]
+    assert cache["readOnly"] is True
+    assert any(m["mountPath"] == env["MODEL_CACHE_DIR"] for m in init["volumeMounts"])
     hpa = load("hpa.yaml")
     assert hpa["spec"]["scaleTargetRef"]["name"] == load("deployment.yaml")["metadata"]["name"]
+
+
+def test_compose_converts_once_before_the_servers_start() -> None:
+    compose = ROOT / ".venv-tools" / "bin" / "docker-compose"
+    result = subprocess.run([str(compose), "--profile", "scaled", "config"], cwd=ROOT,
+                            capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    services = yaml.safe_load(result.stdout)["services"]
+    assert services["convert"]["command"] == ["python", "-m", "app", "convert"]
+    assert services["convert"]["restart"] == "no"
+    for name in ("bigru", "bigru-replica"):
+        assert services[name]["depends_on"]["convert"]["condition"] == "service_completed_successfully"
+        assert any(v.endswith(":/var/cache/bigru-serve:ro") for v in services[name]["volumes"])
+    assert services["bigru"]["mem_limit"] in ("512m", 536870912)
 
 
 def test_compose_scaled_profile_puts_replicas_behind_nginx() -> None:

@@ -142,6 +142,33 @@ def test_server_refuses_to_start_on_a_bad_file(tmp_path: Path) -> None:
     assert "broken.h5" in result.stderr
 
 
+def test_server_refuses_to_start_on_an_unreadable_tf1_checkpoint(tmp_path: Path) -> None:
+    """Read only in the conversion's child process (TensorFlow): its message still reaches the log."""
+    (tmp_path / "model.ckpt.index").write_bytes(b"not a checkpoint index")
+    (tmp_path / "model.ckpt.data-00000-of-00001").write_bytes(b"\0" * 64)
+    (tmp_path / "model.json").write_text(json.dumps({"artifact": "model.ckpt"}))
+    server = Server({"MODEL_PATH": str(tmp_path), "MODEL_CACHE_DIR": str(tmp_path / "cache")})
+    assert server.process.wait(timeout=180) == 3
+    (line,) = [r["message"] for r in server.log_records() if r["level"] == "ERROR"]
+    prefix = tmp_path / "model.ckpt"
+    assert line.startswith(f"cannot serve {tmp_path}: {prefix}: not a readable TF checkpoint")
+
+
+def test_a_conversion_past_its_time_limit_stops_start_up(tmp_path: Path) -> None:
+    server = Server({"MODEL_CACHE_DIR": str(tmp_path / "cache"), "CONVERT_TIMEOUT_S": "0.5"})
+    assert server.process.wait(timeout=120) == 3
+    assert "the conversion took longer than CONVERT_TIMEOUT_S=0.5 s and was stopped" in server.output()
+    assert [p.name for p in (tmp_path / "cache").iterdir() if p.is_dir()] == []  # nothing half-written
+
+
+def test_a_cache_it_cannot_write_stops_start_up_with_advice(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    cache = tmp_path / "a-file" / "cache"  # not creatable, even for root
+    server = Server({"MODEL_CACHE_DIR": str(cache)})
+    assert server.process.wait(timeout=120) == 3
+    assert f"MODEL_CACHE_DIR {cache}: cannot convert into it" in server.output()
+
+
 def _model_dir_with_tight_tolerance(tmp_path: Path) -> Path:
     directory = tmp_path / "model"
     shutil.copytree(DEFAULT_MODEL, directory)

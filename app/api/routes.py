@@ -77,7 +77,7 @@ def build_router(settings: Settings) -> APIRouter:
                 responses={503: {"description": "not ready yet, or failed"}})
     async def readyz(service: Service) -> Response:
         status = service.status
-        body = {"ready": status.ready, "stage": status.stage, "error": status.error}
+        body = {"ready": status.ready, "stage": status.stage, "detail": status.detail, "error": status.error}
         return json_response(body, 200 if status.ready else 503)
 
     @router.get("/metrics", include_in_schema=False)

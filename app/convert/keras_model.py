@@ -15,6 +15,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras
+import numpy as np
 
 from app.spec import DenseHead, ModelSpec, RecurrentLayer
 
@@ -22,7 +23,9 @@ from app.spec import DenseHead, ModelSpec, RecurrentLayer
 def build_keras_model(spec: ModelSpec) -> keras.Model:
     ids = keras.Input(shape=(None,), dtype="int32", name="ids")
     mask = keras.Input(shape=(None,), dtype="bool", name="mask")
-    embedding = keras.layers.Embedding(spec.vocab_size, spec.embedding_width, name="embedding")
+    # mask_zero is kept for what the saved model says about id 0; the explicit mask is what runs.
+    embedding = keras.layers.Embedding(spec.vocab_size, spec.embedding_width, mask_zero=spec.mask_zero,
+                                       name="embedding")
     x = embedding(ids)
     embedding.set_weights([spec.embeddings])
     for index, layer in enumerate(spec.layers):
@@ -30,6 +33,16 @@ def build_keras_model(spec: ModelSpec) -> keras.Model:
     hidden = keras.layers.Identity(name="hidden")(x)
     outputs = _head(spec.head, x) if spec.head else keras.layers.Identity(name="outputs")(x)
     return keras.Model(inputs=[ids, mask], outputs=[outputs, hidden], name=_keras_name(spec.name))
+
+
+def load_keras_model(path: str | os.PathLike) -> keras.Model:
+    """A saved model read back by Keras itself, in safe mode (no stored code is run)."""
+    return keras.saving.load_model(path, safe_mode=True, compile=False)
+
+
+def mask_of(ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The model's ``mask`` input for right-padded ``ids``: true on each sequence's own tokens."""
+    return np.arange(ids.shape[1])[None, :] < lengths[:, None]
 
 
 def _gru(units: int, name: str) -> keras.layers.GRU:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from app.errors import ModelError
-from app.formats.manifest import MANIFEST_NAME, Architecture, Parity, read_manifest
+from app.formats.manifest import MANIFEST_NAME, Architecture, KerasRecord, Parity, read_manifest
 from app.spec import ModelSpec
 
 
@@ -35,6 +35,8 @@ class ModelBundle:
     parity: ParityData | None
     vocabulary: list[str] | None
     converted_from: dict[str, str | None] | None = None
+    keras: KerasRecord | None = None  # a directory written by `convert`: Keras' own check
+    keras_outputs: ParityData | None = None  # ... and the Keras model's outputs on its sequences
 
 
 def read_spec(path: Path, architecture: Architecture, name: str) -> ModelSpec:
@@ -71,7 +73,8 @@ def load_bundle(path: Path) -> ModelBundle:
         if vocabulary is not None and len(vocabulary) != spec.vocab_size:
             raise ModelError(f"{path / str(manifest.vocabulary)}: {len(vocabulary)} tokens, "
                              f"but the embedding has {spec.vocab_size} rows")
-        return ModelBundle(spec, parity, vocabulary, manifest.converted_from)
+        keras_outputs = read_parity(path, manifest.keras.outputs) if manifest.keras else None
+        return ModelBundle(spec, parity, vocabulary, manifest.converted_from, manifest.keras, keras_outputs)
     if not path.exists() and not Path(f"{path}.index").exists():
         raise ModelError(f"{path}: no such model file or directory")
     return ModelBundle(read_spec(path, Architecture(), path.stem), None, None)

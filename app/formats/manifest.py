@@ -56,11 +56,31 @@ class Parity(_Strict):
     tolerance: float | None = Field(default=None, gt=0)
 
 
+class KerasCheck(_Strict):
+    """The Keras model against the parity data (GPU outputs), as measured by `convert`."""
+
+    sequences: int
+    max_abs_diff_outputs: float
+    max_abs_diff_hidden: float | None = None
+    reference: str
+
+
+class KerasRecord(_Strict):
+    """Written by `convert` next to ``model.keras``: what Keras itself said about the model."""
+
+    keras_version: str | None = None
+    check: KerasCheck | None = Field(default=None, description="None when there is no parity data")
+    outputs: Parity = Field(description="the Keras model's own outputs on the check sequences; "
+                            "the serving engine must reproduce them")
+    conversion: dict[str, float] = Field(default_factory=dict, description="seconds, peak_rss_mib")
+
+
 class Manifest(_Strict):
     name: str | None = None
     artifact: str
     converted_from: dict[str, str | None] | None = Field(
         default=None, description="written by `convert`: the original file, format and conversion")
+    keras: KerasRecord | None = Field(default=None, description="written by `convert`")
     architecture: Architecture = Field(default_factory=Architecture)
     vocabulary: str | None = None
     parity: Parity | None = None

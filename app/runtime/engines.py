@@ -76,20 +76,24 @@ class KerasEngine:
     name = "keras-xla"
     parallel_calls = False
 
-    def __init__(self, spec: ModelSpec, threads: int, length_buckets: list[int]) -> None:
+    def __init__(self, spec: ModelSpec, threads: int, length_buckets: list[int],
+                 keras_file: str | None = None) -> None:
+        """``keras_file``: serve this saved ``.keras`` model itself (loaded by Keras in safe
+        mode) rather than a model built from ``spec``."""
         import tensorflow as tf
 
-        from app.convert.keras_model import build_keras_model
+        from app.convert.keras_model import build_keras_model, load_keras_model
 
         _set_tf_threads(tf, threads)
         self._buckets = length_buckets
-        self._model = build_keras_model(spec)
+        self._model = load_keras_model(keras_file) if keras_file else build_keras_model(spec)
         self._call = tf.function(lambda ids, mask: self._model([ids, mask], training=False),
                                  jit_compile=True, reduce_retracing=False)
 
     def run(self, ids: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        mask = np.arange(ids.shape[1])[None, :] < lengths[:, None]
-        outputs, hidden = self._call(ids, mask)
+        from app.convert.keras_model import mask_of
+
+        outputs, hidden = self._call(ids, mask_of(ids, lengths))
         return outputs.numpy(), hidden.numpy()
 
     def pad_shape(self, batch: int, steps: int) -> tuple[int, int]:
@@ -108,7 +112,9 @@ def _set_tf_threads(tf: object, threads: int) -> None:
         pass  # already initialised in this process (tests build several engines)
 
 
-def make_engine(kind: str, spec: ModelSpec, threads: int | None, length_buckets: list[int]) -> Engine:
+def make_engine(kind: str, spec: ModelSpec, threads: int | None, length_buckets: list[int],
+                keras_file: str | None = None) -> Engine:
+    """``keras_file``: the saved Keras model ``spec`` was read from, which ``keras`` serves itself."""
     if kind == "keras":
-        return KerasEngine(spec, threads or os.cpu_count() or 1, length_buckets)
+        return KerasEngine(spec, threads or os.cpu_count() or 1, length_buckets, keras_file)
     return OnnxRuntimeEngine(spec, threads or 1)

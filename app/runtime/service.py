@@ -1,8 +1,19 @@
-"""The model service: load -> convert -> build engine -> self-check -> warm up -> ready.
+"""The model service: convert -> load -> build engine -> self-check -> warm up -> ready.
 
-Reading and converting the file happens before the server accepts connections, so a bad
-file stops start-up with its message. Building the engine, the self-check and warm-up run
-in the background while ``/healthz`` answers and ``/readyz`` says 503 with the stage.
+The server answers ``/healthz`` (and ``/readyz``: 503 with the stage) from the start, while:
+
+1. ``converting``: ``MODEL_PATH`` becomes a Keras 3 model saved by Keras and checked by Keras
+   against the parity data, in a child process, or is found converted already
+   (:mod:`app.convert.cache`); this process never imports TensorFlow for it;
+2. ``loading``: the saved ``.keras`` file is read back (h5py, no Keras) into the spec the
+   engine is lowered from;
+3. ``self-check``: the Keras model's own check is held to our tolerance, then the engine is
+   checked against the parity data (GPU outputs) and against the Keras model's outputs;
+4. ``warm-up``, then ``ready``.
+
+A source that can't be converted (a :class:`~app.errors.ModelError` in 1 or 2) stops start-up
+with a message naming the file and the problem; a failed check leaves the service up and
+not ready (or exits with ``EXIT_ON_FAILURE``).
 """
 
 from __future__ import annotations
@@ -17,6 +28,8 @@ import numpy as np
 
 from app import __version__
 from app.config import Settings
+from app.convert.cache import Resolved, resolve
+from app.convert.child import stop_conversions
 from app.formats import ModelBundle, ParityData, load_bundle
 from app.observability import Metrics
 from app.runtime.batcher import MicroBatcher
@@ -30,7 +43,9 @@ log = logging.getLogger("app.service")
 
 @dataclass
 class Status:
-    stage: str = "starting"  # starting -> loading -> self-check -> warm-up -> ready | failed | draining
+    # starting -> converting -> loading -> self-check -> warm-up -> ready | failed | draining
+    stage: str = "starting"
+    detail: str | None = None  # the conversion's current step
     ready: bool = False
     error: str | None = None
     started_at: float = field(default_factory=time.perf_counter)
@@ -42,22 +57,56 @@ class ModelService:
         self.settings = settings
         self.metrics = metrics
         self.status = Status()
+        self.resolved: Resolved | None = None
         self.bundle: ModelBundle | None = None
         self.batcher: MicroBatcher | None = None
-        self.self_check: SelfCheck | None = None
+        self.keras_check: SelfCheck | None = None  # the Keras model vs the parity data
+        self.self_check: SelfCheck | None = None  # the engine vs the parity data
+        self.engine_vs_keras: SelfCheck | None = None  # the engine vs the Keras model's outputs
 
     def load(self) -> ModelBundle:
-        """Read and convert the model file; raises :class:`~app.errors.ModelError`."""
-        self.status.stage = "loading"
-        self.bundle = load_bundle(self.settings.model_path)
-        spec = self.bundle.spec
-        log.info("model loaded: %s (%s, %s)", spec.name, spec.source.format, spec.source.conversion,
-                 extra={"model": spec.name, "format": spec.source.format,
-                        "conversion": spec.source.conversion, "path": spec.source.path})
+        """Find or make the Keras conversion and read it; raises :class:`~app.errors.ModelError`."""
+        settings = self.settings
+        self.status.stage = "converting"
+        self.resolved = resolve(settings.model_path, settings.model_cache_dir, settings.convert_timeout_s,
+                                self._conversion_step)
+        self._log_resolved(self.resolved)
+        self.status.stage, self.status.detail = "loading", None
+        self.bundle = load_bundle(self.resolved.directory)
+        source = self.source
+        log.info("model loaded: %s (%s, %s) as %s", self.bundle.spec.name, source["format"],
+                 source["conversion"], self.bundle.spec.source.path,
+                 extra={"model": self.bundle.spec.name, "format": source["format"],
+                        "conversion": source["conversion"], "path": source["path"],
+                        "keras_file": self.bundle.spec.source.path})
         return self.bundle
 
+    def _conversion_step(self, step: str, message: str) -> None:
+        self.status.detail = message
+        log.info("converting: %s", message, extra={"step": step})
+
+    @staticmethod
+    def _log_resolved(resolved: Resolved) -> None:
+        extra = {"how": resolved.how, "directory": str(resolved.directory), **resolved.conversion}
+        if resolved.conversion:
+            log.info("converted in %.1f s, peak RSS %.0f MiB: %s", resolved.conversion["seconds"],
+                     resolved.conversion["peak_rss_mib"], resolved.directory, extra=extra)
+        else:
+            log.info("%s, no conversion: %s", resolved.how, resolved.directory, extra=extra)
+
+    @property
+    def source(self) -> dict[str, object]:
+        """What ``MODEL_PATH`` holds: the original file, even when a cached conversion serves it."""
+        assert self.bundle is not None and self.resolved is not None
+        spec, bundle = self.bundle.spec, self.bundle
+        if self.resolved.how == "converted directory" or not bundle.converted_from:
+            return {"path": spec.source.path, "format": spec.source.format,
+                    "conversion": spec.source.conversion, "keras_version": spec.source.keras_version,
+                    "converted_from": bundle.converted_from}
+        return {**bundle.converted_from, "converted_from": None}
+
     async def prepare(self) -> None:
-        """Engine, self-check, warm-up; sets the status to ready or failed."""
+        """Engine, self-checks, warm-up; sets the status to ready or failed."""
         try:
             await self._prepare()
         except Exception as exc:
@@ -91,63 +140,97 @@ class ModelService:
 
     async def _prepare(self) -> None:
         assert self.bundle is not None
-        settings, spec = self.settings, self.bundle.spec
+        settings, bundle, spec = self.settings, self.bundle, self.bundle.spec
+        tolerance = (settings.parity_tolerance or (bundle.parity and bundle.parity.tolerance)
+                     or DEFAULT_TOLERANCE)
+        if bundle.keras is not None and bundle.keras.check is not None:
+            self.status.stage = "self-check"
+            self.keras_check = SelfCheck(**bundle.keras.check.model_dump(), tolerance=tolerance)
+            _require(self.keras_check, "the Keras model against the parity data")
         buckets = length_buckets(settings.max_len)
-        engine = await asyncio.to_thread(make_engine, settings.engine, spec, settings.threads, buckets)
+        keras_file = spec.source.path if bundle.keras is not None else None  # the saved Keras model
+        engine = await asyncio.to_thread(make_engine, settings.engine, spec, settings.threads, buckets,
+                                         keras_file)
         runner = Runner(engine, buckets, settings.max_batch_size)
         workers = settings.workers if engine.parallel_calls else 1
         self.batcher = MicroBatcher(runner, workers, settings.max_batch_size,
                                     settings.max_queue_delay_ms / 1000, settings.max_queue)
         self.batcher.on_batch.append(self.metrics.observe_batch)
         self.metrics.queue_depth.set_function(lambda: self.batcher.pending if self.batcher else 0)
-        self.metrics.model_info.labels(spec.name, __version__, spec.source.format,
-                                       spec.source.conversion, engine.name).set(1)
-        if self.bundle.parity is not None:
-            self.status.stage = "self-check"
-            await self._check(self.bundle.parity, runner)
+        source = self.source
+        self.metrics.model_info.labels(spec.name, __version__, source["format"],
+                                       source["conversion"], engine.name).set(1)
+        self.status.stage = "self-check"
+        if bundle.parity is not None:
+            self.self_check = await self._check(bundle.parity, runner, tolerance,
+                                                "the engine against the parity data")
+        if bundle.keras_outputs is not None:
+            self.engine_vs_keras = await self._check(
+                bundle.keras_outputs, runner, bundle.keras_outputs.tolerance or tolerance,
+                "the engine against the Keras model's outputs")
+        checked = self.self_check or self.engine_vs_keras
+        if checked is not None:
+            self.metrics.self_check_diff.set(checked.worst)
         self.status.stage = "warm-up"
         await asyncio.to_thread(runner.warm_up)
         self.batcher.start()
 
-    async def _check(self, parity: ParityData, runner: Runner) -> None:
-        """The serving engine against the GPU's outputs; raises if they differ too much."""
-        tolerance = self.settings.parity_tolerance or parity.tolerance or DEFAULT_TOLERANCE
+    async def _check(self, parity: ParityData, runner: Runner, tolerance: float, what: str) -> SelfCheck:
+        """The serving engine against recorded outputs; raises if they differ too much."""
         check = await asyncio.to_thread(run_self_check, parity, runner.run, tolerance)
-        self.self_check = check
-        self.metrics.self_check_diff.set(check.worst)
-        log.info("self-check %s", "passed" if check.passed else "FAILED",
+        log.info("self-check %s: %s", "passed" if check.passed else "FAILED", what,
                  extra={"self_check": check.as_dict()})
-        if not check.passed:
-            raise RuntimeError(f"self-check failed: max abs diff {check.worst:.3g} > tolerance "
-                               f"{tolerance:g} against {parity.file}")
+        _require(check, what)
+        return check
 
     async def infer(self, sequences: list[np.ndarray]) -> list[Result]:
         assert self.batcher is not None
         return await self.batcher.submit(sequences)
 
     async def close(self) -> None:
+        stop_conversions()  # a shutdown during start-up doesn't wait for the conversion
         if self.batcher is not None:
             await self.batcher.close()
 
     def metadata(self) -> dict:
-        assert self.bundle is not None
+        status = {"stage": self.status.stage, "detail": self.status.detail, "ready": self.status.ready,
+                  "error": self.status.error, "seconds_to_ready": self.status.seconds_to_ready}
+        common = {"engine": self.settings.engine, "status": status,
+                  "limits": {"max_batch": self.settings.max_batch, "max_len": self.settings.max_len},
+                  "versions": _versions()}
+        if self.bundle is None:  # still converting
+            return {"name": None, "source": {"path": str(self.settings.model_path)}, **common}
         spec = self.bundle.spec
         return {
             "name": spec.name,
-            "source": {"path": spec.source.path, "format": spec.source.format,
-                       "conversion": spec.source.conversion,
-                       "keras_version": spec.source.keras_version,
-                       "converted_from": self.bundle.converted_from},
+            "source": self.source,
             "architecture": spec.describe(),
             "vocab_size": spec.vocab_size,
             "output_width": spec.output_width,
-            "engine": self.settings.engine,
-            "self_check": None if self.self_check is None else self.self_check.as_dict(),
-            "status": {"stage": self.status.stage, "ready": self.status.ready,
-                       "error": self.status.error, "seconds_to_ready": self.status.seconds_to_ready},
-            "limits": {"max_batch": self.settings.max_batch, "max_len": self.settings.max_len},
-            "versions": _versions(),
+            "keras": self._keras_metadata(),
+            "self_check": _as_dict(self.self_check),
+            "engine_vs_keras": _as_dict(self.engine_vs_keras),
+            **common,
         }
+
+    def _keras_metadata(self) -> dict | None:
+        assert self.bundle is not None and self.resolved is not None
+        record = self.bundle.keras
+        if record is None:
+            return None
+        return {"path": self.bundle.spec.source.path, "keras_version": record.keras_version,
+                "self_check": _as_dict(self.keras_check),
+                "conversion": {"how": self.resolved.how, "cache_key": self.resolved.key, **record.conversion}}
+
+
+def _require(check: SelfCheck, what: str) -> None:
+    if not check.passed:
+        raise RuntimeError(f"self-check failed: {what}: max abs diff {check.worst:.3g} > tolerance "
+                           f"{check.tolerance:g} against {check.reference}")
+
+
+def _as_dict(check: SelfCheck | None) -> dict | None:
+    return None if check is None else check.as_dict()
 
 
 def _versions() -> dict[str, str]:
