@@ -228,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   "parity data, vocabulary) and verify it")
     convert.add_argument("source", help="model file or directory")
     convert.add_argument("--out", required=True, help="the directory to write")
-    convert.add_argument("--engine", choices=("onnxruntime", "keras"), default="onnxruntime")
+    convert.add_argument("--engine", choices=("onnxruntime", "openvino", "keras"), default="onnxruntime")
     convert.set_defaults(run=cmd_convert)
 
     verify_cmd = commands.add_parser("verify", help="run the parity check; print max diff per output")
@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify_cmd.add_argument("--outputs-key", default="outputs", help="array of expected outputs")
     verify_cmd.add_argument("--hidden-key", default=None, help="array of expected hidden states")
     verify_cmd.add_argument("--tolerance", type=float, default=None)
-    verify_cmd.add_argument("--engine", choices=("onnxruntime", "keras"), default="onnxruntime")
+    verify_cmd.add_argument("--engine", choices=("onnxruntime", "openvino", "keras"), default="onnxruntime")
     verify_cmd.set_defaults(run=cmd_verify)
 
     export_cmd = commands.add_parser("export", help="the converted weights for other runtimes")

@@ -17,12 +17,13 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", extra="ignore", protected_namespaces=())
 
     model_path: Path = Field(DEFAULT_MODEL, description="model directory (with model.json) or file")
-    engine: Literal["onnxruntime", "keras"] = Field(
-        "onnxruntime", description="onnxruntime (fastest) or keras (XLA-compiled Keras 3)")
+    engine: Literal["auto", "onnxruntime", "openvino", "keras"] = Field(
+        "auto", description="auto (time onnxruntime and openvino, if installed, at start-up and "
+        "serve the fastest), onnxruntime, openvino or keras (XLA-compiled Keras 3)")
     workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1,
-                         description="engine calls that run in parallel (onnxruntime; keras uses 1)")
+                         description="engine calls that run in parallel (keras uses 1)")
     threads: int | None = Field(None, ge=1, description="intra-op threads of each engine call "
-                                "(default: 1 for onnxruntime, all cores for keras)")
+                                "(default: 1, all cores for keras)")
 
     max_batch: int = Field(64, ge=1, description="most sequences in one request")
     max_len: int = Field(2048, ge=1, description="most tokens in one sequence")

@@ -8,6 +8,7 @@ in the background while ``/healthz`` answers and ``/readyz`` says 503 with the s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import platform
 import time
@@ -21,7 +22,7 @@ from app.formats import ModelBundle, ParityData, load_bundle
 from app.observability import Metrics
 from app.runtime.batcher import MicroBatcher
 from app.runtime.buckets import length_buckets
-from app.runtime.engines import make_engine
+from app.runtime.engine_choice import EngineChoice, choose_engine
 from app.runtime.runner import Result, Runner
 from app.runtime.selfcheck import DEFAULT_TOLERANCE, SelfCheck, run_self_check
 
@@ -45,6 +46,7 @@ class ModelService:
         self.bundle: ModelBundle | None = None
         self.batcher: MicroBatcher | None = None
         self.self_check: SelfCheck | None = None
+        self.engine_choice: EngineChoice | None = None
 
     def load(self) -> ModelBundle:
         """Read and convert the model file; raises :class:`~app.errors.ModelError`."""
@@ -93,7 +95,9 @@ class ModelService:
         assert self.bundle is not None
         settings, spec = self.settings, self.bundle.spec
         buckets = length_buckets(settings.max_len)
-        engine = await asyncio.to_thread(make_engine, settings.engine, spec, settings.threads, buckets)
+        self.engine_choice = await asyncio.to_thread(
+            choose_engine, settings.engine, spec, settings.threads, buckets, settings.max_batch_size)
+        engine = self.engine_choice.engine
         runner = Runner(engine, buckets, settings.max_batch_size)
         workers = settings.workers if engine.parallel_calls else 1
         self.batcher = MicroBatcher(runner, workers, settings.max_batch_size,
@@ -141,7 +145,8 @@ class ModelService:
             "architecture": spec.describe(),
             "vocab_size": spec.vocab_size,
             "output_width": spec.output_width,
-            "engine": self.settings.engine,
+            "engine": self.engine_choice.engine.name if self.engine_choice else self.settings.engine,
+            "engine_choice": self.engine_choice.as_dict() if self.engine_choice else None,
             "self_check": None if self.self_check is None else self.self_check.as_dict(),
             "status": {"stage": self.status.stage, "ready": self.status.ready,
                        "error": self.status.error, "seconds_to_ready": self.status.seconds_to_ready},
@@ -155,11 +160,9 @@ def _versions() -> dict[str, str]:
 
     versions = {"service": __version__, "python": platform.python_version(),
                 "numpy": np.__version__, "onnxruntime": onnxruntime.__version__}
-    try:
-        from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
-        versions["keras"] = version("keras")
-        versions["tensorflow"] = version("tensorflow-cpu")
-    except Exception:
-        pass
+    for name, package in (("keras", "keras"), ("tensorflow", "tensorflow-cpu"), ("openvino", "openvino")):
+        with contextlib.suppress(PackageNotFoundError):
+            versions[name] = version(package)
     return versions
