@@ -1,6 +1,6 @@
 # make run  : install if needed, serve the default model on http://127.0.0.1:8000
 # make test : install if needed, lint and run the whole suite
-# make bench: install if needed, run the latency/throughput benchmark (loopback only)
+# make bench: install if needed, run the benchmark against XLA Keras (loopback only; needs wrk)
 
 PYTHON ?= python3
 VENV   := .venv
@@ -36,8 +36,10 @@ lint: $(VENV)/.installed
 test: install lint
 	$(BIN)/pytest
 
+# Needs wrk (Debian: apt-get install wrk); BENCH_ARGS=--readme pastes the tables into README.md.
 bench: $(VENV)/.installed
-	$(BIN)/python -m bench
+	@command -v wrk >/dev/null || { echo "make bench needs wrk (Debian: apt-get install wrk)"; exit 1; }
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 # Bounded soak on loopback: mixed traffic for SOAK_SECONDS (default 600), RSS and errors.
 soak: $(VENV)/.installed
