@@ -75,6 +75,9 @@ def choose_engine(kind: str, spec: ModelSpec, threads: int | None, length_bucket
             engines[name] = make_engine(name, spec, threads, length_buckets)
         except ImportError as exc:
             errors[name] = Timing(error=f"not installed: {exc.name or exc}")
+        except Exception as exc:  # one candidate failing to build leaves the others to serve
+            errors[name] = Timing(error=f"{type(exc).__name__}: {exc}")
+            log.warning("engine %s could not be built: %s", name, errors[name].error)
     if not engines:
         raise RuntimeError(f"no engine available for ENGINE=auto: {errors}")
     work = _workload(spec, length_buckets[-1], max_batch_size)
