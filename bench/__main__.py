@@ -53,9 +53,10 @@ def bench_http(id_range: tuple[int, int], quick: bool) -> dict:
     process, seconds_to_ready = start_server()
     try:
         model = httpx.get(f"http://{HOST}:{PORT}/v1/model", timeout=10).json()
-        latency = {n: wrk(1, latency_s if n < 2048 else 2 * latency_s, (n, n), id_range, seed=n)
-                   for n in LENGTHS}
-        throughput = {c: wrk(c, load_s, MIXED, id_range, seed=c) for c in CONNECTIONS}
+        latency = {n: wrk(1, latency_s if n < 2048 else 2 * latency_s, (n, n), id_range, seed=n,
+                          server_pid=process.pid) for n in LENGTHS}
+        throughput = {c: wrk(c, load_s, MIXED, id_range, seed=c, server_pid=process.pid)
+                      for c in CONNECTIONS}
     finally:
         stop(process)
     for row in latency.values():
@@ -70,8 +71,8 @@ def bench_bare(id_range: tuple[int, int], quick: bool) -> dict:
     process = start_bare_uvicorn()
     try:
         seconds = 1 if quick else 4
-        return {"latency_64": wrk(1, seconds, (64, 64), id_range),
-                "throughput_32": wrk(32, seconds, MIXED, id_range)}
+        return {"latency_64": wrk(1, seconds, (64, 64), id_range, server_pid=process.pid),
+                "throughput_32": wrk(32, seconds, MIXED, id_range, server_pid=process.pid)}
     finally:
         stop(process)
 

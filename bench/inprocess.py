@@ -116,7 +116,9 @@ def bench_engine(kind: str, spec: ModelSpec, singles: dict[int, list[np.ndarray]
     latency = {}
     for n, seqs in singles.items():
         cycle = iter(seqs * repeats_for(n, quick))
+        cpu_before = time.process_time()
         latency[n] = latency_stats(timed(lambda c=cycle: runner.run([next(c)]), repeats_for(n, quick)))
+        latency[n]["cpu_ms"] = 1000 * (time.process_time() - cpu_before) / (latency[n]["n"] + 3)
     batches = sorted_batches(mixed)
     with ThreadPoolExecutor(workers) as pool:
         rounds = timed(lambda: list(pool.map(runner.run, batches)), 2 if quick else 5, warm=1)

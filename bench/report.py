@@ -105,13 +105,20 @@ def _notes(r: dict) -> list[str]:
         f"({http['service_seconds_to_ready']:.2f} s by its own clock, self-check "
         f"{http['self_check']['max_abs_diff_outputs']:.1e} against the GPU).",
         f"- HTTP cost: a bare uvicorn answer (no routing, no parsing, no model) takes "
-        f"{bare['latency_64']['p50_ms']:.2f} ms p50 for a 64-token body and serves "
-        f"{bare['throughput_32']['seq_s']:.0f} req/s at 32 connections; the service adds "
-        f"{net64['p50_ms'] - engine64:.2f} ms to the fastest engine's 64-token call.",
+        f"{bare['latency_64']['p50_ms']:.2f} ms p50 and {_cpu(bare['latency_64'])} of server CPU for a "
+        f"64-token body, and serves {bare['throughput_32']['seq_s']:.0f} req/s at 32 connections; "
+        f"the service answers a 64-token request in {_cpu(net64)} of CPU against "
+        f"{_cpu(_key(r['engines'][http['engine']]['latency'], 64), 'cpu_ms')} for its engine's call "
+        f"in-process, and adds {net64['p50_ms'] - engine64:.2f} ms of wall time to the fastest engine.",
         f"- XLA Keras compiled its {len(xla['latency'])} latency shapes and the batches' shapes in "
         f"{xla['compile_s']:.1f} s before timing. Footnote: `model.predict` on one 64-token sequence: "
         f"{xla['predict_64_p50_ms']:.1f} ms p50 (fixed per-call overhead; not a peer).",
     ]
+
+
+def _cpu(row: dict, key: str = "server_cpu_ms_per_request") -> str:
+    value = row.get(key)
+    return "-" if value is None else f"{value:.2f} ms"
 
 
 def paste_into_readme(markdown_text: str, readme: Path) -> None:

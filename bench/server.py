@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -15,7 +16,17 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-HOST, PORT = "127.0.0.1", 8790
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    """A port nothing listens on now (other services on this machine must not answer us)."""
+    with socket.socket() as probe:
+        probe.bind((HOST, 0))
+        return probe.getsockname()[1]
+
+
+PORT = int(os.environ.get("BENCH_PORT") or free_port())
 BODIES_SCRIPT = Path(__file__).resolve().parent / "bodies.lua"
 
 
@@ -59,16 +70,26 @@ def stop(process: subprocess.Popen) -> None:
         process.wait()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads (``/proc/<pid>/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def wrk(connections: int, seconds: int, lengths: tuple[int, int], id_range: tuple[int, int],
-        seed: int = 0) -> dict:
+        seed: int = 0, server_pid: int | None = None) -> dict:
     """``wrk`` against ``/infer``, one sequence per request (``bench/bodies.lua``); returns
-    seq/s, latency percentiles in ms and errors (transport errors and non-2xx answers)."""
+    seq/s, latency percentiles in ms and errors (transport errors and non-2xx answers), and
+    with ``server_pid`` the server's CPU time per request: unlike wall time, barely moved
+    by other processes on a shared machine."""
     if shutil.which("wrk") is None:
         raise RuntimeError("wrk is not installed (Debian: apt-get install wrk)")
     command = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s",
                "-s", str(BODIES_SCRIPT), f"http://{HOST}:{PORT}", "--",
                str(lengths[0]), str(lengths[1]), str(id_range[0]), str(id_range[1]), str(seed)]
+    cpu_before = cpu_seconds(server_pid) if server_pid else 0.0
     run = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60)
+    cpu = cpu_seconds(server_pid) - cpu_before if server_pid else None
     if run.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed: {run.stderr or run.stdout}")
     output = run.stdout
@@ -80,4 +101,5 @@ def wrk(connections: int, seconds: int, lengths: tuple[int, int], id_range: tupl
         "errors": sum(summary["errors"].values()),
         "p50_ms": latency["p50"] / 1000, "p90_ms": latency["p90"] / 1000,
         "p99_ms": latency["p99"] / 1000, "max_ms": latency["max"] / 1000,
+        "server_cpu_ms_per_request": None if cpu is None else 1000 * cpu / max(summary["requests"], 1),
     }
