@@ -87,7 +87,7 @@ def _notes(r: dict) -> list[str]:
     errors = sum(row["errors"] for row in http["throughput"].values())
     choice = http.get("engine_choice") or {}
     timings = "; ".join(f"{name} {t['lone_ms']:.2f} ms lone + {t['batch_ms']:.1f} ms batch"
-                        if "error" not in t else f"{name}: {t['error']}"
+                        if "lone_ms" in t else f"{name}: {t.get('error') or t.get('untimed')}"
                         for name, t in (choice.get("timings") or {}).items())
     engine64 = min(_key(e["latency"], 64)["p50_ms"] for e in r["engines"].values())
     return [

@@ -9,6 +9,7 @@ import pytest
 
 from app.formats import load_bundle
 from app.lowering.onnx_graph import build_onnx_model
+from app.runtime import engine_choice
 from app.runtime.buckets import length_buckets
 from app.runtime.engine_choice import CANDIDATES, choose_engine
 from app.runtime.runner import Runner
@@ -70,6 +71,13 @@ def test_auto_times_every_candidate_and_serves_the_fastest(bundle) -> None:
     assert all(t.rounds >= 3 and t.lone_ms > 0 and t.batch_ms > 0 for t in timed.values())
     check = run_self_check(bundle.parity, Runner(choice.engine, buckets, 8).run, GPU_TOLERANCE)
     assert check.passed
+
+
+def test_auto_with_one_candidate_serves_it_untimed(bundle, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(engine_choice, "CANDIDATES", ("onnxruntime",))
+    choice = choose_engine("auto", bundle.spec, None, length_buckets(64), 8)
+    assert choice.engine.name == "onnxruntime"
+    assert choice.as_dict()["timings"] == {"onnxruntime": {"untimed": "the only candidate available"}}
 
 
 def test_a_named_engine_is_served_without_timing(bundle) -> None:

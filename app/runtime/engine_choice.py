@@ -80,13 +80,17 @@ def choose_engine(kind: str, spec: ModelSpec, threads: int | None, length_bucket
             log.warning("engine %s could not be built: %s", name, errors[name].error)
     if not engines:
         raise RuntimeError(f"no engine available for ENGINE=auto: {errors}")
-    work = _workload(spec, length_buckets[-1], max_batch_size)
-    timings = _time_in_turns({name: Runner(e, length_buckets, max_batch_size) for name, e in engines.items()},
-                             work, budget_s)
+    if len(engines) == 1:  # nothing to compare it with: served untimed
+        timings = {name: Timing() for name in engines}
+    else:
+        runners = {name: Runner(e, length_buckets, max_batch_size) for name, e in engines.items()}
+        timings = _time_in_turns(runners, _workload(spec, length_buckets[-1], max_batch_size), budget_s)
     timings.update(errors)
     chosen = min(engines, key=lambda name: timings[name].round_ms)
     choice = EngineChoice(engines[chosen], "auto", timings, time.perf_counter() - start)
-    log.info("engine: %s (auto, fastest of %s)", chosen, ", ".join(timings),
+    log.info("engine: %s (auto; %s)", chosen,
+             "; ".join(f"{name}: {timing.error or f'{timing.round_ms:.2f} ms a round'}"
+                       for name, timing in timings.items()),
              extra={"engine_choice": choice.as_dict()})
     return choice
 
@@ -126,5 +130,7 @@ def _time_in_turns(runners: dict[str, Runner], work: list[list[np.ndarray]],
 def _rounded(timing: Timing) -> dict:
     if timing.error:
         return {"error": timing.error}
+    if not timing.rounds:
+        return {"untimed": "the only candidate available"}
     return {"lone_ms": round(timing.lone_ms or 0, 3), "batch_ms": round(timing.batch_ms or 0, 3),
             "rounds": timing.rounds}
