@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 
 import httpx
 import numpy as np
@@ -53,6 +54,7 @@ def bench_http(id_range: tuple[int, int], quick: bool) -> dict:
     process, seconds_to_ready = start_server()
     try:
         model = httpx.get(f"http://{HOST}:{PORT}/v1/model", timeout=10).json()
+        new_lengths = first_requests_at_new_lengths(id_range, max(LENGTHS), 3 if quick else 9)
         latency = {n: wrk(1, latency_s if n < 2048 else 2 * latency_s, (n, n), id_range, seed=n,
                           server_pid=process.pid) for n in LENGTHS}
         throughput = {c: wrk(c, load_s, MIXED, id_range, seed=c, server_pid=process.pid)
@@ -64,7 +66,28 @@ def bench_http(id_range: tuple[int, int], quick: bool) -> dict:
     return {"latency": latency, "throughput": throughput, "seconds_to_ready": seconds_to_ready,
             "service_seconds_to_ready": model["status"]["seconds_to_ready"],
             "engine": model["engine"], "engine_choice": model.get("engine_choice"),
-            "self_check": model["self_check"]}
+            "self_check": model["self_check"], "new_lengths": new_lengths}
+
+
+def first_requests_at_new_lengths(id_range: tuple[int, int], max_len: int, repeats: int) -> dict:
+    """No compile on the request path: the first request at each of 16 lengths the service has
+    not seen (1..MAX_LEN, log-spaced), against the median of the requests that follow it."""
+    rng = np.random.default_rng(1)
+    lengths = sorted({int(n) for n in np.geomspace(1, max_len, 16)} - set(LENGTHS) - {max_len})
+    rows = {}
+    with httpx.Client(base_url=f"http://{HOST}:{PORT}", timeout=30) as client:
+        for _ in range(3):  # the connection and the first request's one-off costs, at a length not swept
+            client.post("/infer", json={"sequences": [[id_range[0]] * LENGTHS[0]]}).raise_for_status()
+        for n in lengths:
+            samples = []
+            for _ in range(1 + repeats):
+                body = {"sequences": [rng.integers(*id_range, n).tolist()]}
+                start = time.perf_counter()
+                client.post("/infer", json=body).raise_for_status()
+                samples.append(1000 * (time.perf_counter() - start))
+            steady = float(np.median(samples[1:]))
+            rows[n] = {"first_ms": samples[0], "p50_ms": steady, "first_over_p50": samples[0] / steady}
+    return rows
 
 
 def bench_bare(id_range: tuple[int, int], quick: bool) -> dict:

@@ -84,6 +84,8 @@ def _notes(r: dict) -> list[str]:
     latency_ratio = net64["p50_ms"] / peer64["p50_ms"]
     throughput_ratio = thirty_two["seq_s"] / xla["throughput_seq_s"]
     steadiest = max(row["p99_over_p50"] for row in http["latency"].values())
+    new_lengths = http.get("new_lengths") or {}
+    first = max((row["first_over_p50"] for row in new_lengths.values()), default=float("nan"))
     errors = sum(row["errors"] for row in http["throughput"].values())
     choice = http.get("engine_choice") or {}
     timings = "; ".join(f"{name} {t['lone_ms']:.2f} ms lone + {t['batch_ms']:.1f} ms batch"
@@ -96,7 +98,9 @@ def _notes(r: dict) -> list[str]:
         f"32 connections at **{throughput_ratio:.2f}x** XLA Keras batched "
         f"(target >= {TARGET_THROUGHPUT}: {'met' if throughput_ratio >= TARGET_THROUGHPUT else 'not met'}); "
         f"{errors} errors; HTTP p99/p50 at most {steadiest:.2f} over every length up to MAX_LEN "
-        f"({'< 2' if steadiest < 2 else 'NOT < 2'}).",
+        f"({'< 2' if steadiest < 2 else 'NOT < 2'}); the first request at each of {len(new_lengths)} "
+        f"lengths never seen before (1..MAX_LEN) took at most {first:.2f}x the requests after it "
+        f"({'no compile on the request path' if first < 2 else 'a spike: look for compilation'}).",
         f"- H100 anchor (`models/segmenter/provenance.json`, PyTorch cuDNN, TF32): one 64-token sequence "
         f"{h100['single_len64_ms']:.2f} ms, {h100['seqs_per_s']:.0f} seq/s on a batch of 32 of "
         "lengths 8..256.",
