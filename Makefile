@@ -1,6 +1,6 @@
 # make run  : install if needed, serve the default model on http://127.0.0.1:8000
 # make test : install if needed, lint and run the whole suite
-# make bench: install if needed, run the latency/throughput benchmark (loopback only)
+# make bench: install if needed, run the benchmark against XLA Keras (loopback only; needs wrk)
 # make image-test: build the Dockerfile with podman and test the image as we deploy it
 
 PYTHON ?= python3
@@ -45,8 +45,10 @@ image-test: $(VENV)/.installed
 	tests/image/build.sh $(IMAGE)
 	IMAGE_TEST=$(IMAGE) $(BIN)/pytest -raP tests/test_image.py
 
+# Needs wrk (Debian: apt-get install wrk); BENCH_ARGS=--readme pastes the tables into README.md.
 bench: $(VENV)/.installed
-	$(BIN)/python -m bench
+	@command -v wrk >/dev/null || { echo "make bench needs wrk (Debian: apt-get install wrk)"; exit 1; }
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 # Time to ready and memory of each phase, cold (the Keras conversion runs) and warm (cache hit).
 startup: $(VENV)/.installed

@@ -282,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify_cmd.add_argument("--outputs-key", default="outputs", help="array of expected outputs")
     verify_cmd.add_argument("--hidden-key", default=None, help="array of expected hidden states")
     verify_cmd.add_argument("--tolerance", type=float, default=None)
-    verify_cmd.add_argument("--engine", choices=("onnxruntime", "keras"), default="onnxruntime")
+    verify_cmd.add_argument("--engine", choices=("onnxruntime", "openvino", "keras"), default="onnxruntime")
     verify_cmd.set_defaults(run=cmd_verify)
 
     export_cmd = commands.add_parser("export", help="the converted weights for other runtimes")

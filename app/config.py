@@ -30,12 +30,13 @@ class Settings(BaseSettings):
         "source's content hash (restarts and replicas sharing it convert once); read-only is fine "
         "when it already holds the model")
     convert_timeout_s: float = Field(600.0, gt=0, description="longest a start-up conversion may take")
-    engine: Literal["onnxruntime", "keras"] = Field(
-        "onnxruntime", description="onnxruntime (fastest) or keras (XLA-compiled Keras 3)")
+    engine: Literal["auto", "onnxruntime", "openvino", "keras"] = Field(
+        "auto", description="auto (time onnxruntime and openvino, if installed, at start-up and "
+        "serve the fastest), onnxruntime, openvino or keras (XLA-compiled Keras 3)")
     workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1,
-                         description="engine calls that run in parallel (onnxruntime; keras uses 1)")
+                         description="engine calls that run in parallel (keras uses 1)")
     threads: int | None = Field(None, ge=1, description="intra-op threads of each engine call "
-                                "(default: 1 for onnxruntime, all cores for keras)")
+                                "(default: 1, all cores for keras)")
 
     max_batch: int = Field(64, ge=1, description="most sequences in one request")
     max_len: int = Field(2048, ge=1, description="most tokens in one sequence")

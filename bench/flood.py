@@ -14,8 +14,8 @@ import sys
 import httpx
 import numpy as np
 
-from bench.__main__ import HOST, PORT, RESULTS, ROOT, start_server
 from bench.loadgen import Connection
+from bench.server import HOST, PORT, RESULTS, ROOT, start_server
 
 CONNECTIONS, REQUESTS_EACH = 256, 8
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.__main__ import HOST, PORT, RESULTS, start_server
 from bench.loadgen import Connection
+from bench.server import HOST, PORT, RESULTS, start_server
 
 CLIENTS = 8
 INVALID = [b'{"sequences": [[1, 999]]}', b'{"sequences": []}', b"not json", b'{"sequences": [["a"]]}']

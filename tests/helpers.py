@@ -1,4 +1,4 @@
-"""Run a spec through the project's own runner with either engine."""
+"""Run a spec through the project's own runner with any engine."""
 
 from __future__ import annotations
 
@@ -7,18 +7,16 @@ from functools import cache
 import numpy as np
 
 from app.runtime.buckets import length_buckets
-from app.runtime.engines import KerasEngine, OnnxRuntimeEngine
+from app.runtime.engines import make_engine
 from app.runtime.runner import Runner
 from app.spec import ModelSpec
 
-ENGINES = ("onnxruntime", "keras")
+ENGINES = ("onnxruntime", "openvino", "keras")
 
 
 def runner_for(spec: ModelSpec, engine: str, max_len: int = 64, max_batch_size: int = 8) -> Runner:
     buckets = length_buckets(max_len)
-    built = (OnnxRuntimeEngine(spec, threads=2) if engine == "onnxruntime"
-             else KerasEngine(spec, threads=2, length_buckets=buckets))
-    return Runner(built, buckets, max_batch_size)
+    return Runner(make_engine(engine, spec, threads=2, length_buckets=buckets), buckets, max_batch_size)
 
 
 def outputs(spec: ModelSpec, sequences: list[list[int]], engine: str) -> list[np.ndarray]:

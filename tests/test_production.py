@@ -166,7 +166,7 @@ def test_sigterm_drains_then_finishes_every_accepted_request() -> None:
     assert "draining" in output and "stopped" in output
 
 
-@pytest.mark.parametrize("engine", ["onnxruntime", "keras"])
+@pytest.mark.parametrize("engine", ["auto", "onnxruntime", "openvino", "keras"])
 def test_service_writes_nothing_outside_tmp(engine: str) -> None:
     """What a read-only root filesystem needs (the container sets HOME=/tmp)."""
     server = Server({"HOME": "/tmp", "PYTHONDONTWRITEBYTECODE": "1", "ENGINE": engine, "MAX_LEN": "64"},

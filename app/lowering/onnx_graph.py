@@ -7,11 +7,20 @@ kernels transposed, the two bias rows concatenated. Its ``sequence_lens`` input 
 the reverse direction start at each sequence's last real token and zeroes the steps past
 it, so a right-padded batch gives every sequence exactly its own numbers.
 
+``build_onnx_model(spec, backward="reversed")`` lowers the backward direction instead as a
+forward ``GRU`` over each sequence reversed in place (``ReverseSequence`` by its length),
+reversed back afterwards: the same numbers, and every ``GRU`` a plain forward one without
+``sequence_lens`` — the form OpenVINO's CPU plugin runs as one fused oneDNN RNN (with
+``sequence_lens`` it unrolls the loop, and gets padded batches wrong). Steps past a
+sequence's length then hold padding's outputs instead of zeros; callers ignore them.
+
 Inputs: ``ids (batch, steps) int32`` and ``lengths (batch,) int32``.
 Outputs: ``outputs (batch, steps, C)`` and ``hidden (batch, steps, H)``.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import numpy as np
 import onnx
@@ -44,12 +53,16 @@ class _Graph:
         return output
 
 
-def build_onnx_model(spec: ModelSpec) -> onnx.ModelProto:
+Backward = Literal["sequence_lens", "reversed"]
+
+
+def build_onnx_model(spec: ModelSpec, backward: Backward = "sequence_lens") -> onnx.ModelProto:
     graph = _Graph()
+    recurrent = _recurrent if backward == "sequence_lens" else _recurrent_reversed
     embedded = graph.op("Gather", [graph.const("embeddings", spec.embeddings), "ids"])
     x = graph.op("Transpose", [embedded], perm=[1, 0, 2])  # time-major for the GRU op
     for index, layer in enumerate(spec.layers):
-        x = _recurrent(graph, layer, index, x)
+        x = recurrent(graph, layer, index, x)
     hidden = graph.op("Transpose", [x], "hidden", perm=[1, 0, 2])
     if spec.head is None:
         graph.op("Identity", [hidden], "outputs")
@@ -81,6 +94,37 @@ def _recurrent(graph: _Graph, layer: RecurrentLayer, index: int, x: str) -> str:
         "GRU", [x, w, r, b, "lengths"], hidden_size=layer.units, linear_before_reset=1,
         direction="bidirectional" if layer.bidirectional else "forward",
     )  # y: (steps, dirs, batch, U)
+    return _merge(graph, layer, prefix, y)
+
+
+def _recurrent_reversed(graph: _Graph, layer: RecurrentLayer, index: int, x: str) -> str:
+    """:func:`_recurrent` with forward-only ``GRU`` ops: the backward one reads each sequence
+    reversed by its own length, so padding comes after its real steps, never before."""
+    prefix = f"gru{index}"
+    lengths = graph.op("Cast", ["lengths"], to=TensorProto.INT64)
+    dir_axis = graph.const(f"{prefix}_dir_axis", np.array([1], np.int64))
+    per_direction = []
+    for name, direction in zip(("forward", "backward"), layer.directions()):
+        w = graph.const(f"{prefix}_{name}_W", direction.kernel.T[None])
+        r = graph.const(f"{prefix}_{name}_R", direction.recurrent_kernel.T[None])
+        b = graph.const(f"{prefix}_{name}_B", direction.bias.reshape(1, -1))
+        inputs = x if name == "forward" else _reverse(graph, x, lengths)
+        y = graph.op("GRU", [inputs, w, r, b], hidden_size=layer.units, linear_before_reset=1)
+        if name == "backward":  # y: (steps, 1, batch, U)
+            steps = _reverse(graph, graph.op("Squeeze", [y, dir_axis]), lengths)
+            y = graph.op("Unsqueeze", [steps, dir_axis])
+        per_direction.append(y)
+    y = graph.op("Concat", per_direction, axis=1) if layer.bidirectional else per_direction[0]
+    return _merge(graph, layer, prefix, y)
+
+
+def _reverse(graph: _Graph, x: str, lengths: str) -> str:
+    """Each sequence of a time-major ``(steps, batch, width)`` tensor reversed within its length."""
+    return graph.op("ReverseSequence", [x, lengths], batch_axis=1, time_axis=0)
+
+
+def _merge(graph: _Graph, layer: RecurrentLayer, prefix: str, y: str) -> str:
+    """``y (steps, dirs, batch, U)`` to ``(steps, batch, width)`` by the layer's merge mode."""
     if not layer.bidirectional:
         return graph.op("Squeeze", [y, graph.const(f"{prefix}_axis", np.array([1], np.int64))])
     if layer.merge_mode == "concat":

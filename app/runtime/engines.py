@@ -4,6 +4,8 @@ padding and are ignored by the caller; each sequence's own rows are exact.
 
 - :class:`OnnxRuntimeEngine` runs the graph of :mod:`app.lowering.onnx_graph`. No per-shape
   compilation, so there is nothing to warm per length. The fastest path measured here.
+- :class:`~app.runtime.openvino_engine.OpenVinoEngine` runs the same graph in OpenVINO
+  (optional package); ``ENGINE=auto`` times it against ONNX Runtime at start-up.
 - :class:`KerasEngine` runs the model of :mod:`app.convert.keras_model`, XLA-compiled once
   per padded shape ``(batch bucket, length bucket)``: the reference engine.
 
@@ -114,7 +116,12 @@ def _set_tf_threads(tf: object, threads: int) -> None:
 
 def make_engine(kind: str, spec: ModelSpec, threads: int | None, length_buckets: list[int],
                 keras_file: str | None = None) -> Engine:
-    """``keras_file``: the saved Keras model ``spec`` was read from, which ``keras`` serves itself."""
+    """The engine named ``kind`` (``auto`` is :func:`app.runtime.engine_choice.choose_engine`'s).
+    ``keras_file``: the saved Keras model ``spec`` was read from, which ``keras`` serves itself."""
     if kind == "keras":
         return KerasEngine(spec, threads or os.cpu_count() or 1, length_buckets, keras_file)
+    if kind == "openvino":
+        from app.runtime.openvino_engine import OpenVinoEngine
+
+        return OpenVinoEngine(spec, threads or 1)
     return OnnxRuntimeEngine(spec, threads or 1)

@@ -19,6 +19,7 @@ not ready (or exits with ``EXIT_ON_FAILURE``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import platform
 import time
@@ -34,7 +35,7 @@ from app.formats import ModelBundle, ParityData, load_bundle
 from app.observability import Metrics
 from app.runtime.batcher import MicroBatcher
 from app.runtime.buckets import length_buckets
-from app.runtime.engines import make_engine
+from app.runtime.engine_choice import EngineChoice, choose_engine
 from app.runtime.runner import Result, Runner
 from app.runtime.selfcheck import DEFAULT_TOLERANCE, SelfCheck, run_self_check
 
@@ -63,6 +64,7 @@ class ModelService:
         self.keras_check: SelfCheck | None = None  # the Keras model vs the parity data
         self.self_check: SelfCheck | None = None  # the engine vs the parity data
         self.engine_vs_keras: SelfCheck | None = None  # the engine vs the Keras model's outputs
+        self.engine_choice: EngineChoice | None = None
 
     def load(self) -> ModelBundle:
         """Find or make the Keras conversion and read it; raises :class:`~app.errors.ModelError`."""
@@ -149,8 +151,10 @@ class ModelService:
             _require(self.keras_check, "the Keras model against the parity data")
         buckets = length_buckets(settings.max_len)
         keras_file = spec.source.path if bundle.keras is not None else None  # the saved Keras model
-        engine = await asyncio.to_thread(make_engine, settings.engine, spec, settings.threads, buckets,
-                                         keras_file)
+        self.engine_choice = await asyncio.to_thread(
+            choose_engine, settings.engine, spec, settings.threads, buckets, settings.max_batch_size,
+            keras_file=keras_file)
+        engine = self.engine_choice.engine
         runner = Runner(engine, buckets, settings.max_batch_size)
         workers = settings.workers if engine.parallel_calls else 1
         self.batcher = MicroBatcher(runner, workers, settings.max_batch_size,
@@ -211,6 +215,8 @@ class ModelService:
             "self_check": _as_dict(self.self_check),
             "engine_vs_keras": _as_dict(self.engine_vs_keras),
             **common,
+            "engine": self.engine_choice.engine.name if self.engine_choice else self.settings.engine,
+            "engine_choice": self.engine_choice.as_dict() if self.engine_choice else None,
         }
 
     def _keras_metadata(self) -> dict | None:
@@ -238,11 +244,9 @@ def _versions() -> dict[str, str]:
 
     versions = {"service": __version__, "python": platform.python_version(),
                 "numpy": np.__version__, "onnxruntime": onnxruntime.__version__}
-    try:
-        from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
-        versions["keras"] = version("keras")
-        versions["tensorflow"] = version("tensorflow-cpu")
-    except Exception:
-        pass
+    for name, package in (("keras", "keras"), ("tensorflow", "tensorflow-cpu"), ("openvino", "openvino")):
+        with contextlib.suppress(PackageNotFoundError):
+            versions[name] = version(package)
     return versions

@@ -1,0 +1,165 @@
+"""The benchmark's results as Markdown tables (printed, saved, pasted into the README) and a plot."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+from pathlib import Path
+
+README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
+TARGET_LATENCY, TARGET_THROUGHPUT = 0.6, 1.5  # issue 12: HTTP p50 <= 0.6x XLA, 32 conns >= 1.5x
+
+
+def machine() -> str:
+    model, flags = "unknown CPU", ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model == "unknown CPU":
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = line
+    except OSError:
+        pass
+    vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return (f"{os.cpu_count()} CPU cores ({model}, {vector}), {platform.machine()}, "
+            f"Python {platform.python_version()}")
+
+
+def _key(rows: dict, n: int) -> dict:
+    return rows[n] if n in rows else rows[str(n)]
+
+
+def _pair(row: dict) -> str:
+    return f"{row['p50_ms']:.2f} / {row['p99_ms']:.2f}"
+
+
+def markdown(r: dict) -> str:
+    http, xla, engines, h100 = r["http"], r["xla_keras"], r["engines"], r["h100"]
+    lengths = [int(n) for n in http["latency"]]
+    names = list(engines)
+    lines = [
+        f"Machine: {r['machine']}; load average before/after: "
+        f"{r['load_average_before'][0]:.1f} / {r['load_average_after'][0]:.1f}"
+        + (" (a --quick smoke run, not a measurement)" if r.get("quick") else ""),
+        "",
+        "One sequence, p50 / p99 in ms; XLA Keras = `tf.function(jit_compile=True)` over the Keras model, "
+        "in-process, every shape compiled first:",
+        "",
+        "| tokens | XLA Keras in-process | " + " | ".join(f"{n} in-process" for n in names)
+        + " | service over HTTP | HTTP / XLA (p50) | HTTP p99/p50 |",
+        "|---:|---:|" + "---:|" * len(names) + "---:|---:|---:|",
+    ]
+    for n in lengths:
+        net, peer = _key(http["latency"], n), _key(xla["latency"], n)
+        cells = [_pair(_key(engines[e]["latency"], n)) for e in names]
+        lines.append(f"| {n} | {_pair(peer)} | " + " | ".join(cells) + f" | {_pair(net)} | "
+                     f"{net['p50_ms'] / peer['p50_ms']:.2f}x | {net['p99_over_p50']:.2f} |")
+    lines += [
+        "",
+        f"Throughput, one sequence per request, lengths uniform in 8..256, over HTTP driven by wrk; "
+        f"XLA Keras in-process on the same lengths as sorted, masked batches of 32: "
+        f"**{xla['throughput_seq_s']:.0f} seq/s**; H100 (cuDNN, batch of 32): "
+        f"{h100['seqs_per_s']:.0f} seq/s.",
+        "",
+        "| connections | seq/s | p50 ms | p99 ms | errors | vs XLA Keras | vs H100 |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c, row in http["throughput"].items():
+        lines.append(f"| {c} | {row['seq_s']:.0f} | {row['p50_ms']:.1f} | {row['p99_ms']:.1f} | "
+                     f"{row['errors']} | {row['seq_s'] / xla['throughput_seq_s']:.2f}x | "
+                     f"{row['seq_s'] / h100['seqs_per_s']:.2f}x |")
+    lines += ["", "In-process, batches of 32 (sorted lengths 8..256): "
+              + "; ".join(f"{n} {e['throughput_seq_s']:.0f} seq/s ({e['workers']} one-thread calls "
+                          f"side by side, {e['throughput_seq_s'] / xla['throughput_seq_s']:.2f}x XLA Keras)"
+                          for n, e in engines.items()) + "."]
+    lines += ["", *_notes(r)]
+    return "\n".join(lines)
+
+
+def _notes(r: dict) -> list[str]:
+    http, xla, bare, h100 = r["http"], r["xla_keras"], r["bare_uvicorn"], r["h100"]
+    net64, peer64 = _key(http["latency"], 64), _key(xla["latency"], 64)
+    thirty_two = _key(http["throughput"], 32)
+    latency_ratio = net64["p50_ms"] / peer64["p50_ms"]
+    throughput_ratio = thirty_two["seq_s"] / xla["throughput_seq_s"]
+    steadiest = max(row["p99_over_p50"] for row in http["latency"].values())
+    new_lengths = http.get("new_lengths") or {}
+    first = max((row["first_over_p50"] for row in new_lengths.values()), default=float("nan"))
+    errors = sum(row["errors"] for row in http["throughput"].values())
+    choice = http.get("engine_choice") or {}
+    timings = "; ".join(f"{name} {t['lone_ms']:.2f} ms lone + {t['batch_ms']:.1f} ms batch"
+                        if "lone_ms" in t else f"{name}: {t.get('error') or t.get('untimed')}"
+                        for name, t in (choice.get("timings") or {}).items())
+    engine64 = min(_key(e["latency"], 64)["p50_ms"] for e in r["engines"].values())
+    return [
+        f"- Targets: 64 tokens over HTTP at **{latency_ratio:.2f}x** XLA Keras in-process "
+        f"(target <= {TARGET_LATENCY}: {'met' if latency_ratio <= TARGET_LATENCY else 'not met'}); "
+        f"32 connections at **{throughput_ratio:.2f}x** XLA Keras batched "
+        f"(target >= {TARGET_THROUGHPUT}: {'met' if throughput_ratio >= TARGET_THROUGHPUT else 'not met'}); "
+        f"{errors} errors; HTTP p99/p50 at most {steadiest:.2f} over every length up to MAX_LEN "
+        f"({'< 2' if steadiest < 2 else 'NOT < 2'}); the first request at each of {len(new_lengths)} "
+        f"lengths never seen before (1..MAX_LEN) took at most {first:.2f}x the requests after it "
+        f"({'no compile on the request path' if first < 2 else 'a spike: look for compilation'}).",
+        f"- H100 anchor (`models/segmenter/provenance.json`, PyTorch cuDNN, TF32): one 64-token sequence "
+        f"{h100['single_len64_ms']:.2f} ms, {h100['seqs_per_s']:.0f} seq/s on a batch of 32 of "
+        "lengths 8..256.",
+        f"- Service: ENGINE=auto chose **{http['engine']}** ({timings}); ready "
+        f"{http['seconds_to_ready']:.2f} s after the process started "
+        f"({http['service_seconds_to_ready']:.2f} s by its own clock, self-check "
+        f"{http['self_check']['max_abs_diff_outputs']:.1e} against the GPU).",
+        f"- HTTP cost: a bare uvicorn answer (no routing, no parsing, no model) takes "
+        f"{bare['latency_64']['p50_ms']:.2f} ms p50 and {_cpu(bare['latency_64'])} of server CPU for a "
+        f"64-token body, and serves {bare['throughput_32']['seq_s']:.0f} req/s at 32 connections; "
+        f"the service answers a 64-token request in {_cpu(net64)} of CPU against "
+        f"{_cpu(_key(r['engines'][http['engine']]['latency'], 64), 'cpu_ms')} for its engine's call "
+        f"in-process, and adds {net64['p50_ms'] - engine64:.2f} ms of wall time to the fastest engine.",
+        f"- XLA Keras compiled its {len(xla['latency'])} latency shapes and the batches' shapes in "
+        f"{xla['compile_s']:.1f} s before timing. Footnote: `model.predict` on one 64-token sequence: "
+        f"{xla['predict_64_p50_ms']:.1f} ms p50 (fixed per-call overhead; not a peer).",
+    ]
+
+
+def _cpu(row: dict, key: str = "server_cpu_ms_per_request") -> str:
+    value = row.get(key)
+    return "-" if value is None else f"{value:.2f} ms"
+
+
+def paste_into_readme(markdown_text: str, readme: Path) -> None:
+    text = readme.read_text()
+    pattern = re.compile(re.escape(README_START) + ".*?" + re.escape(README_END), re.S)
+    if not pattern.search(text):
+        raise RuntimeError(f"README.md has no {README_START} ... {README_END} block")
+    readme.write_text(pattern.sub(lambda _: f"{README_START}\n{markdown_text}\n{README_END}", text))
+
+
+def plot(r: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.4))
+    series = [("XLA Keras in-process", r["xla_keras"]["latency"]),
+              *((f"{name} in-process", e["latency"]) for name, e in r["engines"].items()),
+              ("service over HTTP", r["http"]["latency"])]
+    for label, rows in series:
+        lengths = sorted(int(n) for n in rows)
+        left.plot(lengths, [_key(rows, n)["p50_ms"] for n in lengths], marker="o", label=label)
+    left.plot([64], [r["h100"]["single_len64_ms"]], marker="*", markersize=12, linestyle="none",
+              color="black", label="H100 cuDNN (64 tokens)")
+    left.set(xscale="log", yscale="log", xlabel="tokens", ylabel="p50 latency (ms)",
+             title="Latency, one sequence")
+    left.legend(fontsize=8)
+    throughput = r["http"]["throughput"]
+    right.bar([str(c) for c in throughput], [row["seq_s"] for row in throughput.values()],
+              label="service over HTTP (wrk)")
+    right.axhline(r["xla_keras"]["throughput_seq_s"], color="red", linestyle="--",
+                  label="XLA Keras in-process, batches of 32")
+    right.axhline(r["h100"]["seqs_per_s"], color="black", linestyle=":", label="H100 cuDNN, batch of 32")
+    right.set(xlabel="connections", ylabel="sequences / s", title="Throughput, lengths 8..256")
+    right.legend(fontsize=8)
+    fig.suptitle(f"default model (2x BiGRU-128), {r['machine']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,85 @@
+"""Every engine, the way the service runs it: exact against the GPU's outputs for the default
+model, batched == alone, and ``ENGINE=auto`` choosing the fastest by measurement. (Each
+engine against the NumPy reference for other architectures: ``test_conversion``.)"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from app.formats import load_bundle
+from app.lowering.onnx_graph import build_onnx_model
+from app.runtime import engine_choice
+from app.runtime.buckets import length_buckets
+from app.runtime.engine_choice import CANDIDATES, choose_engine
+from app.runtime.runner import Runner
+from app.runtime.selfcheck import run_self_check
+from tests.conftest import DEFAULT_MODEL
+from tests.helpers import ENGINES, max_diff, runner_for
+
+GPU_TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    return load_bundle(DEFAULT_MODEL)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_engine_passes_the_self_check_within_1e_5_of_the_gpu(bundle, engine: str) -> None:
+    runner = runner_for(bundle.spec, engine, max_len=512, max_batch_size=32)
+    check = run_self_check(bundle.parity, runner.run, GPU_TOLERANCE)
+    assert check.passed, check.as_dict()
+    assert check.max_abs_diff_hidden is not None
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_batched_equals_alone(bundle, engine: str) -> None:
+    runner = runner_for(bundle.spec, engine, max_len=512, max_batch_size=32)
+    sequences = bundle.parity.sequences
+    together = runner.run(sequences)
+    alone = [runner.run([sequence])[0] for sequence in sequences]
+    for which in (0, 1):
+        assert max_diff([r[which] for r in together], [r[which] for r in alone]) <= GPU_TOLERANCE
+
+
+def test_reversed_lowering_equals_sequence_lens_lowering_in_onnxruntime(bundle) -> None:
+    """The graph OpenVINO gets, run by ONNX Runtime: the same numbers as the serving graph."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(3)
+    lengths = np.array([1, 7, 40, 13, 64, 2], np.int32)
+    ids = np.zeros((len(lengths), lengths.max()), np.int32)
+    for row, length in enumerate(lengths):
+        ids[row, :length] = rng.integers(1, bundle.spec.vocab_size, length)
+    graphs = [build_onnx_model(bundle.spec, backward).SerializeToString()
+              for backward in ("sequence_lens", "reversed")]
+    results = [ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
+               .run(None, {"ids": ids, "lengths": lengths}) for graph in graphs]
+    for got, expected in zip(results[1], results[0]):
+        for row, length in enumerate(lengths):
+            np.testing.assert_allclose(got[row, :length], expected[row, :length], atol=1e-6)
+
+
+def test_auto_times_every_candidate_and_serves_the_fastest(bundle) -> None:
+    buckets = length_buckets(256)
+    choice = choose_engine("auto", bundle.spec, None, buckets, 8, budget_s=0.2)
+    report = choice.as_dict()
+    assert report["requested"] == "auto" and set(report["timings"]) == set(CANDIDATES)
+    timed = {name: t for name, t in choice.timings.items() if t.error is None}
+    assert choice.engine.name == min(timed, key=lambda name: timed[name].round_ms)
+    assert all(t.rounds >= 3 and t.lone_ms > 0 and t.batch_ms > 0 for t in timed.values())
+    check = run_self_check(bundle.parity, Runner(choice.engine, buckets, 8).run, GPU_TOLERANCE)
+    assert check.passed
+
+
+def test_auto_with_one_candidate_serves_it_untimed(bundle, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(engine_choice, "CANDIDATES", ("onnxruntime",))
+    choice = choose_engine("auto", bundle.spec, None, length_buckets(64), 8)
+    assert choice.engine.name == "onnxruntime"
+    assert choice.as_dict()["timings"] == {"onnxruntime": {"untimed": "the only candidate available"}}
+
+
+def test_a_named_engine_is_served_without_timing(bundle) -> None:
+    choice = choose_engine("onnxruntime", bundle.spec, None, length_buckets(64), 8)
+    assert choice.engine.name == "onnxruntime" and choice.timings == {}
