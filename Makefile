@@ -17,6 +17,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	# tf-keras (the tests' reference) requires the full `tensorflow` wheel, which would install
+	# its files over tensorflow-cpu: add it alone, so .venv runs the TensorFlow production runs.
+	$(BIN)/pip install -q --no-deps $$(grep -i '^tf[-_]keras==' constraints.txt)
+	! $(BIN)/pip show -q tensorflow 2>/dev/null || { echo "only tensorflow-cpu may be installed" >&2; exit 1; }
 	touch $@
 
 # docker-compose 1.x (for `docker-compose config` in the tests) pins old libraries, so it

@@ -10,6 +10,9 @@ queue up and form the next batches, so batching grows with load by itself; ``max
 optionally waits a little for company when the queue is short (0 by default: a lone
 request never waits). At most ``max_queue`` sequences wait: past that, :meth:`submit`
 raises :class:`QueueFull` at once instead of letting latency grow without bound.
+
+:meth:`stream` runs a large request part by part (``LOOKAHEAD`` parts queued at a time),
+so that its results are produced about as fast as they are sent and never all held at once.
 """
 
 from __future__ import annotations
@@ -17,12 +20,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from app.runtime.admission import LOOKAHEAD
 from app.runtime.runner import Result, Runner
 
 
@@ -77,11 +81,35 @@ class MicroBatcher:
         a client gone) drops the job if it has not started."""
         if self._waiting + len(sequences) > self.max_queue:
             raise QueueFull
+        return await self._enqueue(sequences)
+
+    async def stream(self, parts: list[list[np.ndarray]]) -> AsyncIterator[list[Result]]:
+        """Each part's results, in order, with the next ``LOOKAHEAD - 1`` parts computing
+        meanwhile. The queue bound applies when the first parts are queued (then the request
+        is accepted and runs to its end); closing the iterator drops the parts not started."""
+        if self._waiting + sum(len(part) for part in parts[:LOOKAHEAD]) > self.max_queue:
+            raise QueueFull
+        pending = deque(self._enqueue(part) for part in parts[:LOOKAHEAD])
+        following = iter(parts[LOOKAHEAD:])
+        try:
+            while pending:
+                results = await pending[0]
+                pending.popleft()
+                part = next(following, None)
+                if part is not None:
+                    pending.append(self._enqueue(part))
+                yield results
+                del results  # released as soon as the consumer drops them
+        finally:
+            for future in pending:
+                future.cancel()
+
+    def _enqueue(self, sequences: list[np.ndarray]) -> asyncio.Future[list[Result]]:
         job = Job(sequences, asyncio.get_running_loop().create_future())
         self._queue.append(job)
         self._waiting += len(sequences)
         self._wakeup.set()
-        return await job.future
+        return job.future
 
     async def run_now(self, sequences: list[np.ndarray]) -> list[Result]:
         """Run on the engine thread without queueing (start-up work, before serving)."""

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import platform
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,6 +20,7 @@ from app import __version__
 from app.config import Settings
 from app.formats import ModelBundle, ParityData, load_bundle
 from app.observability import Metrics
+from app.runtime.admission import CostModel, MemoryBudget, sized_budget
 from app.runtime.batcher import MicroBatcher
 from app.runtime.buckets import length_buckets
 from app.runtime.engines import make_engine
@@ -45,6 +47,8 @@ class ModelService:
         self.bundle: ModelBundle | None = None
         self.batcher: MicroBatcher | None = None
         self.self_check: SelfCheck | None = None
+        self.costs: CostModel | None = None  # set once ready (issue 8: memory admission)
+        self.budget: MemoryBudget | None = None
 
     def load(self) -> ModelBundle:
         """Read and convert the model file; raises :class:`~app.errors.ModelError`."""
@@ -94,7 +98,7 @@ class ModelService:
         settings, spec = self.settings, self.bundle.spec
         buckets = length_buckets(settings.max_len)
         engine = await asyncio.to_thread(make_engine, settings.engine, spec, settings.threads, buckets)
-        runner = Runner(engine, buckets, settings.max_batch_size)
+        runner = Runner(engine, buckets, settings.max_batch_size, settings.max_batch_tokens)
         workers = settings.workers if engine.parallel_calls else 1
         self.batcher = MicroBatcher(runner, workers, settings.max_batch_size,
                                     settings.max_queue_delay_ms / 1000, settings.max_queue)
@@ -107,7 +111,21 @@ class ModelService:
             await self._check(self.bundle.parity, runner)
         self.status.stage = "warm-up"
         await asyncio.to_thread(runner.warm_up)
+        self._size_budget(workers)
         self.batcher.start()
+
+    def _size_budget(self, workers: int) -> None:
+        """Price requests for this model; size the budget now that the RSS is the baseline."""
+        assert self.bundle is not None
+        spec, settings = self.bundle.spec, self.settings
+        self.costs = CostModel(
+            length_buckets(settings.max_len), spec.output_width, spec.hidden_width,
+            sum(layer.units * len(layer.directions()) for layer in spec.layers),
+            settings.max_batch_tokens, settings.max_batch_size)
+        self.budget = sized_budget(settings.memory_budget_bytes, self.costs.engine_reserve(workers))
+        log.info("memory budget %.0f MiB (%s)", (self.budget.total + self.budget.waiting_room) / 2**20,
+                 self.budget.derivation,
+                 extra={"memory_budget": self.budget.describe()})
 
     async def _check(self, parity: ParityData, runner: Runner) -> None:
         """The serving engine against the GPU's outputs; raises if they differ too much."""
@@ -124,6 +142,11 @@ class ModelService:
     async def infer(self, sequences: list[np.ndarray]) -> list[Result]:
         assert self.batcher is not None
         return await self.batcher.submit(sequences)
+
+    def infer_parts(self, parts: list[list[np.ndarray]]) -> AsyncIterator[list[Result]]:
+        """Results part by part (see :meth:`MicroBatcher.stream`)."""
+        assert self.batcher is not None
+        return self.batcher.stream(parts)
 
     async def close(self) -> None:
         if self.batcher is not None:
@@ -145,9 +168,19 @@ class ModelService:
             "self_check": None if self.self_check is None else self.self_check.as_dict(),
             "status": {"stage": self.status.stage, "ready": self.status.ready,
                        "error": self.status.error, "seconds_to_ready": self.status.seconds_to_ready},
-            "limits": {"max_batch": self.settings.max_batch, "max_len": self.settings.max_len},
+            "limits": self.limits(),
             "versions": _versions(),
         }
+
+    def limits(self) -> dict:
+        """What a request may be and hold (published in /v1/model and the OpenAPI text)."""
+        settings = self.settings
+        limits = {"max_batch": settings.max_batch, "max_len": settings.max_len,
+                  "max_body_bytes": settings.max_body_bytes, "max_queue": settings.max_queue,
+                  "max_batch_tokens": settings.max_batch_tokens,
+                  "request_timeout_s": settings.request_timeout_s,
+                  "header_timeout_s": settings.header_timeout_s, "body_timeout_s": settings.body_timeout_s}
+        return limits | (self.budget.describe() if self.budget else {})
 
 
 def _versions() -> dict[str, str]:

@@ -1,0 +1,84 @@
+"""``/infer``'s answer as one JSON document, encoded and sent piece by piece.
+
+The document is ``{"model": ..., "outputs": [...], "hidden": [...]}`` as always, but with
+``return_hidden`` the ``hidden`` member comes before ``outputs`` (JSON objects carry no
+order): the hidden states, 128 times the size of the outputs on the default model, are then
+sent part by part as the engine produces them and released once sent, while the small
+output rows are kept for the end. Without ``return_hidden`` the outputs stream the same way.
+Pieces are at most one sequence's rows; small ones are joined up to ``CHUNK_BYTES``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+
+import numpy as np
+import orjson
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from app.runtime.runner import Result
+
+CHUNK_BYTES = 64 * 1024
+
+
+async def infer_document(model: str, parts: AsyncIterator[list[Result]],
+                         return_hidden: bool) -> AsyncIterator[bytes]:
+    """The chunks of the document for ``parts`` (each part's results, in sequence order)."""
+    kept_outputs: list[np.ndarray] = []
+    streamed = JSONList()
+    yield b'{"model":' + orjson.dumps(model) + (b',"hidden":' if return_hidden else b',"outputs":')
+    async for results in parts:
+        if return_hidden:
+            kept_outputs += [outputs for outputs, _ in results]
+        for chunk in streamed.extend(row[1] if return_hidden else row[0] for row in results):
+            yield chunk
+        del results  # this part's arrays go as soon as they are sent
+    if not return_hidden:
+        yield streamed.close() + b"}"
+        return
+    yield streamed.close() + b',"outputs":'
+    outputs = JSONList()
+    for chunk in outputs.extend(kept_outputs):
+        yield chunk
+    yield outputs.close() + b"}"
+
+
+class JSONList:
+    """A JSON array of arrays, encoded one array at a time and handed out in chunks."""
+
+    def __init__(self) -> None:
+        self.pending = bytearray(b"[")
+        self.empty = True
+
+    def extend(self, arrays: Iterable[np.ndarray]) -> Iterator[bytes]:
+        for array in arrays:
+            if not self.empty:
+                self.pending += b","
+            self.empty = False
+            self.pending += orjson.dumps(array, option=orjson.OPT_SERIALIZE_NUMPY)
+            if len(self.pending) >= CHUNK_BYTES:
+                yield bytes(self.pending)
+                self.pending = bytearray()
+
+    def close(self) -> bytes:
+        self.pending += b"]"
+        return bytes(self.pending)
+
+
+class StreamedJSON(StreamingResponse):
+    """A streamed ``application/json`` answer that always closes its chunk generator (so that
+    its ``finally`` runs at once, whether the answer completed, failed or the client left)."""
+
+    def __init__(self, chunks: AsyncIterator[bytes], on_close: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(chunks, media_type="application/json")
+        self.on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
+            await self.on_close()
