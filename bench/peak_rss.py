@@ -72,6 +72,13 @@ class MemoryCgroup:
                 return int(line.split()[1])
         return 0
 
+    def peak(self) -> int:
+        """The cgroup's largest memory use (RSS and page cache)."""
+        for name in ("memory.peak", "memory.max_usage_in_bytes"):
+            if (self.path / name).exists():
+                return int((self.path / name).read_text())
+        return 0
+
     def remove(self) -> None:
         self.path.rmdir()
 
@@ -81,9 +88,10 @@ def start_server(env: dict[str, str], cgroup: MemoryCgroup | None) -> tuple[subp
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     command = [sys.executable, "-m", "app", "serve"]
+    log = open(RESULTS / "peak_rss.log", "w")  # noqa: SIM115 (the server writes it while it runs)
     process = subprocess.Popen(cgroup.wrap(command) if cgroup else command, cwd=ROOT,
                                env={**os.environ, "HOST": "127.0.0.1", "PORT": str(port), **env},
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:
@@ -126,11 +134,14 @@ async def post_all(url: str, body: bytes, count: int) -> list[tuple[int, str, in
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
         async def one() -> tuple[int, str, int]:
             digest, size = hashlib.sha256(), 0
-            async with client.stream("POST", "/infer", content=body,
-                                     headers={"content-type": "application/json"}) as response:
-                async for chunk in response.aiter_bytes():
-                    digest.update(chunk)
-                    size += len(chunk)
+            try:
+                async with client.stream("POST", "/infer", content=body,
+                                         headers={"content-type": "application/json"}) as response:
+                    async for chunk in response.aiter_bytes():
+                        digest.update(chunk)
+                        size += len(chunk)
+            except httpx.HTTPError as exc:
+                return -1, type(exc).__name__, size  # the server died or cut the answer
             return response.status_code, digest.hexdigest(), size
 
         return await asyncio.gather(*[one() for _ in range(count)])
@@ -154,6 +165,7 @@ def main() -> int:
     sequences = rng.integers(2, 96, (args.batch, args.length)).tolist()
     body = orjson.dumps({"sequences": sequences, "return_hidden": True})
     cgroup = MemoryCgroup(args.memory_limit) if args.memory_limit else None
+    RESULTS.mkdir(parents=True, exist_ok=True)
     process, url = start_server({}, cgroup)
     report: dict = {"request": f"{args.batch} x {args.length} tokens, return_hidden",
                     "body_bytes": len(body), "memory_limit": args.memory_limit}
@@ -171,13 +183,15 @@ def main() -> int:
             report.setdefault("digest", answers[0][1])
             report[name]["identical"] = all(digest == report["digest"] for _, digest, _ in answers)
         report["alive"] = process.poll() is None and httpx.get(url + "/readyz").status_code == 200
+        if report["alive"]:
+            report["rss_after_mib"] = rss_bytes(process.pid) / MiB
     finally:
         process.terminate()
         process.wait(timeout=30)
         if cgroup:
             report["oom_kills"] = cgroup.oom_kills()
+            report["cgroup_peak_mib"] = cgroup.peak() / MiB
             cgroup.remove()
-    RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "peak_rss.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
     answered = [report[k]["statuses"] for k in ("alone", f"{args.concurrent}_at_once")]

@@ -5,7 +5,7 @@ The document is ``{"model": ..., "outputs": [...], "hidden": [...]}`` as always,
 order): the hidden states, 128 times the size of the outputs on the default model, are then
 sent part by part as the engine produces them and released once sent, while the small
 output rows are kept for the end. Without ``return_hidden`` the outputs stream the same way.
-Pieces are at most one sequence's rows; small ones are joined up to ``CHUNK_BYTES``.
+Chunks are about ``CHUNK_BYTES`` (a few rows of a sequence, or several short sequences).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from starlette.types import Receive, Scope, Send
 from app.runtime.runner import Result
 
 CHUNK_BYTES = 64 * 1024
+JSON_BYTES_PER_VALUE = 16  # "-1.2345678e-05," is 15 characters
 
 
 async def infer_document(model: str, parts: AsyncIterator[list[Result]],
@@ -45,7 +46,8 @@ async def infer_document(model: str, parts: AsyncIterator[list[Result]],
 
 
 class JSONList:
-    """A JSON array of arrays, encoded one array at a time and handed out in chunks."""
+    """A JSON array of 2-D arrays, encoded a few rows at a time and handed out in chunks of
+    about ``CHUNK_BYTES``: small buffers, reused by the allocator, never a whole answer."""
 
     def __init__(self) -> None:
         self.pending = bytearray(b"[")
@@ -53,13 +55,18 @@ class JSONList:
 
     def extend(self, arrays: Iterable[np.ndarray]) -> Iterator[bytes]:
         for array in arrays:
-            if not self.empty:
-                self.pending += b","
+            self.pending += b"[" if self.empty else b",["
             self.empty = False
-            self.pending += orjson.dumps(array, option=orjson.OPT_SERIALIZE_NUMPY)
-            if len(self.pending) >= CHUNK_BYTES:
-                yield bytes(self.pending)
-                self.pending = bytearray()
+            rows = max(1, CHUNK_BYTES // (JSON_BYTES_PER_VALUE * max(array.shape[1], 1)))
+            for start in range(0, len(array), rows):
+                if start:
+                    self.pending += b","
+                encoded = orjson.dumps(array[start:start + rows], option=orjson.OPT_SERIALIZE_NUMPY)
+                self.pending += memoryview(encoded)[1:-1]  # the rows, without the outer brackets
+                if len(self.pending) >= CHUNK_BYTES:
+                    yield bytes(self.pending)
+                    self.pending = bytearray()
+            self.pending += b"]"
 
     def close(self) -> bytes:
         self.pending += b"]"
