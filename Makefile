@@ -9,7 +9,7 @@ TOOLS  := .venv-tools
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: install run test lint bench soak flood constraints clean
+.PHONY: install run test lint bench soak flood peak-rss constraints clean
 
 install: $(VENV)/.installed $(TOOLS)/.installed
 
@@ -50,6 +50,12 @@ soak: $(VENV)/.installed
 # Far more concurrent work than the queue holds: every answer a correct 200 or a fast 503.
 flood: $(VENV)/.installed
 	$(BIN)/python -m bench.flood
+
+# Peak RSS of the maximal request (64 x 2048 tokens, return_hidden), alone and four at once;
+# then the same inside a 512 MiB memory cgroup (needs root), as our deployment files declare.
+peak-rss: $(VENV)/.installed
+	$(BIN)/python -m bench.peak_rss
+	$(BIN)/python -m bench.peak_rss --memory-limit 512m
 
 constraints: $(VENV)/.installed
 	{ sed -n '1,2p' constraints.txt; $(BIN)/pip freeze --exclude-editable | grep -v '^-e'; } > constraints.new

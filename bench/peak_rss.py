@@ -5,7 +5,7 @@ Starts ``python -m app serve`` on a free loopback port (optionally inside a memo
 then sends the maximal request alone and ``--concurrent`` of them at once, sampling the
 server's RSS every 10 ms. Every answer must be a complete 200 whose bytes equal the lone
 answer's (the same request gives the same document), and the process must survive.
-Prints and writes ``bench/results/peak_rss.json``.
+Prints and writes ``bench/results/peak_rss.json`` (``peak_rss_<limit>mib.json`` with a limit).
 
     python -m bench.peak_rss                          # no limit: what one replica needs
     python -m bench.peak_rss --memory-limit 512m      # our deployment files' limit
@@ -83,12 +83,13 @@ class MemoryCgroup:
         self.path.rmdir()
 
 
-def start_server(env: dict[str, str], cgroup: MemoryCgroup | None) -> tuple[subprocess.Popen, str]:
+def start_server(env: dict[str, str], cgroup: MemoryCgroup | None,
+                 log_path: Path) -> tuple[subprocess.Popen, str]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     command = [sys.executable, "-m", "app", "serve"]
-    log = open(RESULTS / "peak_rss.log", "w")  # noqa: SIM115 (the server writes it while it runs)
+    log = open(log_path, "w")  # noqa: SIM115 (the server writes it while it runs)
     process = subprocess.Popen(cgroup.wrap(command) if cgroup else command, cwd=ROOT,
                                env={**os.environ, "HOST": "127.0.0.1", "PORT": str(port), **env},
                                stdout=log, stderr=subprocess.STDOUT)
@@ -166,7 +167,8 @@ def main() -> int:
     body = orjson.dumps({"sequences": sequences, "return_hidden": True})
     cgroup = MemoryCgroup(args.memory_limit) if args.memory_limit else None
     RESULTS.mkdir(parents=True, exist_ok=True)
-    process, url = start_server({}, cgroup)
+    name = f"peak_rss_{args.memory_limit // MiB}mib" if args.memory_limit else "peak_rss"
+    process, url = start_server({}, cgroup, RESULTS / f"{name}.log")
     report: dict = {"request": f"{args.batch} x {args.length} tokens, return_hidden",
                     "body_bytes": len(body), "memory_limit": args.memory_limit}
     try:
@@ -192,7 +194,7 @@ def main() -> int:
             report["oom_kills"] = cgroup.oom_kills()
             report["cgroup_peak_mib"] = cgroup.peak() / MiB
             cgroup.remove()
-    (RESULTS / "peak_rss.json").write_text(json.dumps(report, indent=2))
+    (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
     answered = [report[k]["statuses"] for k in ("alone", f"{args.concurrent}_at_once")]
     ok = (report["alive"] and not report.get("oom_kills")

@@ -133,7 +133,8 @@ async def answer_streamed(service: ModelService, sequences: list[np.ndarray], re
         await budget.admit(cost, timeout_s)
     except NeverFits:
         metrics.rejected.labels("over_budget").inc()
-        message = over_budget_message(cost, budget, lengths, return_hidden)
+        lighter = costs.price(lengths, False, body_bytes) if return_hidden else cost
+        message = over_budget_message(cost, budget, lengths, return_hidden, lighter.total <= budget.total)
         raise ApiError(413, "over_memory_budget", message) from None
     except BudgetTaken:
         metrics.rejected.labels("memory_budget").inc()
@@ -183,10 +184,12 @@ async def within_deadline(work: Awaitable[T], remaining_s: float, timeout_s: flo
         raise ApiError(504, "deadline_exceeded", f"no result within {timeout_s:g} s") from None
 
 
-def over_budget_message(cost: Cost, budget: MemoryBudget, lengths: list[int], return_hidden: bool) -> str:
+def over_budget_message(cost: Cost, budget: MemoryBudget, lengths: list[int], return_hidden: bool,
+                        fits_without_hidden: bool) -> str:
     what = f"{len(lengths)} sequences, {sum(lengths)} tokens"
     what += ", with hidden states" if return_hidden else ""
-    advice = "split it into smaller requests" + (" or drop return_hidden" if return_hidden else "")
+    advice = "split it into smaller requests (fewer or shorter sequences)"
+    advice += " or drop return_hidden" if fits_without_hidden else ""
     return (f"this request ({what}) needs about {cost.total / MiB:.0f} MiB to answer, more than the "
             f"{budget.total / MiB:.0f} MiB one request may hold (MEMORY_BUDGET_BYTES): {advice}")
 # --- end issue 8 ---------------------------------------------------------------------------
@@ -227,6 +230,25 @@ def token_arrays(sequences: list[list[float]], token_range: tuple[int, int]) -> 
     return np.split(flat.astype(np.int32), np.cumsum(lengths)[:-1])
 
 
+def limits_description(limits: dict[str, Any]) -> str:
+    """This deployment's limits, in words, for the OpenAPI description of ``/infer``."""
+    text = (
+        f"Limits of this deployment: 1..{limits['max_batch']} sequences of 1..{limits['max_len']} "
+        f"tokens; bodies up to {limits['max_body_bytes']} bytes (else 413 `body_too_large`); headers "
+        f"within {limits['header_timeout_s']:g} s and the body within {limits['body_timeout_s']:g} s "
+        "(else 408). Each request is priced in memory before it runs (its tokens, and the output "
+        "rows in flight, hidden states included with `return_hidden`)")
+    if "memory_budget_bytes" in limits:
+        text += (
+            f": one that needs more than {limits['largest_request_cost_bytes']} bytes gets 413 "
+            "`over_memory_budget` (split it into smaller requests, or drop `return_hidden`); while "
+            f"the budget of {limits['memory_budget_bytes']} bytes ({limits['memory_budget_from']}) is "
+            f"taken, requests wait up to {limits['request_timeout_s']:g} s, else 503 `overloaded` "
+            "with Retry-After")
+    return text + (". Large answers are streamed (chunked) as they are computed; with "
+                   "`return_hidden`, `hidden` comes before `outputs` in the document.")
+
+
 def include_routes(app: FastAPI, settings: Settings) -> None:
     app.include_router(build_router(settings))
     generate = app.openapi
@@ -240,6 +262,7 @@ def include_routes(app: FastAPI, settings: Settings) -> None:
             low, high = service.token_range
             token = body["schema"]["properties"]["sequences"]["items"]["items"]
             token["minimum"], token["maximum"] = low, high - 1
+            schema["paths"]["/infer"]["post"]["description"] = limits_description(service.limits())
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]

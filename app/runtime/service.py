@@ -123,9 +123,11 @@ class ModelService:
             sum(layer.units * len(layer.directions()) for layer in spec.layers),
             settings.max_batch_tokens, settings.max_batch_size)
         self.budget = sized_budget(settings.memory_budget_bytes, self.costs.engine_reserve(workers))
-        log.info("memory budget %.0f MiB (%s)", (self.budget.total + self.budget.waiting_room) / 2**20,
-                 self.budget.derivation,
-                 extra={"memory_budget": self.budget.describe()})
+        budget = self.budget
+        self.metrics.memory_used.set_function(lambda: budget.used)
+        self.metrics.memory_waiting.set_function(lambda: budget.waiting)
+        log.info("memory budget %.0f MiB (%s)", (budget.total + budget.waiting_room) / 2**20,
+                 budget.derivation, extra={"memory_budget": budget.describe()})
 
     async def _check(self, parity: ParityData, runner: Runner) -> None:
         """The serving engine against the GPU's outputs; raises if they differ too much."""
