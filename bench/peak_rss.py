@@ -175,15 +175,15 @@ def main() -> int:
         report["rss_ready_mib"] = rss_bytes(process.pid) / MiB
         report["mapped"] = mapped_libraries(process.pid)
         report["limits"] = httpx.get(url + "/v1/model").json().get("limits")
-        for name, count in (("alone", 1), (f"{args.concurrent}_at_once", args.concurrent)):
+        for scenario, count in (("alone", 1), (f"{args.concurrent}_at_once", args.concurrent)):
             started = time.perf_counter()
             with Sampler(process.pid) as sampler:
                 answers = asyncio.run(post_all(url, body, count))
-            report[name] = {"statuses": [status for status, _, _ in answers],
+            report[scenario] = {"statuses": [status for status, _, _ in answers],
                             "response_bytes": answers[0][2], "seconds": time.perf_counter() - started,
                             "peak_rss_mib": sampler.peak / MiB}
             report.setdefault("digest", answers[0][1])
-            report[name]["identical"] = all(digest == report["digest"] for _, digest, _ in answers)
+            report[scenario]["identical"] = all(digest == report["digest"] for _, digest, _ in answers)
         report["alive"] = process.poll() is None and httpx.get(url + "/readyz").status_code == 200
         if report["alive"]:
             report["rss_after_mib"] = rss_bytes(process.pid) / MiB
