@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 LENGTHS = (16, 64, 256, 2048)
 CONCURRENCY = (1, 8, 32)
-HOST, PORT = "127.0.0.1", 8790
+HOST, PORT = "127.0.0.1", int(os.environ.get("BENCH_PORT", "8790"))  # one port per concurrent run
 
 
 def percentiles(samples_s: list[float]) -> dict[str, float]:
