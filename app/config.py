@@ -51,6 +51,9 @@ class Settings(BaseSettings):
                                     "from the connection's first byte (then 408, or a close if idle)")
     body_timeout_s: float = Field(10.0, gt=0, description="deadline for a request's whole body, "
                                   "from its headers (then 408)")
+    send_timeout_s: float = Field(10.0, gt=0, description="longest wait for a client to take the next "
+                                  "chunk of a streamed answer (then the connection is closed and the "
+                                  "request's memory released)")
 
     host: str = "127.0.0.1"
     port: int = 8000

@@ -47,7 +47,7 @@ def tight():
 @pytest.fixture(scope="module")
 def parts_server():
     """Engine calls of at most 256 padded tokens, so that every request runs in many parts."""
-    server = Server({"MAX_BATCH_TOKENS": "256", "DRAIN_DELAY_S": "0"}, serve=True)
+    server = Server({"MAX_BATCH_TOKENS": "256", "SEND_TIMEOUT_S": "1", "DRAIN_DELAY_S": "0"}, serve=True)
     server.wait_until()
     yield server
     server.stop()
@@ -194,6 +194,20 @@ def test_a_client_that_leaves_mid_stream_frees_its_budget(parts_server: Server) 
     assert small.status_code == 200
     metrics = httpx.get(parts_server.url + "/metrics").text
     assert "bigru_memory_budget_used_bytes 0.0" in metrics
+
+
+def test_a_client_that_stops_reading_is_cut_and_its_budget_freed(parts_server: Server) -> None:
+    body = json.dumps({"sequences": [[9] * 2048] * 64, "return_hidden": True}).encode()  # 377 MB
+    with socket.create_connection(("127.0.0.1", parts_server.port)) as conn:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        conn.sendall(b"POST /infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        assert conn.recv(65536).startswith(b"HTTP/1.1 200")
+        time.sleep(4)  # reading nothing: the server gives up after SEND_TIMEOUT_S (1 s)
+        used = httpx.get(parts_server.url + "/metrics").text
+        assert "bigru_memory_budget_used_bytes 0.0" in used
+        received, _ = read_until_closed(conn, 30)
+        assert len(received) < 100 * MiB  # cut short, not sent to the end
 
 
 # --- over-limit bodies: the 413 reaches real clients ----------------------------------------

@@ -25,6 +25,7 @@ import uuid
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.errors import error_response
+from app.api.streaming import ClientStalled
 from app.observability import QUIET_PATHS, Metrics
 
 log = logging.getLogger("app.access")
@@ -132,6 +133,9 @@ class RequestEnvelope:
         self.metrics.in_flight.inc()
         try:
             await self.app(scope, body.receive, send_with_id)
+        except ClientStalled:
+            log.warning("client stopped reading the answer: connection closed",
+                        extra={"request_id": request_id})  # uvicorn closes it: the answer is incomplete
         except (BodyTooLarge, BodyTimeout) as exc:
             if response_started:
                 raise

@@ -69,8 +69,7 @@ def build_router(settings: Settings) -> APIRouter:
         del raw, body  # the token arrays are all that is kept
         for sequence in sequences:
             metrics.sequence_length.observe(len(sequence))
-        return await answer_streamed(service, sequences, return_hidden, body_bytes,
-                                     settings.request_timeout_s, metrics)
+        return await answer_streamed(service, sequences, return_hidden, body_bytes, settings, metrics)
 
     @router.get("/healthz", summary="Liveness: the process is up")
     async def healthz() -> Response:
@@ -118,13 +117,13 @@ async def run_within_limits(service: ModelService, sequences: list[np.ndarray], 
 
 # --- issue 8: admission by memory cost, answers streamed part by part -------------------------
 async def answer_streamed(service: ModelService, sequences: list[np.ndarray], return_hidden: bool,
-                          body_bytes: int, timeout_s: float, metrics: Metrics) -> Response:
+                          body_bytes: int, settings: Settings, metrics: Metrics) -> Response:
     """Admit the request by its memory cost (waiting for room up to the deadline), run it
     part by part and stream the document; the deadline covers admission and the first part.
 
     ``413`` when it could never fit, ``503`` when the budget (or queue) is taken, ``504``
     past the deadline. A one-part answer without hidden states goes out in one piece."""
-    costs, budget = service.costs, service.budget
+    costs, budget, timeout_s = service.costs, service.budget, settings.request_timeout_s
     assert costs is not None and budget is not None
     lengths = [len(sequence) for sequence in sequences]
     cost = costs.price(lengths, return_hidden, body_bytes)
@@ -157,7 +156,7 @@ async def answer_streamed(service: ModelService, sequences: list[np.ndarray], re
     document = infer_document(service.bundle.spec.name, _chain(first, parts),  # type: ignore[union-attr]
                               return_hidden)
     if len(parts_of) > 1 or return_hidden:
-        return StreamedJSON(document, finish)
+        return StreamedJSON(document, finish, settings.send_timeout_s)
     try:
         return Response(b"".join([chunk async for chunk in document]), media_type="application/json")
     finally:

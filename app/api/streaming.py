@@ -10,12 +10,13 @@ Chunks are about ``CHUNK_BYTES`` (a few rows of a sequence, or several short seq
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 
 import numpy as np
 import orjson
 from starlette.responses import StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from app.runtime.runner import Result
 
@@ -73,17 +74,31 @@ class JSONList:
         return bytes(self.pending)
 
 
-class StreamedJSON(StreamingResponse):
-    """A streamed ``application/json`` answer that always closes its chunk generator (so that
-    its ``finally`` runs at once, whether the answer completed, failed or the client left)."""
+class ClientStalled(Exception):
+    """The client took none of the answer for ``send_timeout_s``."""
 
-    def __init__(self, chunks: AsyncIterator[bytes], on_close: Callable[[], Awaitable[None]]) -> None:
+
+class StreamedJSON(StreamingResponse):
+    """A streamed ``application/json`` answer that always runs ``on_close`` (which releases
+    what the request holds), whether the answer completed, failed, the client left, or the
+    client stopped reading for ``send_timeout_s`` (:class:`ClientStalled`: the connection is
+    then closed, see :mod:`app.api.middleware`)."""
+
+    def __init__(self, chunks: AsyncIterator[bytes], on_close: Callable[[], Awaitable[None]],
+                 send_timeout_s: float) -> None:
         super().__init__(chunks, media_type="application/json")
         self.on_close = on_close
+        self.send_timeout_s = send_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_in_time(message: Message) -> None:
+            try:
+                await asyncio.wait_for(send(message), self.send_timeout_s)
+            except TimeoutError:
+                raise ClientStalled from None
+
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, send_in_time)
         finally:
             aclose = getattr(self.body_iterator, "aclose", None)
             if aclose is not None:

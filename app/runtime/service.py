@@ -181,7 +181,8 @@ class ModelService:
                   "max_body_bytes": settings.max_body_bytes, "max_queue": settings.max_queue,
                   "max_batch_tokens": settings.max_batch_tokens,
                   "request_timeout_s": settings.request_timeout_s,
-                  "header_timeout_s": settings.header_timeout_s, "body_timeout_s": settings.body_timeout_s}
+                  "header_timeout_s": settings.header_timeout_s, "body_timeout_s": settings.body_timeout_s,
+                  "send_timeout_s": settings.send_timeout_s}
         return limits | (self.budget.describe() if self.budget else {})
 
 
