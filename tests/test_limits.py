@@ -307,3 +307,37 @@ def test_plain_uvicorn_gets_the_deadlines_with_the_protocol_flag() -> None:
         assert httpx.get(server.url + "/readyz").status_code == 200
     finally:
         server.stop()
+
+
+# --- in a real 512 MiB memory cgroup (what `docker run --memory 512m` makes) -----------------
+
+def make_cgroup(limit: int):
+    from bench.peak_rss import MemoryCgroup
+
+    try:
+        return MemoryCgroup(limit)
+    except OSError as exc:
+        pytest.skip(f"no writable memory cgroup here ({exc}): `make peak-rss` as root checks this")
+
+
+def test_in_a_512_mib_cgroup_the_budget_is_derived_and_the_maximal_request_survives() -> None:
+    cgroup = make_cgroup(512 * MiB)
+    launch = ("import os, sys; open(os.environ['CGROUP_PROCS'], 'w').write(str(os.getpid())); "
+              "os.execv(sys.executable, [sys.executable, '-m', 'app', 'serve'])")
+    procs = str(cgroup.path / "cgroup.procs")
+    server = Server({"WORKERS": "16", "DRAIN_DELAY_S": "0", "CGROUP_PROCS": procs}, argv=("-c", launch))
+    try:
+        server.wait_until()
+        limits = httpx.get(server.url + "/v1/model").json()["limits"]
+        assert limits["memory_budget_from"].startswith("cgroup limit 512 MiB")
+        assert "16 engine calls" not in limits["memory_budget_from"]  # 16 x 52 MiB would not fit
+        body = {"sequences": [[11] * 2048] * 64, "return_hidden": True}
+        with httpx.stream("POST", server.url + "/infer", json=body, timeout=300) as response:
+            assert response.status_code == 200
+            size = sum(len(chunk) for chunk in response.iter_raw())
+        assert size > 300_000_000 and server.process.poll() is None
+        assert httpx.get(server.url + "/readyz").status_code == 200
+    finally:
+        server.stop()
+        assert cgroup.oom_kills() == 0
+        cgroup.remove()

@@ -9,7 +9,8 @@ Where the memory of a replica goes (default model, measured with ``bench/peak_rs
   ``ENGINE_BYTES_PER_STATE_FLOAT`` = 13 bytes for each of the 512 state floats
   (sum over layers of directions x units) per token. An engine call holds at most
   ``MAX_BATCH_TOKENS`` padded tokens and ``WORKERS`` calls run at once, so the engines
-  together need at most ``workers x max_batch_tokens x bytes per token``: reserved up front.
+  together need at most ``workers x max_batch_tokens x bytes per token``: reserved up front
+  (and in a container, fewer calls run at once if that would take over half the memory).
 - **Requests** (what admission prices, :meth:`CostModel.price`):
 
   - the input: the body, its parsed JSON and validated copy, the token arrays:
@@ -241,16 +242,22 @@ class MemoryBudget:
                 "waiting_room_bytes": self.waiting_room}
 
 
-def sized_budget(configured: int | None, engine_reserve: int) -> MemoryBudget:
-    """``MEMORY_BUDGET_BYTES``, else derived from the container's limit (call once ready: the
-    RSS then is the baseline), else :data:`DEFAULT_BUDGET`."""
+def sized_budget(configured: int | None, workers: int, per_call: int) -> tuple[MemoryBudget, int]:
+    """The budget, and how many engine calls (of ``per_call`` bytes each) may run at once.
+
+    ``MEMORY_BUDGET_BYTES`` when set; else derived from the container's limit (call this once
+    ready: the RSS then is the baseline), the engine calls taking at most half of what is
+    left (so many cores and little memory mean fewer parallel calls, not an OOM); else
+    :data:`DEFAULT_BUDGET`."""
     if configured is not None:
-        return MemoryBudget(configured, "MEMORY_BUDGET_BYTES")
+        return MemoryBudget(configured, "MEMORY_BUDGET_BYTES"), workers
     limit = cgroup_memory_limit()
     if limit is None:
-        return MemoryBudget(DEFAULT_BUDGET, "default (no cgroup memory limit)")
+        return MemoryBudget(DEFAULT_BUDGET, "default (no cgroup memory limit)"), workers
     baseline, headroom = process_rss(), max(limit // 10, 32 * MiB)
-    return MemoryBudget(limit - baseline - headroom - engine_reserve,
-                        f"cgroup limit {limit / MiB:.0f} MiB - RSS at ready {baseline / MiB:.0f} MiB"
-                        f" - headroom {headroom / MiB:.0f} MiB - engine calls {engine_reserve / MiB:.0f} MiB")
-
+    available = limit - baseline - headroom
+    workers = max(1, min(workers, available // 2 // per_call))
+    reserve = workers * per_call
+    derivation = (f"cgroup limit {limit / MiB:.0f} MiB - RSS at ready {baseline / MiB:.0f} MiB - "
+                  f"headroom {headroom / MiB:.0f} MiB - {workers} engine calls {reserve / MiB:.0f} MiB")
+    return MemoryBudget(available - reserve, derivation), workers

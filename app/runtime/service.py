@@ -99,10 +99,6 @@ class ModelService:
         buckets = length_buckets(settings.max_len)
         engine = await asyncio.to_thread(make_engine, settings.engine, spec, settings.threads, buckets)
         runner = Runner(engine, buckets, settings.max_batch_size, settings.max_batch_tokens)
-        workers = settings.workers if engine.parallel_calls else 1
-        self.batcher = MicroBatcher(runner, workers, settings.max_batch_size,
-                                    settings.max_queue_delay_ms / 1000, settings.max_queue)
-        self.batcher.on_batch.append(self.metrics.observe_batch)
         self.metrics.queue_depth.set_function(lambda: self.batcher.pending if self.batcher else 0)
         self.metrics.model_info.labels(spec.name, __version__, spec.source.format,
                                        spec.source.conversion, engine.name).set(1)
@@ -111,23 +107,33 @@ class ModelService:
             await self._check(self.bundle.parity, runner)
         self.status.stage = "warm-up"
         await asyncio.to_thread(runner.warm_up)
-        self._size_budget(workers)
+        workers = self._size_budget(settings.workers if engine.parallel_calls else 1)
+        self.batcher = MicroBatcher(runner, workers, settings.max_batch_size,
+                                    settings.max_queue_delay_ms / 1000, settings.max_queue)
+        self.batcher.on_batch.append(self.metrics.observe_batch)
         self.batcher.start()
 
-    def _size_budget(self, workers: int) -> None:
-        """Price requests for this model; size the budget now that the RSS is the baseline."""
+    def _size_budget(self, workers: int) -> int:
+        """Price requests for this model; size the budget now that the RSS is the baseline.
+        Returns the engine calls that may run at once (fewer than ``workers`` when the
+        container's memory can't hold that many)."""
         assert self.bundle is not None
         spec, settings = self.bundle.spec, self.settings
         self.costs = CostModel(
             length_buckets(settings.max_len), spec.output_width, spec.hidden_width,
             sum(layer.units * len(layer.directions()) for layer in spec.layers),
             settings.max_batch_tokens, settings.max_batch_size)
-        self.budget = sized_budget(settings.memory_budget_bytes, self.costs.engine_reserve(workers))
+        per_call = self.costs.engine_reserve(1)
+        self.budget, affordable = sized_budget(settings.memory_budget_bytes, workers, per_call)
+        if affordable < workers:
+            log.warning("running %d engine calls at once, not %d: the memory limit holds no more",
+                        affordable, workers)
         budget = self.budget
         self.metrics.memory_used.set_function(lambda: budget.used)
         self.metrics.memory_waiting.set_function(lambda: budget.waiting)
         log.info("memory budget %.0f MiB (%s)", (budget.total + budget.waiting_room) / 2**20,
                  budget.derivation, extra={"memory_budget": budget.describe()})
+        return affordable
 
     async def _check(self, parity: ParityData, runner: Runner) -> None:
         """The serving engine against the GPU's outputs; raises if they differ too much."""
