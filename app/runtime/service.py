@@ -188,7 +188,8 @@ class ModelService:
                   "max_batch_tokens": settings.max_batch_tokens,
                   "request_timeout_s": settings.request_timeout_s,
                   "header_timeout_s": settings.header_timeout_s, "body_timeout_s": settings.body_timeout_s,
-                  "send_timeout_s": settings.send_timeout_s}
+                  "send_timeout_s": settings.send_timeout_s,
+                  "engine_calls_at_once": self.batcher.workers if self.batcher else None}
         return limits | (self.budget.describe() if self.budget else {})
 
 
