@@ -103,16 +103,9 @@ def build_router(settings: Settings) -> APIRouter:
 
 async def run_within_limits(service: ModelService, sequences: list[np.ndarray], timeout_s: float,
                             metrics: Metrics) -> list[Result]:
-    """The service's results, or 503 at once when its queue is full, or 504 past the deadline."""
-    try:
-        return await asyncio.wait_for(service.infer(sequences), timeout_s)
-    except QueueFull:
-        metrics.rejected.labels("queue_full").inc()
-        raise ApiError(503, "overloaded", "the queue is full; retry shortly",
-                       headers={"Retry-After": "1"}) from None
-    except TimeoutError:
-        metrics.rejected.labels("deadline").inc()
-        raise ApiError(504, "deadline_exceeded", f"no result within {timeout_s:g} s") from None
+    """The service's results, or 503 at once when its queue is full, or 504 past the deadline
+    (whole results, without memory admission: ``/infer`` itself uses :func:`answer_streamed`)."""
+    return await within_deadline(service.infer(sequences), timeout_s, timeout_s, metrics)
 
 
 # --- issue 8: admission by memory cost, answers streamed part by part -------------------------
