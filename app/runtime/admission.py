@@ -98,12 +98,14 @@ def return_freed_memory() -> None:
     after the first large answer, the engine's buffers and the JSON chunks come from the
     heap, whose freed space fragments and stays resident. Measured on the maximal request
     (64 x 2048 tokens with return_hidden): peak RSS 377 -> 255 MiB alone, 710 -> 286 MiB four
-    at once. The price is CPU in the kernel for fresh pages: on this project's (virtualised)
-    2-core machines, +2 s of system time per 300 requests of 4 x 256 tokens (+50% over the
-    4.4 s of user time); on a plain kernel page faults cost far less. Operators who prefer the
-    CPU can set glibc's own ``MALLOC_MMAP_THRESHOLD_`` (e.g. 16777216, with
-    ``MALLOC_TRIM_THRESHOLD_=1073741824``), which is then left alone, and must then budget
-    for the larger peaks."""
+    at once. The price is CPU in the kernel for fresh pages, with ONNX Runtime's arena off
+    (app/runtime/engines.py: each call's buffers are then fresh mappings): on this project's
+    virtualised 2-core machines, +2 s of system time per 300 requests of 4 x 256 tokens
+    (against 4.4 s of user time; 0.1 s with the arena on, whose retained, power-of-two grown
+    memory the budget could not count on); page faults cost far less on a plain kernel.
+    Operators who prefer the CPU can set glibc's own ``MALLOC_MMAP_THRESHOLD_`` (e.g.
+    16777216, with ``MALLOC_TRIM_THRESHOLD_=1073741824``), which is then left alone, and must
+    then budget for larger peaks (measured: 376 MiB alone, 768 MiB four at once)."""
     if "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return  # the operator chose
     try:
