@@ -11,7 +11,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 IMAGE  ?= localhost/bigru-serve:image-test
 
-.PHONY: install run test image-test lint bench startup soak flood constraints clean
+.PHONY: install run test image-test lint bench startup soak flood peak-rss constraints clean
 
 install: $(VENV)/.installed $(TOOLS)/.installed
 
@@ -19,6 +19,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	# tf-keras (the tests' reference) requires the full `tensorflow` wheel, which would install
+	# its files over tensorflow-cpu: add it alone, so .venv runs the TensorFlow production runs.
+	$(BIN)/pip install -q --no-deps $$(grep -i '^tf[-_]keras==' constraints.txt)
+	! $(BIN)/pip show -q tensorflow 2>/dev/null || { echo "only tensorflow-cpu may be installed" >&2; exit 1; }
 	touch $@
 
 # docker-compose 1.x (for `docker-compose config` in the tests) pins old libraries, so it
@@ -61,6 +65,12 @@ soak: $(VENV)/.installed
 # Far more concurrent work than the queue holds: every answer a correct 200 or a fast 503.
 flood: $(VENV)/.installed
 	$(BIN)/python -m bench.flood
+
+# Peak RSS of the maximal request (64 x 2048 tokens, return_hidden), alone and four at once;
+# then the same inside a 512 MiB memory cgroup (needs root), as our deployment files declare.
+peak-rss: $(VENV)/.installed
+	$(BIN)/python -m bench.peak_rss
+	$(BIN)/python -m bench.peak_rss --memory-limit 512m
 
 constraints: $(VENV)/.installed
 	{ sed -n '1,2p' constraints.txt; $(BIN)/pip freeze --exclude-editable | grep -v '^-e'; } > constraints.new

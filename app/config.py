@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     max_batch: int = Field(64, ge=1, description="most sequences in one request")
     max_len: int = Field(2048, ge=1, description="most tokens in one sequence")
     max_batch_size: int = Field(32, ge=1, description="most sequences the engine runs in one call")
+    max_batch_tokens: int = Field(
+        8192, ge=1, description="most padded tokens the engine runs in one call (a longer sequence "
+        "runs alone): bounds each call's memory, ~6.5 KiB per token on the default model")
     max_queue_delay_ms: float = Field(
         0.0, ge=0, description="how long the batcher waits for more work before a call "
         "(0: never; requests that arrive while the engine is busy batch by themselves)")
@@ -50,6 +53,21 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(10.0, gt=0, description="deadline of one /infer request (504 past it)")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024,
                                 description="largest request body; bigger ones get 413 before parsing")
+    discard_body_bytes: int = Field(
+        64 * 1024 * 1024, ge=0, description="how much of a body past MAX_BODY_BYTES is read and "
+        "discarded so that clients which don't send Expect: 100-continue see the 413 (past it, the "
+        "connection is closed after the 413)")
+    memory_budget_bytes: int | None = Field(
+        None, ge=0, description="memory the /infer requests in flight may hold, engine calls aside "
+        "(default: the container's cgroup limit minus the RSS at ready, 10% headroom and the engine "
+        "calls' reserve; 1 GiB without a limit)")
+    header_timeout_s: float = Field(5.0, gt=0, description="deadline for a request's headers, "
+                                    "from the connection's first byte (then 408, or a close if idle)")
+    body_timeout_s: float = Field(10.0, gt=0, description="deadline for a request's whole body, "
+                                  "from its headers (then 408)")
+    send_timeout_s: float = Field(10.0, gt=0, description="longest wait for a client to take the next "
+                                  "chunk of a streamed answer (then the connection is closed and the "
+                                  "request's memory released)")
 
     host: str = "127.0.0.1"
     port: int = 8000

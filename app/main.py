@@ -20,6 +20,7 @@ from app.api.routes import include_routes
 from app.config import Settings, get_settings
 from app.errors import ModelError
 from app.observability import Metrics, configure_logging
+from app.runtime.admission import return_freed_memory
 from app.runtime.service import ModelService
 
 log = logging.getLogger("app")
@@ -28,6 +29,7 @@ log = logging.getLogger("app")
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     configure_logging(settings.log_level, settings.log_format)
+    return_freed_memory()
     metrics = Metrics()
 
     @asynccontextmanager
@@ -50,7 +52,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
     )
     app.state.metrics = metrics
-    app.add_middleware(RequestEnvelope, metrics=metrics, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestEnvelope, metrics=metrics, max_body_bytes=settings.max_body_bytes,
+                       discard_body_bytes=settings.discard_body_bytes, body_timeout_s=settings.body_timeout_s)
     install_error_handlers(app)
     include_routes(app, settings)
     include_docs(app)

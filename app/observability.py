@@ -37,6 +37,10 @@ class Metrics:
                                          buckets=(1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096),
                                          registry=r)
         self.queue_depth = Gauge("bigru_queue_sequences", "sequences waiting for the engine", registry=r)
+        self.memory_used = Gauge("bigru_memory_budget_used_bytes",
+                                 "memory reserved by the /infer requests admitted", registry=r)
+        self.memory_waiting = Gauge("bigru_memory_budget_waiting_bytes",
+                                    "input held by the requests waiting for room in the budget", registry=r)
         self.rejected = Counter("bigru_rejected_requests", "requests refused before compute, by reason",
                                 ["reason"], registry=r)
         self.model_info = Gauge("bigru_model_info", "the served model (value 1)",

@@ -31,12 +31,24 @@ class Connection:
         self.writer.write(request)
         head = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), timeout)
         status = int(head[9:12])
-        length = 0
+        length, chunked = 0, False
         for line in head.split(b"\r\n"):
             if line[:15].lower() == b"content-length:":
                 length = int(line[15:])
-        body = await asyncio.wait_for(self.reader.readexactly(length), timeout)
+            elif line.lower() == b"transfer-encoding: chunked":
+                chunked = True
+        read = self._read_chunked() if chunked else self.reader.readexactly(length)
+        body = await asyncio.wait_for(read, timeout)
         return time.perf_counter() - start, status, body
+
+    async def _read_chunked(self) -> bytes:
+        """A chunked body (large /infer answers are streamed), joined."""
+        chunks = []
+        while size := int((await self.reader.readuntil(b"\r\n"))[:-2].split(b";")[0], 16):
+            chunks.append(await self.reader.readexactly(size + 2))
+            chunks[-1] = chunks[-1][:-2]
+        await self.reader.readuntil(b"\r\n")  # no trailers: the empty line after the last chunk
+        return b"".join(chunks)
 
     async def close(self) -> None:
         self.writer.close()

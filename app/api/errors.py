@@ -26,13 +26,18 @@ class ApiError(Exception):
 
 def error_response(status: int, type_: str, message: str, details: list[dict] | None = None,
                    headers: dict[str, str] | None = None, request_id: str | None = None) -> Response:
+    return Response(error_body(status, type_, message, details, request_id), status_code=status,
+                    headers=headers, media_type="application/json")
+
+
+def error_body(status: int, type_: str, message: str, details: list[dict] | None = None,
+               request_id: str | None = None) -> bytes:
     body: dict = {"status": status, "type": type_, "message": message}
     if details:
         body["details"] = details
     if request_id:
         body["request_id"] = request_id
-    return Response(orjson.dumps({"error": body}), status_code=status, headers=headers,
-                    media_type="application/json")
+    return orjson.dumps({"error": body})
 
 
 UNION_TAGS = frozenset({"int", "float"})  # a token is ``int | float``: one problem, not two

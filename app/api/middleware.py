@@ -1,13 +1,22 @@
 """The request envelope, as plain ASGI middleware (cheaper than Starlette's BaseHTTPMiddleware).
 
 For every HTTP request: a request id (the caller's ``X-Request-ID`` when it is sane, else a
-new one) on the response and in the log; a body-size limit enforced before anything parses
-the body (``413``); metrics by route template and status; and one JSON log line, except for
-probes and metrics, which would drown the log.
+new one) on the response and in the log; the body's limits (:class:`BodyReader`); metrics by
+route template and status; and one JSON log line, except for probes and metrics, which
+would drown the log.
+
+The body is bounded in size (``413`` before anything parses it) and in time (``408`` when it
+has not all arrived ``BODY_TIMEOUT_S`` after the headers). Before any answer to a request
+whose body was not read to its end (a 413, an early error), the rest of the body is read and
+discarded, up to ``DISCARD_BODY_BYTES`` and the body's deadline: a client that sends its
+whole body before reading (urllib, requests, httpx: no ``Expect: 100-continue``) then gets
+the answer instead of a connection reset. A client that sent ``Expect: 100-continue`` gets
+the 413 before it sends the body, and the connection is closed (as it is past the cap).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -16,6 +25,7 @@ import uuid
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.errors import error_response
+from app.api.streaming import ClientStalled
 from app.observability import QUIET_PATHS, Metrics
 
 log = logging.getLogger("app.access")
@@ -26,11 +36,76 @@ class BodyTooLarge(Exception):
     pass
 
 
+class BodyTimeout(Exception):
+    pass
+
+
+class BodyReader:
+    """The app's ``receive``: the body, at most ``max_bytes`` of it, all within ``timeout_s``."""
+
+    def __init__(self, scope: Scope, receive: Receive, max_bytes: int, timeout_s: float) -> None:
+        self._receive = receive
+        self.max_bytes, self.timeout_s = max_bytes, timeout_s
+        self.deadline = asyncio.get_running_loop().time() + timeout_s
+        self.declared = _content_length(scope)
+        self.expects_continue = _header(scope, b"expect").lower() == b"100-continue"
+        self.received = 0
+        self.started = False
+        # A request without Content-Length or Transfer-Encoding has no body (RFC 9112 6.3).
+        self.complete = self.declared == 0 and not _header(scope, b"transfer-encoding")
+
+    async def receive(self) -> Message:
+        if self.complete:  # after the body: waiting for a disconnect, untimed
+            return await self._receive()
+        if self.declared > self.max_bytes:
+            raise BodyTooLarge
+        message = await self._next()
+        if self.received > self.max_bytes:
+            raise BodyTooLarge
+        return message
+
+    async def _next(self) -> Message:
+        self.started = True
+        try:
+            remaining = self.deadline - asyncio.get_running_loop().time()
+            message = await asyncio.wait_for(self._receive(), remaining)
+        except TimeoutError:
+            raise BodyTimeout from None
+        if message["type"] == "http.request":
+            self.received += len(message.get("body", b""))
+            self.complete = not message.get("more_body", False)
+        else:
+            self.complete = True  # the client is gone
+        return message
+
+    async def discard_rest(self, cap: int) -> bool:
+        """Read and drop what is left of the body, up to ``cap`` more bytes and the deadline.
+        Returns whether the connection must close (the body was left unread)."""
+        if self.complete:
+            return False
+        if self.expects_continue and not self.started:
+            return True  # the client waits for our word before sending: it has the answer now
+        if self.declared > self.received + cap:
+            return True
+        limit = self.received + cap
+        while not self.complete:
+            if self.received > limit:
+                return True
+            try:
+                await self._next()
+            except BodyTimeout:
+                return True
+        return False
+
+
 class RequestEnvelope:
-    def __init__(self, app: ASGIApp, metrics: Metrics, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, max_body_bytes: int,
+                 discard_body_bytes: int, body_timeout_s: float) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
+        self.discard_body_bytes = discard_body_bytes
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -43,33 +118,33 @@ class RequestEnvelope:
         started = time.perf_counter()
         response_started = False
 
+        body = BodyReader(scope, receive, self.max_body_bytes, self.body_timeout_s)
+
         async def send_with_id(message: Message) -> None:
             nonlocal status, response_started
             if message["type"] == "http.response.start":
                 status, response_started = message["status"], True
-                message = {**message, "headers": [*message.get("headers", []), id_header]}
+                headers = [*message.get("headers", []), id_header]
+                if await body.discard_rest(self.discard_body_bytes):
+                    headers.append((b"connection", b"close"))
+                message = {**message, "headers": headers}
             await send(message)
-
-        received = 0
-
-        async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.max_body_bytes:
-                raise BodyTooLarge
-            return message
 
         self.metrics.in_flight.inc()
         try:
-            if _content_length(scope) > self.max_body_bytes:
-                raise BodyTooLarge
-            await self.app(scope, limited_receive, send_with_id)
-        except BodyTooLarge:
+            await self.app(scope, body.receive, send_with_id)
+        except ClientStalled:
+            log.warning("client stopped reading the answer: connection closed",
+                        extra={"request_id": request_id})  # uvicorn closes it: the answer is incomplete
+        except (BodyTooLarge, BodyTimeout) as exc:
             if response_started:
                 raise
-            response = error_response(413, "body_too_large",
-                                      f"the body exceeds {self.max_body_bytes} bytes", request_id=request_id)
+            if isinstance(exc, BodyTooLarge):
+                response = error_response(413, "body_too_large", f"the body exceeds "
+                                          f"{self.max_body_bytes} bytes", request_id=request_id)
+            else:
+                response = error_response(408, "body_timeout", f"the body did not arrive within "
+                                          f"{self.body_timeout_s:g} s", request_id=request_id)
             await response(scope, receive, send_with_id)
         finally:
             self.metrics.in_flight.dec()
@@ -99,11 +174,15 @@ def _request_id(scope: Scope) -> str:
     return uuid.uuid4().hex
 
 
-def _content_length(scope: Scope) -> int:
+def _header(scope: Scope, wanted: bytes) -> bytes:
     for name, value in scope["headers"]:
-        if name == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return 0
-    return 0
+        if name == wanted:
+            return value
+    return b""
+
+
+def _content_length(scope: Scope) -> int:
+    try:
+        return int(_header(scope, b"content-length") or 0)
+    except ValueError:
+        return 0

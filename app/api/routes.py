@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Awaitable
 from itertools import chain
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import numpy as np
 import orjson
@@ -15,13 +16,16 @@ from pydantic import BaseModel, ValidationError
 
 from app.api.errors import ApiError, summarize, validation_details
 from app.api.schemas import ErrorResponse, InferResponse, make_infer_request
+from app.api.streaming import StreamedJSON, infer_document
 from app.config import Settings
 from app.observability import Metrics
+from app.runtime.admission import BudgetTaken, Cost, MemoryBudget, MiB, NeverFits
 from app.runtime.batcher import QueueFull
 from app.runtime.runner import Result
 from app.runtime.service import ModelService
 
 JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
+T = TypeVar("T")
 
 
 # Dependencies are async so that FastAPI calls them in place: a sync one would take a
@@ -58,16 +62,14 @@ def build_router(settings: Settings) -> APIRouter:
         if not service.accepting:
             raise ApiError(503, "not_ready", f"model not ready ({service.status.stage})",
                            headers={"Retry-After": "1"})
-        body = parse_body(await request.body(), infer_request)
+        raw = await request.body()
+        body = parse_body(raw, infer_request)
+        body_bytes, return_hidden = len(raw), body.return_hidden  # type: ignore[attr-defined]
         sequences = token_arrays(body.sequences, service.token_range)  # type: ignore[attr-defined]
+        del raw, body  # the token arrays are all that is kept
         for sequence in sequences:
             metrics.sequence_length.observe(len(sequence))
-        results = await run_within_limits(service, sequences, settings.request_timeout_s, metrics)
-        content: dict[str, Any] = {"model": service.bundle.spec.name,  # type: ignore[union-attr]
-                                   "outputs": [outputs for outputs, _ in results]}
-        if body.return_hidden:  # type: ignore[attr-defined]
-            content["hidden"] = [hidden for _, hidden in results]
-        return json_response(content)
+        return await answer_streamed(service, sequences, return_hidden, body_bytes, settings, metrics)
 
     @router.get("/healthz", summary="Liveness: the process is up")
     async def healthz() -> Response:
@@ -101,9 +103,70 @@ def build_router(settings: Settings) -> APIRouter:
 
 async def run_within_limits(service: ModelService, sequences: list[np.ndarray], timeout_s: float,
                             metrics: Metrics) -> list[Result]:
-    """The service's results, or 503 at once when its queue is full, or 504 past the deadline."""
+    """The service's results, or 503 at once when its queue is full, or 504 past the deadline
+    (whole results, without memory admission: ``/infer`` itself uses :func:`answer_streamed`)."""
+    return await within_deadline(service.infer(sequences), timeout_s, timeout_s, metrics)
+
+
+# --- issue 8: admission by memory cost, answers streamed part by part -------------------------
+async def answer_streamed(service: ModelService, sequences: list[np.ndarray], return_hidden: bool,
+                          body_bytes: int, settings: Settings, metrics: Metrics) -> Response:
+    """Admit the request by its memory cost (waiting for room up to the deadline), run it
+    part by part and stream the document; the deadline covers admission and the first part.
+
+    ``413`` when it could never fit, ``503`` when the budget (or queue) is taken, ``504``
+    past the deadline. A one-part answer without hidden states goes out in one piece."""
+    costs, budget, timeout_s = service.costs, service.budget, settings.request_timeout_s
+    assert costs is not None and budget is not None
+    lengths = [len(sequence) for sequence in sequences]
+    cost = costs.price(lengths, return_hidden, body_bytes)
+    deadline = asyncio.get_running_loop().time() + timeout_s
     try:
-        return await asyncio.wait_for(service.infer(sequences), timeout_s)
+        await budget.admit(cost, timeout_s)
+    except NeverFits:
+        metrics.rejected.labels("over_budget").inc()
+        lighter = costs.price(lengths, False, body_bytes) if return_hidden else cost
+        message = over_budget_message(cost, budget, lengths, return_hidden, lighter.total <= budget.total)
+        raise ApiError(413, "over_memory_budget", message) from None
+    except BudgetTaken:
+        metrics.rejected.labels("memory_budget").inc()
+        raise ApiError(503, "overloaded", "the memory budget is taken; retry shortly",
+                       headers={"Retry-After": "1"}) from None
+    parts_of = costs.parts(lengths)
+    parts = service.infer_parts([[sequences[i] for i in part] for part in parts_of])
+    del sequences
+
+    async def finish() -> None:
+        await parts.aclose()
+        budget.release(cost.total)
+
+    try:
+        first = await within_deadline(anext(parts), deadline - asyncio.get_running_loop().time(),
+                                      timeout_s, metrics)
+    except BaseException:
+        await finish()
+        raise
+    document = infer_document(service.bundle.spec.name, _chain(first, parts),  # type: ignore[union-attr]
+                              return_hidden)
+    if len(parts_of) > 1 or return_hidden:
+        return StreamedJSON(document, finish, settings.send_timeout_s)
+    try:
+        return Response(b"".join([chunk async for chunk in document]), media_type="application/json")
+    finally:
+        await finish()
+
+
+async def _chain(first: list[Result], rest: AsyncIterator[list[Result]]) -> AsyncIterator[list[Result]]:
+    yield first
+    del first
+    async for results in rest:
+        yield results
+
+
+async def within_deadline(work: Awaitable[T], remaining_s: float, timeout_s: float, metrics: Metrics) -> T:
+    """``work``'s result, or 503 at once when the queue is full, or 504 past the deadline."""
+    try:
+        return await asyncio.wait_for(work, max(remaining_s, 0))
     except QueueFull:
         metrics.rejected.labels("queue_full").inc()
         raise ApiError(503, "overloaded", "the queue is full; retry shortly",
@@ -111,6 +174,17 @@ async def run_within_limits(service: ModelService, sequences: list[np.ndarray], 
     except TimeoutError:
         metrics.rejected.labels("deadline").inc()
         raise ApiError(504, "deadline_exceeded", f"no result within {timeout_s:g} s") from None
+
+
+def over_budget_message(cost: Cost, budget: MemoryBudget, lengths: list[int], return_hidden: bool,
+                        fits_without_hidden: bool) -> str:
+    what = f"{len(lengths)} sequences, {sum(lengths)} tokens"
+    what += ", with hidden states" if return_hidden else ""
+    advice = "split it into smaller requests (fewer or shorter sequences)"
+    advice += " or drop return_hidden" if fits_without_hidden else ""
+    return (f"this request ({what}) needs about {cost.total / MiB:.0f} MiB to answer, more than the "
+            f"{budget.total / MiB:.0f} MiB one request may hold (MEMORY_BUDGET_BYTES): {advice}")
+# --- end issue 8 ---------------------------------------------------------------------------
 
 
 def parse_body(raw: bytes, model: type[BaseModel]) -> BaseModel:
@@ -148,6 +222,25 @@ def token_arrays(sequences: list[list[float]], token_range: tuple[int, int]) -> 
     return np.split(flat.astype(np.int32), np.cumsum(lengths)[:-1])
 
 
+def limits_description(limits: dict[str, Any]) -> str:
+    """This deployment's limits, in words, for the OpenAPI description of ``/infer``."""
+    text = (
+        f"Limits of this deployment: 1..{limits['max_batch']} sequences of 1..{limits['max_len']} "
+        f"tokens; bodies up to {limits['max_body_bytes']} bytes (else 413 `body_too_large`); headers "
+        f"within {limits['header_timeout_s']:g} s and the body within {limits['body_timeout_s']:g} s "
+        "(else 408). Each request is priced in memory before it runs (its tokens, and the output "
+        "rows in flight, hidden states included with `return_hidden`)")
+    if "memory_budget_bytes" in limits:
+        text += (
+            f": one that needs more than {limits['largest_request_cost_bytes']} bytes gets 413 "
+            "`over_memory_budget` (split it into smaller requests, or drop `return_hidden`); while "
+            f"the budget of {limits['memory_budget_bytes']} bytes ({limits['memory_budget_from']}) is "
+            f"taken, requests wait up to {limits['request_timeout_s']:g} s, else 503 `overloaded` "
+            "with Retry-After")
+    return text + (". Large answers are streamed (chunked) as they are computed; with "
+                   "`return_hidden`, `hidden` comes before `outputs` in the document.")
+
+
 def include_routes(app: FastAPI, settings: Settings) -> None:
     app.include_router(build_router(settings))
     generate = app.openapi
@@ -161,6 +254,7 @@ def include_routes(app: FastAPI, settings: Settings) -> None:
             low, high = service.token_range
             token = body["schema"]["properties"]["sequences"]["items"]["items"]
             token["minimum"], token["maximum"] = low, high - 1
+            schema["paths"]["/infer"]["post"]["description"] = limits_description(service.limits())
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -10,6 +10,9 @@ queue up and form the next batches, so batching grows with load by itself; ``max
 optionally waits a little for company when the queue is short (0 by default: a lone
 request never waits). At most ``max_queue`` sequences wait: past that, :meth:`submit`
 raises :class:`QueueFull` at once instead of letting latency grow without bound.
+
+:meth:`stream` runs a large request part by part (``LOOKAHEAD`` parts queued at a time),
+so that its results are produced about as fast as they are sent and never all held at once.
 """
 
 from __future__ import annotations
@@ -17,12 +20,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from app.runtime.admission import LOOKAHEAD
 from app.runtime.runner import Result, Runner
 
 
@@ -35,6 +39,10 @@ class Job:
     sequences: list[np.ndarray]
     future: asyncio.Future[list[Result]]
     queued_at: float = field(default_factory=time.perf_counter)
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(sequence) for sequence in self.sequences)
 
 
 @dataclass(frozen=True)
@@ -77,11 +85,36 @@ class MicroBatcher:
         a client gone) drops the job if it has not started."""
         if self._waiting + len(sequences) > self.max_queue:
             raise QueueFull
+        return await self._enqueue(sequences)
+
+    async def stream(self, parts: list[list[np.ndarray]]) -> AsyncIterator[list[Result]]:
+        """Each part's results, in order, with the next ``LOOKAHEAD - 1`` parts computing
+        meanwhile (so at most ``LOOKAHEAD`` parts' results exist at once). Only the first part
+        is queued at first, so that other requests' first parts are not queued behind this
+        one's lookahead. The queue bound applies to the first part (then the request is
+        accepted and runs to its end); closing the iterator drops the parts not started."""
+        if self._waiting + len(parts[0]) > self.max_queue:
+            raise QueueFull
+        pending = deque([self._enqueue(parts[0])])
+        following = iter(parts[1:])
+        try:
+            while pending:
+                results = await pending[0]
+                pending.popleft()
+                while len(pending) < LOOKAHEAD - 1 and (part := next(following, None)) is not None:
+                    pending.append(self._enqueue(part))
+                yield results
+                del results  # released as soon as the consumer drops them too
+        finally:
+            for future in pending:
+                future.cancel()
+
+    def _enqueue(self, sequences: list[np.ndarray]) -> asyncio.Future[list[Result]]:
         job = Job(sequences, asyncio.get_running_loop().create_future())
         self._queue.append(job)
         self._waiting += len(sequences)
         self._wakeup.set()
-        return await job.future
+        return job.future
 
     async def run_now(self, sequences: list[np.ndarray]) -> list[Result]:
         """Run on the engine thread without queueing (start-up work, before serving)."""
@@ -97,45 +130,52 @@ class MicroBatcher:
         self._executor.shutdown(wait=True)
 
     async def _work(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             while not self._queue:
                 self._wakeup.clear()
                 await self._wakeup.wait()
             if self.max_delay_s and self._waiting < self.max_batch_size:
                 await asyncio.sleep(self.max_delay_s)
-            if not self._queue:
-                continue  # another loop took it meanwhile
-            jobs = self._take()
-            if not jobs:
-                continue
-            started = time.perf_counter()
-            sequences = [s for job in jobs for s in job.sequences]
-            self._idle -= 1
-            try:
-                results = await loop.run_in_executor(self._executor, self.runner.run, sequences)
-            except Exception as exc:  # an engine failure fails these jobs, not the service
-                for job in jobs:
-                    if not job.future.done():
-                        job.future.set_exception(exc)
-                continue
-            finally:
-                self._idle += 1
-            self._deliver(jobs, results)
-            stats = BatchStats(len(jobs), len(sequences), [started - j.queued_at for j in jobs],
-                               time.perf_counter() - started)
-            for callback in self.on_batch:
-                callback(stats)
+            if self._queue:  # another loop may have taken it meanwhile
+                await self._run_batch()
+
+    async def _run_batch(self) -> None:
+        """One engine call for this loop's share. Its own function so that the results go
+        out of scope once delivered (the consumers release them as they send them)."""
+        jobs = self._take()
+        if not jobs:
+            return
+        started = time.perf_counter()
+        sequences = [s for job in jobs for s in job.sequences]
+        self._idle -= 1
+        try:
+            results = await asyncio.get_running_loop().run_in_executor(self._executor, self.runner.run,
+                                                                       sequences)
+        except Exception as exc:  # an engine failure fails these jobs, not the service
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(exc)
+            return
+        finally:
+            self._idle += 1
+        self._deliver(jobs, results)
+        stats = BatchStats(len(jobs), len(sequences), [started - j.queued_at for j in jobs],
+                           time.perf_counter() - started)
+        for callback in self.on_batch:
+            callback(stats)
 
     def _take(self) -> list[Job]:
-        """This loop's share: what waits, split between the idle loops (this one included)."""
+        """This loop's share: what waits, split between the idle loops (this one included),
+        and no more tokens than one engine call holds (the rest is another loop's share)."""
         share = min(self.max_batch_size, -(-self._waiting // max(self._idle, 1)))
+        max_tokens = self.runner.max_batch_tokens or float("inf")
         jobs = [self._queue.popleft()]
-        count = len(jobs[0].sequences)
-        while self._queue and count + len(self._queue[0].sequences) <= share:
+        count, tokens = len(jobs[0].sequences), jobs[0].tokens
+        while (self._queue and count + len(self._queue[0].sequences) <= share
+               and tokens + self._queue[0].tokens <= max_tokens):
             job = self._queue.popleft()
             jobs.append(job)
-            count += len(job.sequences)
+            count, tokens = count + len(job.sequences), tokens + job.tokens
         self._waiting -= count
         return [job for job in jobs if not job.future.done()]  # skip clients that left
 

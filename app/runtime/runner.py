@@ -1,6 +1,8 @@
 """The one runner: unpadded sequences in, each sequence's own per-step rows out.
 
-Sequences are grouped by length bucket so that padding stays small, each group is
+Sequences are grouped by length bucket so that padding stays small (and at most
+``max_batch_size`` sequences and ``max_batch_tokens`` padded tokens go in one call, which
+bounds the engine's memory per call: see :mod:`app.runtime.admission`), each group is
 right-padded (the engines honour the true lengths, so padding never reaches the backward
 direction), and every result is sliced back to its sequence's length.
 """
@@ -22,6 +24,7 @@ class Runner:
     engine: Engine
     buckets: list[int]
     max_batch_size: int
+    max_batch_tokens: int | None = None  # None: no bound
 
     def run(self, sequences: list[np.ndarray]) -> list[Result]:
         results: list[Result | None] = [None] * len(sequences)
@@ -36,11 +39,16 @@ class Runner:
         current_bucket = -1
         for index in order:
             bucket = bucket_of(self.buckets, len(sequences[index]))
-            if bucket != current_bucket or len(groups[-1]) >= self.max_batch_size:
+            if (bucket != current_bucket or len(groups[-1]) >= self.max_batch_size
+                    or self._too_many_tokens(len(groups[-1]) + 1, bucket)):
                 groups.append([])
                 current_bucket = bucket
             groups[-1].append(index)
         return groups
+
+    def _too_many_tokens(self, sequences: int, bucket: int) -> bool:
+        limit = self.max_batch_tokens
+        return limit is not None and sequences > 1 and sequences * bucket > limit
 
     def _run_group(self, group: list[np.ndarray]) -> list[Result]:
         lengths = np.array([len(s) for s in group], dtype=np.int32)

@@ -23,6 +23,7 @@ import contextlib
 import logging
 import platform
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,6 +34,7 @@ from app.convert.cache import Resolved, resolve
 from app.convert.child import stop_conversions
 from app.formats import ModelBundle, ParityData, load_bundle
 from app.observability import Metrics
+from app.runtime.admission import CostModel, MemoryBudget, sized_budget
 from app.runtime.batcher import MicroBatcher
 from app.runtime.buckets import length_buckets
 from app.runtime.engine_choice import EngineChoice, choose_engine
@@ -65,6 +67,8 @@ class ModelService:
         self.self_check: SelfCheck | None = None  # the engine vs the parity data
         self.engine_vs_keras: SelfCheck | None = None  # the engine vs the Keras model's outputs
         self.engine_choice: EngineChoice | None = None
+        self.costs: CostModel | None = None  # set once ready (issue 8: memory admission)
+        self.budget: MemoryBudget | None = None
 
     def load(self) -> ModelBundle:
         """Find or make the Keras conversion and read it; raises :class:`~app.errors.ModelError`."""
@@ -155,11 +159,7 @@ class ModelService:
             choose_engine, settings.engine, spec, settings.threads, buckets, settings.max_batch_size,
             keras_file=keras_file)
         engine = self.engine_choice.engine
-        runner = Runner(engine, buckets, settings.max_batch_size)
-        workers = settings.workers if engine.parallel_calls else 1
-        self.batcher = MicroBatcher(runner, workers, settings.max_batch_size,
-                                    settings.max_queue_delay_ms / 1000, settings.max_queue)
-        self.batcher.on_batch.append(self.metrics.observe_batch)
+        runner = Runner(engine, buckets, settings.max_batch_size, settings.max_batch_tokens)
         self.metrics.queue_depth.set_function(lambda: self.batcher.pending if self.batcher else 0)
         source = self.source
         self.metrics.model_info.labels(spec.name, __version__, source["format"],
@@ -177,7 +177,33 @@ class ModelService:
             self.metrics.self_check_diff.set(checked.worst)
         self.status.stage = "warm-up"
         await asyncio.to_thread(runner.warm_up)
+        workers = self._size_budget(settings.workers if engine.parallel_calls else 1)
+        self.batcher = MicroBatcher(runner, workers, settings.max_batch_size,
+                                    settings.max_queue_delay_ms / 1000, settings.max_queue)
+        self.batcher.on_batch.append(self.metrics.observe_batch)
         self.batcher.start()
+
+    def _size_budget(self, workers: int) -> int:
+        """Price requests for this model; size the budget now that the RSS is the baseline.
+        Returns the engine calls that may run at once (fewer than ``workers`` when the
+        container's memory can't hold that many)."""
+        assert self.bundle is not None
+        spec, settings = self.bundle.spec, self.settings
+        self.costs = CostModel(
+            length_buckets(settings.max_len), spec.output_width, spec.hidden_width,
+            sum(layer.units * len(layer.directions()) for layer in spec.layers),
+            settings.max_batch_tokens, settings.max_batch_size)
+        per_call = self.costs.engine_reserve(1)
+        self.budget, affordable = sized_budget(settings.memory_budget_bytes, workers, per_call)
+        if affordable < workers:
+            log.warning("running %d engine calls at once, not %d: the memory limit holds no more",
+                        affordable, workers)
+        budget = self.budget
+        self.metrics.memory_used.set_function(lambda: budget.used)
+        self.metrics.memory_waiting.set_function(lambda: budget.waiting)
+        log.info("memory budget %.0f MiB (%s)", (budget.total + budget.waiting_room) / 2**20,
+                 budget.derivation, extra={"memory_budget": budget.describe()})
+        return affordable
 
     async def _check(self, parity: ParityData, runner: Runner, tolerance: float, what: str) -> SelfCheck:
         """The serving engine against recorded outputs; raises if they differ too much."""
@@ -191,6 +217,11 @@ class ModelService:
         assert self.batcher is not None
         return await self.batcher.submit(sequences)
 
+    def infer_parts(self, parts: list[list[np.ndarray]]) -> AsyncIterator[list[Result]]:
+        """Results part by part (see :meth:`MicroBatcher.stream`)."""
+        assert self.batcher is not None
+        return self.batcher.stream(parts)
+
     async def close(self) -> None:
         stop_conversions()  # a shutdown during start-up doesn't wait for the conversion
         if self.batcher is not None:
@@ -200,8 +231,7 @@ class ModelService:
         status = {"stage": self.status.stage, "detail": self.status.detail, "ready": self.status.ready,
                   "error": self.status.error, "seconds_to_ready": self.status.seconds_to_ready}
         common = {"engine": self.settings.engine, "status": status,
-                  "limits": {"max_batch": self.settings.max_batch, "max_len": self.settings.max_len},
-                  "versions": _versions()}
+                  "limits": self.limits(), "versions": _versions()}
         if self.bundle is None:  # still converting
             return {"name": None, "source": {"path": str(self.settings.model_path)}, **common}
         spec = self.bundle.spec
@@ -218,6 +248,18 @@ class ModelService:
             "engine": self.engine_choice.engine.name if self.engine_choice else self.settings.engine,
             "engine_choice": self.engine_choice.as_dict() if self.engine_choice else None,
         }
+
+    def limits(self) -> dict:
+        """What a request may be and hold (published in /v1/model and the OpenAPI text)."""
+        settings = self.settings
+        limits = {"max_batch": settings.max_batch, "max_len": settings.max_len,
+                  "max_body_bytes": settings.max_body_bytes, "max_queue": settings.max_queue,
+                  "max_batch_tokens": settings.max_batch_tokens,
+                  "request_timeout_s": settings.request_timeout_s,
+                  "header_timeout_s": settings.header_timeout_s, "body_timeout_s": settings.body_timeout_s,
+                  "send_timeout_s": settings.send_timeout_s,
+                  "engine_calls_at_once": self.batcher.workers if self.batcher else None}
+        return limits | (self.budget.describe() if self.budget else {})
 
     def _keras_metadata(self) -> dict | None:
         assert self.bundle is not None and self.resolved is not None

@@ -1,0 +1,265 @@
+"""Memory admission: each ``/infer`` request is priced in bytes before it runs, and runs only
+while the requests in flight fit in a budget sized from the container.
+
+Where the memory of a replica goes (default model, measured with ``bench/peak_rss.py``):
+
+- **Baseline**: the process after start-up (Python, ONNX Runtime, the model): ~160 MiB RSS.
+- **Engine calls**: ONNX Runtime holds ~6.5 KiB per padded token while it runs the default
+  model (its input projections, every layer's outputs, their transposes); that is
+  ``ENGINE_BYTES_PER_STATE_FLOAT`` = 13 bytes for each of the 512 state floats
+  (sum over layers of directions x units) per token. An engine call holds at most
+  ``MAX_BATCH_TOKENS`` padded tokens and ``WORKERS`` calls run at once, so the engines
+  together need at most ``workers x max_batch_tokens x bytes per token``: reserved up front
+  (and in a container, fewer calls run at once if that would take over half the memory).
+- **Requests** (what admission prices, :meth:`CostModel.price`):
+
+  - the input: the body, its parsed JSON and validated copy, the token arrays:
+    ``body bytes + INPUT_BYTES_PER_TOKEN x tokens``;
+  - the results of the parts in flight (:func:`split_parts`: a request runs part by part,
+    ``LOOKAHEAD`` parts at a time, and each part's results are released once sent):
+    ``(output width + hidden width) x 4`` bytes per padded token;
+  - with ``return_hidden``, every sequence's output rows, kept for the end of the document
+    (the hidden states stream first): ``output width x 4`` bytes per padded token;
+  - the JSON being sent: chunks of about 64 KiB (``ENCODING_BYTES`` covers the one being
+    built and the one in the socket's buffer).
+
+The budget: ``MEMORY_BUDGET_BYTES`` when set; else, in a container with a memory limit,
+``limit - RSS at ready - headroom (10% of the limit, at least 32 MiB) - engine reserve``;
+else ``DEFAULT_BUDGET``. An eighth of it is the waiting room: requests waiting for room
+hold only their input, and when the waiting room is full they get ``503`` at once. A
+request that costs more than the other seven eighths can never run: ``413``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from app.runtime.buckets import bucket_of
+
+MiB = 2**20
+DEFAULT_BUDGET = 1024 * MiB
+UNLIMITED = 2**60  # cgroup v1 says "no limit" with a huge number (page-rounded 2**63 - 1)
+
+ENGINE_BYTES_PER_STATE_FLOAT = 13
+INPUT_BYTES_PER_TOKEN = 64  # list slot + validated copy + float64 + int32, with slack
+ENCODING_BYTES = 4 * 64 * 1024  # app/api/streaming.py's chunk being built, and the one being sent
+LOOKAHEAD = 3  # parts of one request held at once: one being sent while two compute
+
+
+def cgroup_memory_limit(root: Path = Path("/sys/fs/cgroup"),
+                        membership: Path = Path("/proc/self/cgroup")) -> int | None:
+    """The tightest memory limit over this process's cgroup and its ancestors (v2
+    ``memory.max``, v1 ``memory.limit_in_bytes``), or None when there is none.
+
+    Inside a container the process's cgroup is usually the root of what it sees; on a host
+    (or without a cgroup namespace) it is a path below the root, so the whole path is read."""
+    try:
+        lines = membership.read_text().splitlines()
+    except OSError:
+        lines = []
+    limits = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            base, name = root, "memory.max"
+        elif "memory" in controllers.split(","):
+            base, name = root / "memory", "memory.limit_in_bytes"
+        else:
+            continue
+        limits += _limits_along(base, path, name)
+    if not lines:  # no /proc (not Linux): nothing to read
+        return None
+    real = [limit for limit in limits if limit < UNLIMITED]
+    return min(real) if real else None
+
+
+def _limits_along(base: Path, path: str, name: str) -> list[int]:
+    limits, here = [], base
+    for part in ["", *Path(path.strip("/")).parts]:
+        here = here / part if part else here
+        try:
+            text = (here / name).read_text().strip()
+        except OSError:
+            continue
+        limits.append(UNLIMITED if text == "max" else int(text))
+    return limits
+
+
+def return_freed_memory() -> None:
+    """Make glibc give every block of 128 KiB or more its own mapping, returned when freed.
+
+    By default glibc raises that threshold to the largest block freed so far (up to 32 MiB):
+    after the first large answer, the engine's buffers and the JSON chunks come from the
+    heap, whose freed space fragments and stays resident. Measured on the maximal request
+    (64 x 2048 tokens with return_hidden): peak RSS 377 -> 255 MiB alone, 710 -> 286 MiB four
+    at once. The price is CPU in the kernel for fresh pages, with ONNX Runtime's arena off
+    (app/runtime/engines.py: each call's buffers are then fresh mappings): on this project's
+    virtualised 2-core machines, +2 s of system time per 300 requests of 4 x 256 tokens
+    (against 4.4 s of user time; 0.1 s with the arena on, whose retained, power-of-two grown
+    memory the budget could not count on); page faults cost far less on a plain kernel.
+    Operators who prefer the CPU can set glibc's own ``MALLOC_MMAP_THRESHOLD_`` (e.g.
+    16777216, with ``MALLOC_TRIM_THRESHOLD_=1073741824``), which is then left alone, and must
+    then budget for larger peaks (measured: 376 MiB alone, 768 MiB four at once)."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return  # the operator chose
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return  # not glibc: nothing to tune
+    m_mmap_threshold = -3
+    libc.mallopt(m_mmap_threshold, 128 * 1024)
+
+
+def process_rss() -> int:
+    """This process's resident memory in bytes."""
+    resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return resident_pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def split_parts(lengths: Sequence[int], buckets: list[int], max_tokens: int,
+                max_sequences: int) -> list[range]:
+    """Consecutive runs of sequences of at most ``max_tokens`` padded tokens (each length
+    rounded up to its bucket) and ``max_sequences`` sequences; a longer sequence goes alone."""
+    parts, start, tokens = [], 0, 0
+    for index, length in enumerate(lengths):
+        padded = bucket_of(buckets, length)
+        if index > start and (tokens + padded > max_tokens or index - start >= max_sequences):
+            parts.append(range(start, index))
+            start, tokens = index, 0
+        tokens += padded
+    parts.append(range(start, len(lengths)))
+    return parts
+
+
+@dataclass(frozen=True)
+class Cost:
+    """What one request holds: ``input`` from the start, ``total`` once admitted."""
+
+    input: int
+    total: int
+
+
+@dataclass(frozen=True)
+class CostModel:
+    buckets: list[int]
+    output_width: int
+    hidden_width: int
+    state_floats: int  # sum over GRU layers of directions x units
+    max_batch_tokens: int
+    max_batch_size: int
+
+    @property
+    def engine_bytes_per_token(self) -> int:
+        return ENGINE_BYTES_PER_STATE_FLOAT * self.state_floats
+
+    def engine_reserve(self, workers: int) -> int:
+        """What ``workers`` engine calls of ``max_batch_tokens`` padded tokens hold at once."""
+        return workers * self.max_batch_tokens * self.engine_bytes_per_token
+
+    def parts(self, lengths: Sequence[int]) -> list[range]:
+        return split_parts(lengths, self.buckets, self.max_batch_tokens, self.max_batch_size)
+
+    def price(self, lengths: Sequence[int], return_hidden: bool, body_bytes: int) -> Cost:
+        padded = [bucket_of(self.buckets, length) for length in lengths]
+        part_tokens = [sum(padded[i] for i in part) for part in self.parts(lengths)]
+        in_flight = max(sum(part_tokens[i:i + LOOKAHEAD]) for i in range(len(part_tokens)))
+        result_bytes = 4 * (self.output_width + self.hidden_width)
+        input_bytes = body_bytes + INPUT_BYTES_PER_TOKEN * sum(lengths)
+        kept_outputs = 4 * self.output_width * sum(padded) if return_hidden else 0
+        return Cost(input_bytes, input_bytes + result_bytes * in_flight + kept_outputs + ENCODING_BYTES)
+
+
+class NeverFits(Exception):
+    """The request costs more than the whole budget."""
+
+
+class BudgetTaken(Exception):
+    """No room now, and no room to wait (or the wait ran out)."""
+
+
+class MemoryBudget:
+    """Bytes that admitted requests may hold; FIFO waiting for room, bounded in bytes too."""
+
+    def __init__(self, total: int, derivation: str) -> None:
+        total = max(total, 0)
+        self.waiting_room = total // 8  # inputs of requests waiting for room
+        self.total = total - self.waiting_room  # what admitted requests hold
+        self.derivation = derivation
+        self.used = 0
+        self.waiting = 0
+        self._line: deque[tuple[int, asyncio.Future[None]]] = deque()
+
+    async def admit(self, cost: Cost, timeout_s: float) -> None:
+        """Return once ``cost.total`` is reserved (release it with :meth:`release`)."""
+        if cost.total > self.total:
+            raise NeverFits
+        if not self._line and self.used + cost.total <= self.total:
+            self.used += cost.total
+            return
+        if self.waiting + cost.input > self.waiting_room:
+            raise BudgetTaken
+        turn = asyncio.get_running_loop().create_future()
+        self._line.append((cost.total, turn))
+        self.waiting += cost.input
+        try:
+            await asyncio.wait_for(turn, timeout_s)
+        except BaseException as exc:
+            if turn.done() and not turn.cancelled():
+                self.release(cost.total)  # admitted just as the wait ended: give it back
+            else:
+                turn.cancel()
+                self._wake()  # the line's head may have changed
+            if isinstance(exc, TimeoutError):
+                raise BudgetTaken from None
+            raise
+        finally:
+            self.waiting -= cost.input
+
+    def release(self, amount: int) -> None:
+        self.used -= amount
+        self._wake()
+
+    def _wake(self) -> None:
+        """Admit from the head of the line while it fits (FIFO: no starving big requests)."""
+        while self._line:
+            amount, turn = self._line[0]
+            if turn.done():
+                self._line.popleft()
+                continue
+            if self.used + amount > self.total:
+                return
+            self._line.popleft()
+            self.used += amount
+            turn.set_result(None)
+
+    def describe(self) -> dict:
+        return {"memory_budget_bytes": self.total + self.waiting_room,
+                "memory_budget_from": self.derivation, "largest_request_cost_bytes": self.total,
+                "waiting_room_bytes": self.waiting_room}
+
+
+def sized_budget(configured: int | None, workers: int, per_call: int) -> tuple[MemoryBudget, int]:
+    """The budget, and how many engine calls (of ``per_call`` bytes each) may run at once.
+
+    ``MEMORY_BUDGET_BYTES`` when set; else derived from the container's limit (call this once
+    ready: the RSS then is the baseline), the engine calls taking at most half of what is
+    left (so many cores and little memory mean fewer parallel calls, not an OOM); else
+    :data:`DEFAULT_BUDGET`."""
+    if configured is not None:
+        return MemoryBudget(configured, "MEMORY_BUDGET_BYTES"), workers
+    limit = cgroup_memory_limit()
+    if limit is None:
+        return MemoryBudget(DEFAULT_BUDGET, "default (no cgroup memory limit)"), workers
+    baseline, headroom = process_rss(), max(limit // 10, 32 * MiB)
+    available = limit - baseline - headroom
+    workers = max(1, min(workers, available // 2 // per_call))
+    reserve = workers * per_call
+    derivation = (f"cgroup limit {limit / MiB:.0f} MiB - RSS at ready {baseline / MiB:.0f} MiB - "
+                  f"headroom {headroom / MiB:.0f} MiB - {workers} engine calls {reserve / MiB:.0f} MiB")
+    return MemoryBudget(available - reserve, derivation), workers
