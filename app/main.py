@@ -9,10 +9,13 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import grpc
 from fastapi import FastAPI
 
 from app import __version__
 from app.api.errors import install_error_handlers
+from app.api.kserve.grpc_service import start_grpc_server
+from app.api.kserve.rest import build_kserve_router
 from app.api.middleware import RequestEnvelope
 from app.api.routes import include_routes
 from app.config import Settings, get_settings
@@ -37,9 +40,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.error("cannot serve %s: %s", settings.model_path, exc)
             raise
         app.state.service = service
+        grpc_server = await _start_grpc(service, settings)
         preparing = asyncio.create_task(_prepare(service, settings.exit_on_failure))
         yield
         preparing.cancel()
+        if grpc_server is not None:  # new calls refused; calls in flight finish within the grace
+            await grpc_server.stop(max(settings.grace_period_s - settings.drain_delay_s, 1.0))
         await service.close()
         log.info("stopped")
 
@@ -54,7 +60,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestEnvelope, metrics=metrics, max_body_bytes=settings.max_body_bytes)
     install_error_handlers(app)
     include_routes(app, settings)
+    app.include_router(build_kserve_router(settings))
     return app
+
+
+async def _start_grpc(service: ModelService, settings: Settings) -> grpc.aio.Server | None:
+    """The Open Inference Protocol's gRPC service on GRPC_PORT (0: none)."""
+    if not settings.grpc_port:
+        return None
+    try:
+        server = await start_grpc_server(service, settings)
+    except RuntimeError as exc:
+        log.error("cannot serve gRPC on %s:%d: %s", settings.host, settings.grpc_port, exc)
+        raise
+    log.info("gRPC (Open Inference Protocol) on %s:%d", settings.host, settings.grpc_port)
+    return server
 
 
 async def _prepare(service: ModelService, exit_on_failure: bool) -> None:

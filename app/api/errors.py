@@ -1,5 +1,6 @@
 """Every error leaves as JSON:
-``{"error": {"status", "type", "message", "details"?, "request_id"}}``."""
+``{"error": {"status", "type", "message", "details"?, "request_id"}}``, or as the Open
+Inference Protocol's ``{"error": "message"}`` under ``/v2``."""
 
 from __future__ import annotations
 
@@ -32,6 +33,12 @@ def error_response(status: int, type_: str, message: str, details: list[dict] | 
     if request_id:
         body["request_id"] = request_id
     return Response(orjson.dumps({"error": body}), status_code=status, headers=headers,
+                    media_type="application/json")
+
+
+def protocol_error_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    """The Open Inference Protocol's error: ``{"error": "message"}`` (routes under ``/v2``)."""
+    return Response(orjson.dumps({"error": message}), status_code=status, headers=headers,
                     media_type="application/json")
 
 

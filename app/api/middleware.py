@@ -15,7 +15,8 @@ import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.errors import error_response
+from app.api.errors import error_response, protocol_error_response
+from app.api.kserve import PREFIX as PROTOCOL_PREFIX
 from app.observability import QUIET_PATHS, Metrics
 
 log = logging.getLogger("app.access")
@@ -68,8 +69,9 @@ class RequestEnvelope:
         except BodyTooLarge:
             if response_started:
                 raise
-            response = error_response(413, "body_too_large",
-                                      f"the body exceeds {self.max_body_bytes} bytes", request_id=request_id)
+            message = f"the body exceeds {self.max_body_bytes} bytes"
+            response = (protocol_error_response(413, message) if _is_protocol_path(scope["path"])
+                        else error_response(413, "body_too_large", message, request_id=request_id))
             await response(scope, receive, send_with_id)
         finally:
             self.metrics.in_flight.dec()
@@ -97,6 +99,11 @@ def _request_id(scope: Scope) -> str:
             if REQUEST_ID.match(text):
                 return text
     return uuid.uuid4().hex
+
+
+def _is_protocol_path(path: str) -> bool:
+    """Under ``/v2``, errors take the Open Inference Protocol's form."""
+    return path == PROTOCOL_PREFIX or path.startswith(PROTOCOL_PREFIX + "/")
 
 
 def _content_length(scope: Scope) -> int:
