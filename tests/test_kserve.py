@@ -99,7 +99,8 @@ def test_padded_batch_rows_equal_infer_one_at_a_time(tritonclient_runs: dict, se
     for row in range(8):
         sequence = gpu_reference["ids"][row]
         alone = httpx.post(server.url + "/infer", json={"sequences": [sequence.tolist()]}).json()
-        assert max_diff([batched[row, : len(sequence)]], [np.asarray(alone["outputs"][0], np.float32)]) <= 1e-6
+        expected = np.asarray(alone["outputs"][0], np.float32)
+        assert max_diff([batched[row, : len(sequence)]], [expected]) <= 1e-6
 
 
 EXPECTED_ERRORS = {
@@ -224,7 +225,8 @@ def grpc_stub(server: Server) -> pb_grpc.GRPCInferenceServiceStub:
     return pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(server.grpc_target))
 
 
-def ids_tensor(shape: list[int], datatype: str = "INT32", **contents) -> pb.ModelInferRequest.InferInputTensor:
+def ids_tensor(shape: list[int], datatype: str = "INT32",
+               **contents: list) -> pb.ModelInferRequest.InferInputTensor:
     tensor = pb.ModelInferRequest.InferInputTensor(name="ids", datatype=datatype, shape=shape)
     if contents:
         tensor.contents.CopyFrom(pb.InferTensorContents(**contents))
@@ -300,7 +302,8 @@ def test_not_ready_is_said_over_both_protocols() -> None:
         assert not stub.ServerReady(pb.ServerReadyRequest()).ready
         assert not stub.ModelReady(pb.ModelReadyRequest(name=MODEL)).ready
         with pytest.raises(grpc.RpcError) as caught:
-            stub.ModelInfer(pb.ModelInferRequest(model_name=MODEL, inputs=[ids_tensor([1, 1], int_contents=[5])]))
+            stub.ModelInfer(pb.ModelInferRequest(model_name=MODEL,
+                                                 inputs=[ids_tensor([1, 1], int_contents=[5])]))
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         server.stop()

@@ -79,6 +79,10 @@ class InferenceRequest(BaseModel):
     outputs: list[RequestOutput] | None = None
 
 
+class ProtocolError(BaseModel):
+    error: str
+
+
 class ProtocolRoute(APIRoute):
     """A route whose errors leave in the protocol's form. The protocol has no 422: a request
     that is not what the model takes is a 400."""
@@ -102,18 +106,19 @@ def service_of(request: Request) -> ModelService:
 
 def build_kserve_router(settings: Settings) -> APIRouter:
     router = APIRouter(prefix=PREFIX, route_class=ProtocolRoute, tags=["Open Inference Protocol (KServe v2)"])
-    errors: dict[int | str, dict[str, Any]] = {code: {"description": "{\"error\": message}"}
-                                               for code in (400, 404, 413, 503, 504)}
+    errors: dict[int | str, dict[str, Any]] = {code: {"model": ProtocolError}
+                                               for code in (400, 404, 413, 415, 503, 504)}
+    health = {"response_class": Response, "responses": {400: {"description": "not ready (empty body)"}}}
 
     @router.get("", summary="Server metadata: name, version, extensions")
     async def server_metadata() -> Response:
         return json_response({"name": SERVER_NAME, "version": __version__, "extensions": EXTENSIONS})
 
-    @router.get("/health/live", summary="Server live: 200 while the process is up")
+    @router.get("/health/live", summary="Server live: 200 while the process is up", response_class=Response)
     async def server_live() -> Response:
         return Response(status_code=200)
 
-    @router.get("/health/ready", summary="Server ready: 200 once the model is ready, else 400")
+    @router.get("/health/ready", summary="Server ready: 200 once the model is ready, else 400", **health)
     async def server_ready(request: Request) -> Response:
         return Response(status_code=200 if service_of(request).status.ready else 400)
 
@@ -124,8 +129,12 @@ def build_kserve_router(settings: Settings) -> APIRouter:
         check_model(service, name, version)
         return json_response(model_metadata(service))
 
-    @router.get("/models/{name}/ready", summary="Model ready: 200 once ready, else 400", responses=errors)
-    @router.get("/models/{name}/versions/{version}/ready", summary="Model ready", responses=errors)
+    ready_responses = {**errors, 400: health["responses"][400]}
+
+    @router.get("/models/{name}/ready", summary="Model ready: 200 once ready, else 400",
+                response_class=Response, responses=ready_responses)
+    @router.get("/models/{name}/versions/{version}/ready", summary="Model ready",
+                response_class=Response, responses=ready_responses)
     async def model_ready(request: Request, name: str, version: str = "") -> Response:
         service = service_of(request)
         check_model(service, name, version)
@@ -135,10 +144,13 @@ def build_kserve_router(settings: Settings) -> APIRouter:
         "application/json": {"schema": InferenceRequest.model_json_schema()},
         "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
 
+    infer_responses = {**errors, 200: {"description": "the output tensors", "content": {
+        "application/json": {}, "application/octet-stream": {}}}}
+
     @router.post("/models/{name}/infer", summary="Inference (JSON or binary tensors)",
-                 responses=errors, openapi_extra=infer_body)
+                 responses=infer_responses, openapi_extra=infer_body)
     @router.post("/models/{name}/versions/{version}/infer", summary="Inference",
-                 responses=errors, openapi_extra=infer_body)
+                 responses=infer_responses, openapi_extra=infer_body)
     async def infer(request: Request, name: str, version: str = "") -> Response:
         service = service_of(request)
         check_model(service, name, version)
