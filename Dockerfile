@@ -1,6 +1,6 @@
 # Real-time CPU inference for cuDNN-trained (bidirectional) GRU models.
 # Build:  docker build -t bigru-serve .
-# Run:    docker run -p 8000:8000 bigru-serve            (default model baked in)
+# Run:    docker run -p 8000:8000 -p 8001:8001 bigru-serve   (default model baked in; 8001: gRPC)
 #         docker run -p 8000:8000 -v $PWD/my-model:/models/custom:ro -e MODEL_PATH=/models/custom bigru-serve
 ARG PYTHON_IMAGE=python:3.11.7-slim-bookworm
 
@@ -21,6 +21,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     MODEL_PATH=/models/segmenter \
     HOST=0.0.0.0 \
     PORT=8000 \
+    GRPC_PORT=8001 \
     FORWARDED_ALLOW_IPS=* \
     TF_CPP_MIN_LOG_LEVEL=2
 RUN groupadd --system --gid 10001 app \
@@ -29,7 +30,7 @@ COPY --from=build /opt/venv /opt/venv
 COPY models /models
 USER 10001:10001
 WORKDIR /tmp
-EXPOSE 8000
+EXPOSE 8000 8001
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2).status != 200)"]
 # uvicorn with --proxy-headers, JSON logs, and a draining shutdown on SIGTERM (app/server.py)
