@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 LENGTHS = (16, 64, 256, 2048)
 CONCURRENCY = (1, 8, 32)
-HOST, PORT = "127.0.0.1", 8790
+HOST, PORT, GRPC_PORT = "127.0.0.1", 8790, 8791
 
 
 def percentiles(samples_s: list[float]) -> dict[str, float]:
@@ -128,7 +128,7 @@ def start_server():
     # As users run it (python -m app serve), request logging included; the log is discarded.
     process = subprocess.Popen(
         [sys.executable, "-m", "app", "serve"], cwd=ROOT,
-        env={**os.environ, "HOST": HOST, "PORT": str(PORT)},
+        env={**os.environ, "HOST": HOST, "PORT": str(PORT), "GRPC_PORT": str(GRPC_PORT)},
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     url = f"http://{HOST}:{PORT}"
