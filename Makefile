@@ -10,7 +10,7 @@ CLIENT := .venv-client
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: install run test lint bench soak flood constraints proto clean
+.PHONY: install run test lint bench soak flood wire constraints proto clean
 
 install: $(VENV)/.installed $(TOOLS)/.installed $(CLIENT)/.installed
 
@@ -55,6 +55,10 @@ soak: $(VENV)/.installed
 # Far more concurrent work than the queue holds: every answer a correct 200 or a fast 503.
 flood: $(VENV)/.installed
 	$(BIN)/python -m bench.flood
+
+# A 64 x 2048 answer with hidden states: bytes, time and server memory per wire format.
+wire: $(VENV)/.installed
+	$(BIN)/python -m bench.wire_cost
 
 constraints: $(VENV)/.installed
 	{ sed -n '1,2p' constraints.txt; $(BIN)/pip freeze --exclude-editable | grep -v '^-e'; } > constraints.new

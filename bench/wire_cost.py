@@ -1,5 +1,5 @@
 """What a large answer costs on the wire: 64 sequences x 2048 tokens with hidden states
-(outputs 64x2048x2 and hidden 64x2048x256 floats), in one run against one server, as
+(outputs 64x2048x2 and hidden 64x2048x256 floats), in one run, as
 
 - ``/infer`` JSON (``return_hidden``),
 - the Open Inference Protocol over HTTP, JSON tensors and binary tensors,
