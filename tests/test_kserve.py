@@ -4,6 +4,7 @@ won't send go raw (httpx, and grpcio with the service's own generated stub)."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import signal
 import struct
@@ -162,6 +163,9 @@ RAW_CASES = {
     "raw binary request": (IDS_2x3.tobytes(), {"Inference-Header-Content-Length": "0"}, 400,
                            "raw binary request"),
     "unknown encoding": (b"{}", {"Content-Encoding": "br"}, 415, "Content-Encoding 'br'"),
+    "body past MAX_BODY_BYTES": (b" " * (5 << 20), {}, 413, "the body exceeds 4194304 bytes"),
+    "gzip bomb": (gzip.compress(b" " * (5 << 20)), {"Content-Encoding": "gzip"}, 413,
+                  "the decompressed body exceeds 4194304 bytes"),
     "classification": (json.dumps({"inputs": [{"name": "ids", "datatype": "INT32", "shape": [1, 1],
                                                "data": [5]}],
                                    "outputs": [{"name": "outputs", "parameters": {"class_count": 2}}]}
@@ -211,8 +215,6 @@ def test_binary_and_json_tensors_and_versions_over_raw_http(server: Server, gpu_
 
 
 def test_gzip_request_bodies(server: Server) -> None:
-    import gzip
-
     body = json.dumps({"inputs": [{"name": "ids", "datatype": "INT32", "shape": [1, 3],
                                    "data": [[41, 74, 71]]}], "outputs": [{"name": "outputs"}]})
     plain = httpx.post(server.url + INFER, content=body).json()
