@@ -41,11 +41,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise
         app.state.service = service
         grpc_server = await _start_grpc(service, settings)
+        grace = max(settings.grace_period_s - settings.drain_delay_s, 1.0)
+        # New calls refused, calls in flight finish within the grace. app.server stops it as soon
+        # as HTTP stops accepting; plain uvicorn here, once HTTP has finished.
+        app.state.stop_grpc = (lambda: grpc_server.stop(grace)) if grpc_server else None
         preparing = asyncio.create_task(_prepare(service, settings.exit_on_failure))
         yield
         preparing.cancel()
-        if grpc_server is not None:  # new calls refused; calls in flight finish within the grace
-            await grpc_server.stop(max(settings.grace_period_s - settings.drain_delay_s, 1.0))
+        if grpc_server is not None:
+            await grpc_server.stop(grace)
         await service.close()
         log.info("stopped")
 
