@@ -6,9 +6,10 @@
 - the Open Inference Protocol over gRPC (raw contents),
 
 and, as the floor, the v2 binary answer without ``hidden`` (the engine's time and little else).
-Per format, on a fresh server: response bytes, the median time from request to the last byte,
-the client's time to decode the answer into float32 arrays, and the server's RSS when ready and
-its peak (VmHWM) over the answers: what a replica's memory limit must hold.
+Per format: response bytes, the median time from request to the last byte and the client's
+time to decode the answer into float32 arrays (one server, the formats in turn, REPEATS rounds),
+and, on a fresh server per format, its RSS when ready and its peak (VmHWM) over one answer:
+what a replica's memory limit must hold.
 Writes ``bench/results/wire_cost.json``. ``python -m bench.wire_cost``
 """
 
@@ -97,25 +98,36 @@ def peak_rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def measure(call: Callable[[], tuple[int, Callable[[], object]]]) -> dict:
-    """On a fresh server (so that its peak RSS is this format's alone): REPEATS answers."""
+def timings(calls: dict[str, Call]) -> dict[str, dict]:
+    """On one server, REPEATS rounds of every format in turn (so that load drifts hit all alike)."""
     process, _ = start_server()
+    samples: dict[str, list[tuple[int, float, float]]] = {name: [] for name in calls}
     try:
-        idle = peak_rss_mib(process.pid)
-        times, decodes, size = [], [], 0
         for _ in range(REPEATS):
-            started = time.perf_counter()
-            size, decode = call()
-            times.append(time.perf_counter() - started)
-            started = time.perf_counter()
-            decode()
-            decodes.append(time.perf_counter() - started)
-        peak = peak_rss_mib(process.pid)
+            for name, call in calls.items():
+                started = time.perf_counter()
+                size, decode = call()
+                elapsed = time.perf_counter() - started
+                started = time.perf_counter()
+                decode()
+                samples[name].append((size, elapsed, time.perf_counter() - started))
     finally:
         process.terminate()
         process.wait(timeout=60)
-    return {"bytes": size, "seconds": statistics.median(times), "decode_seconds": statistics.median(decodes),
-            "server_idle_rss_mib": idle, "server_peak_rss_mib": peak}
+    return {name: {"bytes": runs[-1][0], "seconds": statistics.median(r[1] for r in runs),
+                   "decode_seconds": statistics.median(r[2] for r in runs)} for name, runs in samples.items()}
+
+
+def peak_rss(call: Call) -> dict:
+    """On a fresh server, one answer: its RSS when ready and its peak, this format's alone."""
+    process, _ = start_server()
+    try:
+        idle = peak_rss_mib(process.pid)
+        call()
+        return {"server_idle_rss_mib": idle, "server_peak_rss_mib": peak_rss_mib(process.pid)}
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
 
 
 def main() -> int:
@@ -129,7 +141,9 @@ def main() -> int:
         "v2 HTTP JSON": v2_http(ids, False, ("outputs", "hidden")),
         "/infer JSON": infer_json(ids),
     }
-    report = {name: measure(call) for name, call in formats.items()}
+    report = timings(formats)
+    for name, call in formats.items():
+        report[name].update(peak_rss(call))
     floats = BATCH * STEPS * (2 + 256)
     print(f"{BATCH} x {STEPS} tokens with hidden ({floats:,} floats), median of {REPEATS}:")
     print(f"{'format':34} {'MB':>8} {'B/float':>8} {'s':>7} {'decode s':>9} {'RSS idle/peak MiB':>18}")
