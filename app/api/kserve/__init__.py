@@ -8,4 +8,6 @@
 - :mod:`.grpc_service`: ``inference.GRPCInferenceService`` on its own port.
 """
 
-PREFIX = "/v2"
+PREFIX = "/v2"  # the HTTP routes' prefix
+SERVER_NAME = "bigru-serve"
+EXTENSIONS = ["binary_tensor_data"]  # the protocol extensions served (server metadata)

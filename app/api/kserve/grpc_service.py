@@ -17,17 +17,18 @@ import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 from grpc import aio
 
 from app import __version__
 from app.api.errors import ApiError
+from app.api.kserve import EXTENSIONS, SERVER_NAME
 from app.api.kserve import grpc_predict_v2_pb2 as pb
 from app.api.kserve import grpc_predict_v2_pb2_grpc as pb_grpc
-from app.api.kserve.rest import EXTENSIONS, SERVER_NAME
 from app.api.kserve.signature import (
+    OUTPUT_NAMES,
     VERSION,
     check_model,
     check_output_names,
@@ -62,8 +63,7 @@ CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_conte
             "UINT16": "uint_contents", "UINT32": "uint_contents", "UINT64": "uint64_contents",
             "FP32": "fp32_contents", "FP64": "fp64_contents"}
 
-Message = TypeVar("Message")
-Handler = Callable[[Any, Any, aio.ServicerContext], Awaitable[Message]]
+Handler = Callable[[Any, Any, aio.ServicerContext], Awaitable[Any]]
 
 
 def observed(method: Handler) -> Handler:
@@ -130,7 +130,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         check_ready(service)
         sequences, steps = sequences_from(inputs_of(request), service.token_range, settings.max_batch,
                                           settings.max_len)
-        names = [output.name for output in request.outputs] or [spec.name for spec in output_specs(service)]
+        names = [output.name for output in request.outputs] or list(OUTPUT_NAMES)
         check_output_names(names)
         remaining = context.time_remaining()  # the caller's deadline, when it set one
         timeout = min(settings.request_timeout_s, math.inf if remaining is None else max(remaining, 0.001))

@@ -24,10 +24,9 @@ from pydantic import (
 
 from app import __version__
 from app.api.errors import ApiError, protocol_error_response
-from app.api.kserve import PREFIX
+from app.api.kserve import EXTENSIONS, PREFIX, SERVER_NAME
 from app.api.kserve.signature import (
-    HIDDEN,
-    OUTPUTS,
+    OUTPUT_NAMES,
     VERSION,
     check_model,
     check_output_names,
@@ -50,8 +49,6 @@ from app.api.routes import JSON_OPTIONS, json_response, parse_body, run_within_l
 from app.config import Settings
 from app.runtime.service import ModelService
 
-SERVER_NAME = "bigru-serve"
-EXTENSIONS = ["binary_tensor_data"]
 SEND_CHUNK_BYTES = 1 << 20
 Parameter = StrictBool | StrictInt | StrictFloat | StrictStr
 
@@ -201,7 +198,7 @@ def chosen_outputs(inference: InferenceRequest) -> tuple[list[str], list[bool]]:
     whether each goes as binary data (``binary_data``, else ``binary_data_output``)."""
     default = inference.parameters.get("binary_data_output", False)
     if inference.outputs is None:
-        return [OUTPUTS, HIDDEN], [bool(default)] * 2
+        return list(OUTPUT_NAMES), [bool(default)] * len(OUTPUT_NAMES)
     names = [output.name for output in inference.outputs]
     check_output_names(names)
     for output in inference.outputs:

@@ -21,6 +21,7 @@ from app.runtime.service import ModelService
 
 IDS, LENGTHS = "ids", "lengths"
 OUTPUTS, HIDDEN = "outputs", "hidden"
+OUTPUT_NAMES = [OUTPUTS, HIDDEN]  # all of them, in this order, when a request names none
 INDEX_DATATYPES = ("INT32", "INT64")
 VERSION = "1"  # one model, one version
 PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "keras": "tensorflow_keras"}
@@ -122,10 +123,9 @@ def named(tensors: list[Tensor], kind: str, known: tuple[str, ...]) -> dict[str,
 
 
 def check_output_names(names: list[str]) -> None:
-    known = (OUTPUTS, HIDDEN)
     for index, name in enumerate(names):
-        if name not in known:
-            raise invalid(f"unknown output '{name}'; this model has {', '.join(known)}")
+        if name not in OUTPUT_NAMES:
+            raise invalid(f"unknown output '{name}'; this model has {', '.join(OUTPUT_NAMES)}")
         if name in names[:index]:
             raise invalid(f"output '{name}' is requested twice")
 

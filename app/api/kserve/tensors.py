@@ -23,7 +23,6 @@ DATATYPES: dict[str, np.dtype] = {name: np.dtype(code) for name, code in {
     "BOOL": "?", "UINT8": "<u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8",
     "INT8": "<i1", "INT16": "<i2", "INT32": "<i4", "INT64": "<i8",
     "FP16": "<f2", "FP32": "<f4", "FP64": "<f8"}.items()}
-DATATYPE_OF: dict[np.dtype, str] = {dtype.newbyteorder("="): name for name, dtype in DATATYPES.items()}
 
 
 def invalid(message: str) -> ApiError:
@@ -101,10 +100,6 @@ def as_little_endian_bytes(array: np.ndarray) -> memoryview:
     """The binary form of an output tensor, without a copy when it already is one."""
     contiguous = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
     return memoryview(contiguous).cast("B")
-
-
-def datatype_of(array: np.ndarray) -> str:
-    return DATATYPE_OF[array.dtype.newbyteorder("=")]
 
 
 def split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
