@@ -11,6 +11,7 @@ caller's ``x-request-id`` metadata (or a new id) and sends it back as initial me
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import math
@@ -80,6 +81,9 @@ def observed(method: Handler) -> Handler:
         except ApiError as exc:
             code = STATUS_CODES.get(exc.status, grpc.StatusCode.INVALID_ARGUMENT)
             await context.abort(code, exc.message)
+        except asyncio.CancelledError:  # the caller went away (its queued work is dropped)
+            code = grpc.StatusCode.CANCELLED
+            raise
         except Exception:
             code = grpc.StatusCode.UNKNOWN
             log.exception("unhandled error in gRPC %s", name, extra={"request_id": request_id})
