@@ -362,3 +362,32 @@ def test_generated_grpc_code_is_current(tmp_path: Path) -> None:
     for generated in ("grpc_predict_v2_pb2.py", "grpc_predict_v2_pb2.pyi", "grpc_predict_v2_pb2_grpc.py"):
         path = Path("app/api/kserve") / generated
         assert (tmp_path / path).read_text() == (ROOT / path).read_text(), generated
+
+
+def test_overload_and_deadline_answer_in_the_protocol_form() -> None:
+    server = Server({"MAX_QUEUE": "1", "REQUEST_TIMEOUT_S": "0.001"})
+    try:
+        server.wait_until()
+
+        def body(rows: int) -> dict:
+            return {"inputs": [{"name": "ids", "datatype": "INT32", "shape": [rows, 512],
+                                "data": [7] * (rows * 512)}]}
+
+        overloaded = httpx.post(server.url + INFER, json=body(2))  # 2 sequences > MAX_QUEUE
+        assert overloaded.status_code == 503 and overloaded.headers["retry-after"] == "1"
+        assert overloaded.json() == {"error": "the queue is full; retry shortly"}
+        late = httpx.post(server.url + INFER, json=body(1))
+        assert late.status_code == 504 and late.json() == {"error": "no result within 0.001 s"}
+        request = pb.ModelInferRequest(model_name=MODEL, inputs=[ids_tensor([2, 1], int_contents=[5, 6])])
+        with pytest.raises(grpc.RpcError) as caught:
+            grpc_stub(server).ModelInfer(request)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        request = pb.ModelInferRequest(model_name=MODEL,
+                                       inputs=[ids_tensor([1, 512], int_contents=[7] * 512)])
+        with pytest.raises(grpc.RpcError) as caught:
+            grpc_stub(server).ModelInfer(request)
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        metrics = httpx.get(server.url + "/metrics").text
+        assert 'bigru_rejected_requests_total{reason="queue_full"} 2.0' in metrics
+    finally:
+        server.stop()
