@@ -8,8 +8,8 @@
 and, as the floor, the v2 binary answer without ``hidden`` (the engine's time and little else).
 Per format: response bytes, the median time from request to the last byte and the client's
 time to decode the answer into float32 arrays (one server, the formats in turn, REPEATS rounds),
-and, on a fresh server per format, its RSS when ready and its peak (VmHWM) over one answer:
-what a replica's memory limit must hold.
+on a fresh server per format, its RSS when ready and its peak (VmHWM) over one answer: what a
+replica's memory limit must hold; and, in-process, the server's own time to encode the answer.
 Writes ``bench/results/wire_cost.json``. ``python -m bench.wire_cost``
 """
 
@@ -130,6 +130,56 @@ def peak_rss(call: Call) -> dict:
         process.wait(timeout=60)
 
 
+def encoders() -> dict[str, Callable[[], object]]:
+    """The server's own encoding of one such answer, in-process (engine results made up): what each
+    format costs the server's CPU, apart from the engine and the network."""
+    import asyncio
+
+    from app.api.kserve import grpc_predict_v2_pb2 as pb
+    from app.api.kserve.rest import infer_response
+    from app.api.kserve.signature import output_tensors
+    from app.api.kserve.tensors import as_little_endian_bytes
+    from app.api.routes import json_response
+
+    rng = np.random.default_rng(1)
+    results = [(rng.random((STEPS, 2), np.float32), rng.random((STEPS, 256), np.float32))
+               for _ in range(BATCH)]
+    names = ["outputs", "hidden"]
+
+    def v2_binary() -> object:
+        response = infer_response("segmenter", None, output_tensors(results, STEPS, names), [True, True])
+
+        async def drain() -> int:
+            return sum([len(chunk) async for chunk in response.body_iterator])
+        return asyncio.run(drain())
+
+    def v2_grpc() -> object:
+        tensors = output_tensors(results, STEPS, names)
+        output = pb.ModelInferResponse.InferOutputTensor
+        return pb.ModelInferResponse(
+            model_name="segmenter", outputs=[output(name=t.name, datatype=t.datatype, shape=t.shape)
+                                             for t in tensors],
+            raw_output_contents=[bytes(as_little_endian_bytes(t.array)) for t in tensors]).SerializeToString()
+
+    return {
+        "v2 HTTP binary": v2_binary,
+        "v2 gRPC raw": v2_grpc,
+        "v2 HTTP JSON": lambda: infer_response("segmenter", None, output_tensors(results, STEPS, names),
+                                               [False, False]).body,
+        "/infer JSON": lambda: json_response({"model": "segmenter", "outputs": [o for o, _ in results],
+                                              "hidden": [h for _, h in results]}).body,
+    }
+
+
+def encode_seconds(encode: Callable[[], object]) -> float:
+    samples = []
+    for _ in range(REPEATS):
+        started = time.perf_counter()
+        encode()
+        samples.append(time.perf_counter() - started)
+    return statistics.median(samples)
+
+
 def main() -> int:
     os.environ.setdefault("REQUEST_TIMEOUT_S", "300")  # this is about bytes, not deadlines
     os.environ.setdefault("MAX_BODY_BYTES", str(16 << 20))
@@ -144,13 +194,17 @@ def main() -> int:
     report = timings(formats)
     for name, call in formats.items():
         report[name].update(peak_rss(call))
+    for name, encode in encoders().items():
+        report[name]["server_encode_seconds"] = encode_seconds(encode)
     floats = BATCH * STEPS * (2 + 256)
     print(f"{BATCH} x {STEPS} tokens with hidden ({floats:,} floats), median of {REPEATS}:")
-    print(f"{'format':34} {'MB':>8} {'B/float':>8} {'s':>7} {'decode s':>9} {'RSS idle/peak MiB':>18}")
+    print(f"{'format':34} {'MB':>8} {'B/float':>8} {'s':>7} {'encode s':>9} {'decode s':>9} "
+          f"{'RSS idle/peak MiB':>18}")
     for name, row in report.items():
+        encode = row.get("server_encode_seconds")
         print(f"{name:34} {row['bytes'] / 1e6:8.1f} {row['bytes'] / floats:8.2f} {row['seconds']:7.2f} "
-              f"{row['decode_seconds']:9.2f} {row['server_idle_rss_mib']:8.0f} / "
-              f"{row['server_peak_rss_mib']:.0f}")
+              f"{'-' if encode is None else f'{encode:.2f}':>9} {row['decode_seconds']:9.2f} "
+              f"{row['server_idle_rss_mib']:8.0f} / {row['server_peak_rss_mib']:.0f}")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "wire_cost.json").write_text(json.dumps({"batch": BATCH, "steps": STEPS, "repeats": REPEATS,
                                                         "formats": report}, indent=1))
