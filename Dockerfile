@@ -1,6 +1,6 @@
 # Real-time CPU inference for cuDNN-trained (bidirectional) GRU models.
 # Build:  docker build -t bigru-serve .
-# Run:    docker run -p 8000:8000 bigru-serve            (default model baked in, converted at build)
+# Run:    docker run -p 8000:8000 -p 8001:8001 bigru-serve   (default model baked in, converted at build; 8001: gRPC)
 #         docker run -p 8000:8000 -m 512m -v $PWD/my-model:/models/custom:ro -e MODEL_PATH=/models/custom bigru-serve
 #         (a model of your own is converted at start-up in a child process, about 10 s and
 #         a 305 MiB cgroup peak; see the README, "Container", to convert it once instead)
@@ -30,6 +30,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     MODEL_CACHE_DIR=/var/cache/bigru-serve \
     HOST=0.0.0.0 \
     PORT=8000 \
+    GRPC_PORT=8001 \
     FORWARDED_ALLOW_IPS=* \
     TF_CPP_MIN_LOG_LEVEL=2
 RUN groupadd --system --gid 10001 app \
@@ -40,7 +41,7 @@ COPY models /models
 COPY --from=build --chown=10001:10001 /opt/model-cache /var/cache/bigru-serve
 USER 10001:10001
 WORKDIR /tmp
-EXPOSE 8000
+EXPOSE 8000 8001
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2).status != 200)"]
 # uvicorn with --proxy-headers, JSON logs, and a draining shutdown on SIGTERM (app/server.py)

@@ -7,13 +7,14 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 TOOLS  := .venv-tools
+CLIENT := .venv-client
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 IMAGE  ?= localhost/bigru-serve:image-test
 
-.PHONY: install run test image-test lint bench startup soak flood peak-rss constraints clean
+.PHONY: install run test image-test lint bench startup soak flood peak-rss wire constraints proto clean
 
-install: $(VENV)/.installed $(TOOLS)/.installed
+install: $(VENV)/.installed $(TOOLS)/.installed $(CLIENT)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +32,14 @@ $(TOOLS)/.installed:
 	$(PYTHON) -m venv $(TOOLS)
 	echo 'cython<3' > $(TOOLS)/constraints.txt
 	PIP_CONSTRAINT=$(CURDIR)/$(TOOLS)/constraints.txt $(TOOLS)/bin/pip install -q docker-compose==1.29.2
+	touch $@
+
+# tritonclient, the Open Inference Protocol client the tests drive the service with, pins
+# protobuf < 7 and ml-dtypes <= 0.5.4, which TensorFlow 2.21's environment can't share: like a
+# user's client program, it lives in a venv of its own (tests/triton_client.py runs there).
+$(CLIENT)/.installed: constraints-client.txt
+	$(PYTHON) -m venv $(CLIENT)
+	$(CLIENT)/bin/pip install -q -c constraints-client.txt 'tritonclient[http,grpc]'
 	touch $@
 
 run: $(VENV)/.installed
@@ -72,9 +81,19 @@ peak-rss: $(VENV)/.installed
 	$(BIN)/python -m bench.peak_rss
 	$(BIN)/python -m bench.peak_rss --memory-limit 512m
 
+# A 64 x 2048 answer with hidden states: bytes, time and server memory per wire format.
+wire: $(VENV)/.installed
+	$(BIN)/python -m bench.wire_cost
+
 constraints: $(VENV)/.installed
 	{ sed -n '1,2p' constraints.txt; $(BIN)/pip freeze --exclude-editable | grep -v '^-e'; } > constraints.new
 	mv constraints.new constraints.txt
 
+# Regenerate the committed gRPC modules from the Open Inference Protocol's .proto (grpcio-tools;
+# tests/test_kserve.py checks they are up to date).
+proto: $(VENV)/.installed
+	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. \
+		app/api/kserve/grpc_predict_v2.proto
+
 clean:
-	rm -rf $(VENV) $(TOOLS) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(TOOLS) $(CLIENT) .pytest_cache .ruff_cache

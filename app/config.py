@@ -71,6 +71,8 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = 8000
+    grpc_port: int = Field(8001, ge=0, le=65535, description="port of the Open Inference Protocol's "
+                           "gRPC service, on HOST beside the HTTP port (0: no gRPC)")
     root_path: str = Field("", description="the path prefix a gateway serves us under, e.g. /api/gru")
     forwarded_allow_ips: str = Field("127.0.0.1", description="proxies whose X-Forwarded-* are trusted")
     grace_period_s: float = Field(20.0, ge=0, description="on SIGTERM, the longest wait for in-flight "

@@ -10,11 +10,14 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import grpc
 from fastapi import FastAPI
 
 from app import __version__
 from app.api.docs import include_docs
 from app.api.errors import install_error_handlers
+from app.api.kserve.grpc_service import start_grpc_server
+from app.api.kserve.rest import build_kserve_router
 from app.api.middleware import RequestEnvelope
 from app.api.routes import include_routes
 from app.config import Settings, get_settings
@@ -36,9 +39,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         service = ModelService(settings, metrics)
         app.state.service = service
+        grpc_server = await _start_grpc(service, settings)
+        grace = max(settings.grace_period_s - settings.drain_delay_s, 1.0)
+        # New calls refused, calls in flight finish within the grace. app.server stops it as soon
+        # as HTTP stops accepting; plain uvicorn here, once HTTP has finished.
+        app.state.stop_grpc = (lambda: grpc_server.stop(grace)) if grpc_server else None
         starting = asyncio.create_task(_start(service, settings))
         yield
         starting.cancel()
+        if grpc_server is not None:
+            await grpc_server.stop(grace)
         await service.close()
         log.info("stopped")
 
@@ -57,7 +67,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     include_routes(app, settings)
     include_docs(app)
+    app.include_router(build_kserve_router(settings))
     return app
+
+
+async def _start_grpc(service: ModelService, settings: Settings) -> grpc.aio.Server | None:
+    """The Open Inference Protocol's gRPC service on GRPC_PORT (0: none)."""
+    if not settings.grpc_port:
+        return None
+    try:
+        server = await start_grpc_server(service, settings)
+    except RuntimeError as exc:
+        log.error("cannot serve gRPC on %s:%d: %s", settings.host, settings.grpc_port, exc)
+        raise
+    log.info("gRPC (Open Inference Protocol) on %s:%d", settings.host, settings.grpc_port)
+    return server
 
 
 async def _start(service: ModelService, settings: Settings) -> None:

@@ -13,7 +13,7 @@ from app.runtime.batcher import BatchStats
 disable_created_metrics()  # the *_created series only add noise to every scrape
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30)
-QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})
 
 
 class Metrics:
@@ -48,6 +48,10 @@ class Metrics:
         self.self_check_diff = Gauge("bigru_self_check_max_abs_diff",
                                      "the start-up self-check's max abs difference", registry=r)
         self.ready = Gauge("bigru_ready", "1 when the service is ready", registry=r)
+        self.grpc_requests = Counter("bigru_grpc_requests", "gRPC calls by method and status code",
+                                     ["method", "code"], registry=r)
+        self.grpc_latency = Histogram("bigru_grpc_request_duration_seconds", "time to answer a gRPC call",
+                                      ["method"], buckets=LATENCY_BUCKETS, registry=r)
 
     def observe_batch(self, stats: BatchStats) -> None:
         self.compute.observe(stats.compute_s)

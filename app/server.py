@@ -2,8 +2,8 @@
 
 On SIGTERM the service first says 503 on ``/readyz`` for ``DRAIN_DELAY_S`` while it goes on
 serving, so that load balancers and Kubernetes endpoints stop sending; then uvicorn stops
-accepting, lets in-flight requests (and so every queued job) finish for up to the rest of
-``GRACE_PERIOD_S``, and the process exits. A second SIGTERM, or SIGINT, skips the drain.
+accepting (HTTP and gRPC alike), lets in-flight requests (and so every queued job) finish for up
+to the rest of ``GRACE_PERIOD_S``, and the process exits. A second SIGTERM, or SIGINT, skips the drain.
 Connections use :class:`~app.api.protocol.HeaderDeadlineProtocol` (``HEADER_TIMEOUT_S``).
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 from types import FrameType
 
 import uvicorn
@@ -35,6 +36,14 @@ class DrainingServer(uvicorn.Server):
         stop = super().handle_exit
         loop = asyncio.get_event_loop()
         loop.call_soon_threadsafe(loop.call_later, self.drain_delay_s, stop, sig, frame)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """The gRPC server stops accepting together with HTTP, so both drain in the same grace."""
+        stop_grpc = getattr(self.app.state, "stop_grpc", None)
+        stopping = asyncio.ensure_future(stop_grpc()) if stop_grpc else None
+        await super().shutdown(sockets)
+        if stopping is not None:
+            await stopping
 
 
 def run() -> None:

@@ -36,7 +36,7 @@ def start_server(env: dict[str, str] | None = None,
     discarded) and wait for ``/readyz``; returns the process and the seconds to ready."""
     process = subprocess.Popen(
         [sys.executable, *argv], cwd=ROOT,
-        env={**os.environ, "HOST": HOST, "PORT": str(PORT), **(env or {})},
+        env={**os.environ, "HOST": HOST, "PORT": str(PORT), "GRPC_PORT": "0", **(env or {})},
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     start = time.perf_counter()

@@ -40,6 +40,14 @@ def gpu_reference() -> dict:
     return split
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 class Server:
     """A real uvicorn process on a free loopback port."""
 
@@ -47,21 +55,20 @@ class Server:
                  argv: tuple[str, ...] = ()) -> None:
         """``serve``: run ``python -m app serve`` (draining shutdown) instead of plain uvicorn;
         ``argv``: run these Python arguments instead (a wrapper around the service)."""
-        import socket
         import subprocess
         import sys
         import threading
 
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
+        self.port, self.grpc_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.grpc_target = f"127.0.0.1:{self.grpc_port}"  # the Open Inference Protocol's gRPC
         command = list(argv) or (["-m", "app", "serve"] if serve else
                                  ["-m", "uvicorn", "app.main:app", "--host", "127.0.0.1",
                                   "--port", str(self.port), "--no-access-log"])
         self.process = subprocess.Popen(
             [sys.executable, *command],
-            cwd=ROOT, env={**os.environ, "HOST": "127.0.0.1", "PORT": str(self.port), **(env or {})},
+            cwd=ROOT, env={**os.environ, "HOST": "127.0.0.1", "PORT": str(self.port),
+                          "GRPC_PORT": str(self.grpc_port), **(env or {})},
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         # Read the log as it comes: a full pipe would block the server.

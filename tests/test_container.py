@@ -49,7 +49,7 @@ def test_compose_file_is_valid_and_probes_readiness(compose_config: dict) -> Non
     assert service["read_only"] is True and "/tmp" in service["tmpfs"]
     assert service["environment"]["MODEL_PATH"] == "/models/segmenter"
     assert any(v.endswith(":/models:ro") for v in service["volumes"])
-    assert service["ports"] == ["127.0.0.1:8000:8000/tcp"]
+    assert service["ports"] == ["127.0.0.1:8000:8000/tcp", "127.0.0.1:8001:8001/tcp"]  # HTTP, gRPC
 
 
 def test_compose_limits_memory_as_the_kubernetes_manifest_does(compose_config: dict) -> None:

@@ -91,4 +91,5 @@ def test_compose_scaled_profile_puts_replicas_behind_nginx() -> None:
     services = yaml.safe_load(result.stdout)["services"]
     assert services["bigru-replica"]["deploy"]["replicas"] == 3
     assert services["gateway"]["environment"]["UPSTREAM"] == "bigru-replica:8000"
+    assert services["gateway"]["environment"]["GRPC_UPSTREAM"] == "bigru-replica:8001"
     assert "gateway.conf.template" in services["gateway"]["volumes"][0]

@@ -3,24 +3,21 @@
 from __future__ import annotations
 
 import shutil
-import socket
+import struct
 import subprocess
 import time
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
 
-from tests.conftest import ROOT, Server
+from app.api.kserve import grpc_predict_v2_pb2 as pb
+from app.api.kserve import grpc_predict_v2_pb2_grpc as pb_grpc
+from tests.conftest import ROOT, Server, free_port
 
 NGINX = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
 PREFIX = "/api/gru"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +27,13 @@ def gateway(tmp_path_factory: pytest.TempPathFactory):
     service = Server({"ROOT_PATH": PREFIX}, serve=True)
     service.wait_until()
     tmp = tmp_path_factory.mktemp("nginx")
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     template = (ROOT / "deploy" / "nginx" / "gateway.conf.template").read_text()
     config = (template.replace("${LISTEN}", f"127.0.0.1:{port}")
-              .replace("${UPSTREAM}", f"127.0.0.1:{service.port}").replace("${TMP}", str(tmp)))
+              .replace("${UPSTREAM}", f"127.0.0.1:{service.port}").replace("${TMP}", str(tmp))
+              .replace("${GRPC_LISTEN}", f"127.0.0.1:{grpc_port}")
+              .replace("${GRPC_UPSTREAM}", service.grpc_target))
+    assert "${" not in config
     (tmp / "nginx.conf").write_text(config)
     nginx = subprocess.Popen([NGINX, "-c", str(tmp / "nginx.conf"), "-p", str(tmp), "-g", "daemon off;"],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -45,6 +45,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory):
                 break
         except httpx.TransportError:
             time.sleep(0.1)
+    service.gateway_grpc_target = f"127.0.0.1:{grpc_port}"  # type: ignore[attr-defined]
     yield url, service
     nginx.terminate()
     nginx.wait(timeout=10)
@@ -122,3 +123,23 @@ def test_only_the_shipped_docs_assets_are_served(gateway: tuple[str, Server]) ->
     for name in ("app.py", "..%2F__init__.py", "%2Fetc%2Fpasswd"):
         response = httpx.get(f"{url}/docs-assets/{name}")
         assert response.status_code == 404 and response.json()["error"]["status"] == 404
+
+
+def test_open_inference_protocol_through_the_gateway(gateway: tuple[str, Server]) -> None:
+    url, service = gateway
+    body = {"inputs": [{"name": "ids", "datatype": "INT32", "shape": [1, 4], "data": [41, 74, 71, 81]}]}
+    over_http = httpx.post(url + "/v2/models/segmenter/infer", json=body)
+    assert over_http.status_code == 200 and over_http.json()["outputs"][0]["shape"] == [1, 4, 2]
+    assert httpx.get(url + "/v2/health/ready").status_code == 200
+
+    stub = pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(service.gateway_grpc_target))
+    assert stub.ServerReady(pb.ServerReadyRequest()).ready
+    ids = pb.ModelInferRequest.InferInputTensor(name="ids", datatype="INT32", shape=[1, 4])
+    request = pb.ModelInferRequest(model_name="segmenter", inputs=[ids],
+                                   raw_input_contents=[struct.pack("<4i", 41, 74, 71, 81)])
+    response, call = stub.ModelInfer.with_call(request, metadata=(("x-request-id", "via-nginx-grpc"),))
+    assert ("x-request-id", "via-nginx-grpc") in call.initial_metadata()
+    assert [list(o.shape) for o in response.outputs] == [[1, 4, 2], [1, 4, 256]]
+    with pytest.raises(grpc.RpcError) as caught:  # errors pass through as status codes
+        stub.ModelInfer(pb.ModelInferRequest(model_name="nope", inputs=[ids]))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND

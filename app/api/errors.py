@@ -1,5 +1,6 @@
 """Every error leaves as JSON:
-``{"error": {"status", "type", "message", "details"?, "request_id"}}``."""
+``{"error": {"status", "type", "message", "details"?, "request_id"}}``, or as the Open
+Inference Protocol's ``{"error": "message"}`` under ``/v2``."""
 
 from __future__ import annotations
 
@@ -38,6 +39,12 @@ def error_body(status: int, type_: str, message: str, details: list[dict] | None
     if request_id:
         body["request_id"] = request_id
     return orjson.dumps({"error": body})
+
+
+def protocol_error_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    """The Open Inference Protocol's error: ``{"error": "message"}`` (routes under ``/v2``)."""
+    return Response(orjson.dumps({"error": message}), status_code=status, headers=headers,
+                    media_type="application/json")
 
 
 UNION_TAGS = frozenset({"int", "float"})  # a token is ``int | float``: one problem, not two

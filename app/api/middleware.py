@@ -24,7 +24,8 @@ import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.errors import error_response
+from app.api.errors import error_response, protocol_error_response
+from app.api.kserve import PREFIX as PROTOCOL_PREFIX
 from app.api.streaming import ClientStalled
 from app.observability import QUIET_PATHS, Metrics
 
@@ -139,12 +140,12 @@ class RequestEnvelope:
         except (BodyTooLarge, BodyTimeout) as exc:
             if response_started:
                 raise
-            if isinstance(exc, BodyTooLarge):
-                response = error_response(413, "body_too_large", f"the body exceeds "
-                                          f"{self.max_body_bytes} bytes", request_id=request_id)
-            else:
-                response = error_response(408, "body_timeout", f"the body did not arrive within "
-                                          f"{self.body_timeout_s:g} s", request_id=request_id)
+            status_code, type_, message = (
+                (413, "body_too_large", f"the body exceeds {self.max_body_bytes} bytes")
+                if isinstance(exc, BodyTooLarge) else
+                (408, "body_timeout", f"the body did not arrive within {self.body_timeout_s:g} s"))
+            response = (protocol_error_response(status_code, message) if _is_protocol_path(scope["path"])
+                        else error_response(status_code, type_, message, request_id=request_id))
             await response(scope, receive, send_with_id)
         finally:
             self.metrics.in_flight.dec()
@@ -172,6 +173,11 @@ def _request_id(scope: Scope) -> str:
             if REQUEST_ID.match(text):
                 return text
     return uuid.uuid4().hex
+
+
+def _is_protocol_path(path: str) -> bool:
+    """Under ``/v2``, errors take the Open Inference Protocol's form."""
+    return path == PROTOCOL_PREFIX or path.startswith(PROTOCOL_PREFIX + "/")
 
 
 def _header(scope: Scope, wanted: bytes) -> bytes:

@@ -105,6 +105,8 @@ async def run_within_limits(service: ModelService, sequences: list[np.ndarray], 
                             metrics: Metrics) -> list[Result]:
     """The service's results, or 503 at once when its queue is full, or 504 past the deadline
     (whole results, without memory admission: ``/infer`` itself uses :func:`answer_streamed`)."""
+    for sequence in sequences:
+        metrics.sequence_length.observe(len(sequence))
     return await within_deadline(service.infer(sequences), timeout_s, timeout_s, metrics)
 
 
@@ -209,6 +211,14 @@ def token_arrays(sequences: list[list[float]], token_range: tuple[int, int]) -> 
         flat = np.fromiter(chain.from_iterable(sequences), dtype=np.float64, count=int(lengths.sum()))
     except OverflowError:
         raise ApiError(422, "invalid_token", f"token ids must be in [{low}, {high})") from None
+    check_token_ids(flat, lengths, token_range, "sequences")
+    return np.split(flat.astype(np.int32), np.cumsum(lengths)[:-1])
+
+
+def check_token_ids(flat: np.ndarray, lengths: np.ndarray, token_range: tuple[int, int], where: str) -> None:
+    """Raise ``422 invalid_token`` naming the first id (``where.row.column``) of the concatenated
+    sequences ``flat`` (split by ``lengths``) that is not an integer in ``token_range``."""
+    low, high = token_range
     bad = np.flatnonzero((flat < low) | (flat >= high) | (flat != np.floor(flat)))
     if bad.size:
         offsets = np.cumsum(lengths)
@@ -216,10 +226,9 @@ def token_arrays(sequences: list[list[float]], token_range: tuple[int, int]) -> 
         column = int(bad[0] - (offsets[row - 1] if row else 0))
         raise ApiError(
             422, "invalid_token",
-            f"sequences.{row}.{column}: token id {flat[bad[0]]:g} is not an integer in [{low}, {high})"
+            f"{where}.{row}.{column}: token id {flat[bad[0]]:g} is not an integer in [{low}, {high})"
             + (f" (and {bad.size - 1} more)" if bad.size > 1 else ""),
         )
-    return np.split(flat.astype(np.int32), np.cumsum(lengths)[:-1])
 
 
 def limits_description(limits: dict[str, Any]) -> str:

@@ -1,0 +1,196 @@
+"""``inference.GRPCInferenceService`` (the Open Inference Protocol over gRPC) on ``GRPC_PORT``,
+served by grpcio's asyncio server in the HTTP app's own process and event loop, over the same
+service, batcher and limits as ``/infer``.
+
+Inputs come as ``raw_input_contents`` (what tritonclient sends) or typed ``contents``; outputs
+always go as ``raw_output_contents``. Errors are status codes with the same messages as over
+HTTP: 400 -> INVALID_ARGUMENT, 404 -> NOT_FOUND, 503 -> UNAVAILABLE, 504 -> DEADLINE_EXCEEDED;
+messages past ``MAX_BODY_BYTES`` get RESOURCE_EXHAUSTED from grpcio itself. Each call takes the
+caller's ``x-request-id`` metadata (or a new id) and sends it back as initial metadata.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import math
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from app import __version__
+from app.api.errors import ApiError
+from app.api.kserve import EXTENSIONS, SERVER_NAME
+from app.api.kserve import grpc_predict_v2_pb2 as pb
+from app.api.kserve import grpc_predict_v2_pb2_grpc as pb_grpc
+from app.api.kserve.signature import (
+    OUTPUT_NAMES,
+    VERSION,
+    check_model,
+    check_output_names,
+    check_ready,
+    input_specs,
+    model_metadata,
+    model_name,
+    output_specs,
+    output_tensors,
+    sequences_from,
+)
+from app.api.kserve.tensors import (
+    Tensor,
+    as_little_endian_bytes,
+    invalid,
+    tensor_from_bytes,
+    tensor_from_values,
+)
+from app.api.middleware import REQUEST_ID
+from app.api.routes import run_within_limits
+from app.config import Settings
+from app.runtime.service import ModelService
+
+log = logging.getLogger("app.access")
+STATUS_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
+                413: grpc.StatusCode.RESOURCE_EXHAUSTED, 422: grpc.StatusCode.INVALID_ARGUMENT,
+                503: grpc.StatusCode.UNAVAILABLE, 504: grpc.StatusCode.DEADLINE_EXCEEDED}
+QUIET_METHODS = frozenset({"ServerLive", "ServerReady", "ModelReady"})  # probes: not logged
+# The typed contents field of each datatype (FP16 and BF16 only travel raw).
+CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents",
+            "INT32": "int_contents", "INT64": "int64_contents", "UINT8": "uint_contents",
+            "UINT16": "uint_contents", "UINT32": "uint_contents", "UINT64": "uint64_contents",
+            "FP32": "fp32_contents", "FP64": "fp64_contents"}
+
+Handler = Callable[[Any, Any, aio.ServicerContext], Awaitable[Any]]
+
+
+def observed(method: Handler) -> Handler:
+    """A call with its request id, its ApiError as a status code, metrics and a log line."""
+    name = method.__name__
+
+    @functools.wraps(method)
+    async def call(self: InferenceServicer, request: Any, context: aio.ServicerContext) -> Any:
+        request_id = _request_id(context)
+        await context.send_initial_metadata((("x-request-id", request_id),))
+        started, code = time.perf_counter(), grpc.StatusCode.OK
+        try:
+            return await method(self, request, context)
+        except ApiError as exc:
+            code = STATUS_CODES.get(exc.status, grpc.StatusCode.INVALID_ARGUMENT)
+            await context.abort(code, exc.message)
+        except asyncio.CancelledError:  # the caller went away (its queued work is dropped)
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception:
+            code = grpc.StatusCode.UNKNOWN
+            log.exception("unhandled error in gRPC %s", name, extra={"request_id": request_id})
+            raise
+        finally:
+            self.record(name, code, request_id, time.perf_counter() - started, context)
+
+    return call
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, service: ModelService, settings: Settings) -> None:
+        self.service = service
+        self.settings = settings
+        self.metrics = service.metrics
+
+    @observed
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: aio.ServicerContext) -> Any:
+        return pb.ServerLiveResponse(live=True)
+
+    @observed
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: aio.ServicerContext) -> Any:
+        return pb.ServerReadyResponse(ready=self.service.status.ready)
+
+    @observed
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: aio.ServicerContext) -> Any:
+        check_model(self.service, request.name, request.version)
+        return pb.ModelReadyResponse(ready=self.service.status.ready)
+
+    @observed
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: aio.ServicerContext) -> Any:
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=EXTENSIONS)
+
+    @observed
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: aio.ServicerContext) -> Any:
+        check_model(self.service, request.name, request.version)
+        metadata = model_metadata(self.service)
+        tensor = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=metadata["name"], versions=metadata["versions"], platform=metadata["platform"],
+            inputs=[tensor(**spec.as_dict()) for spec in input_specs()],
+            outputs=[tensor(**spec.as_dict()) for spec in output_specs(self.service)])
+
+    @observed
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: aio.ServicerContext) -> Any:
+        service, settings = self.service, self.settings
+        check_model(service, request.model_name, request.model_version)
+        check_ready(service)
+        sequences, steps = sequences_from(inputs_of(request), service.token_range, settings.max_batch,
+                                          settings.max_len)
+        names = [output.name for output in request.outputs] or list(OUTPUT_NAMES)
+        check_output_names(names)
+        remaining = context.time_remaining()  # the caller's deadline, when it set one
+        timeout = min(settings.request_timeout_s, math.inf if remaining is None else max(remaining, 0.001))
+        results = await run_within_limits(service, sequences, timeout, self.metrics)
+        tensors = output_tensors(results, steps, names)
+        output = pb.ModelInferResponse.InferOutputTensor
+        return pb.ModelInferResponse(
+            model_name=model_name(service), model_version=VERSION, id=request.id,
+            outputs=[output(name=t.name, datatype=t.datatype, shape=t.shape) for t in tensors],
+            raw_output_contents=[bytes(as_little_endian_bytes(t.array)) for t in tensors])
+
+    def record(self, method: str, code: grpc.StatusCode, request_id: str, seconds: float,
+               context: aio.ServicerContext) -> None:
+        self.metrics.grpc_requests.labels(method, code.name).inc()
+        self.metrics.grpc_latency.labels(method).observe(seconds)
+        if method in QUIET_METHODS:
+            return
+        log.info("grpc request", extra={
+            "request_id": request_id, "method": method, "status": code.name,
+            "duration_ms": round(seconds * 1000, 3), "client": context.peer()})
+
+
+def inputs_of(request: pb.ModelInferRequest) -> list[Tensor]:
+    """The input tensors, from ``raw_input_contents`` (one per input, in order) or ``contents``."""
+    raw = request.raw_input_contents
+    if not raw:
+        return [typed_tensor(item) for item in request.inputs]
+    if len(raw) != len(request.inputs):
+        raise invalid(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs")
+    if any(item.HasField("contents") for item in request.inputs):
+        raise invalid("inputs carry both contents and raw_input_contents; send one of them")
+    return [tensor_from_bytes(item.name, item.datatype, list(item.shape), data)
+            for item, data in zip(request.inputs, raw)]
+
+
+def typed_tensor(item: pb.ModelInferRequest.InferInputTensor) -> Tensor:
+    field = CONTENTS.get(item.datatype)
+    if field is None:
+        raise invalid(f"input '{item.name}': datatype {item.datatype!r} has no typed contents; "
+                      "send it as raw_input_contents")
+    return tensor_from_values(item.name, item.datatype, list(item.shape), list(getattr(item.contents, field)))
+
+
+def _request_id(context: aio.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-request-id" and isinstance(value, str) and REQUEST_ID.match(value):
+            return value
+    return uuid.uuid4().hex
+
+
+async def start_grpc_server(service: ModelService, settings: Settings) -> aio.Server:
+    """Listening on ``HOST:GRPC_PORT``; fails start-up when the port cannot be bound."""
+    server = aio.server(options=[("grpc.max_receive_message_length", settings.max_body_bytes),
+                                 ("grpc.max_send_message_length", -1)])
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(service, settings), server)
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    server.add_insecure_port(f"{host}:{settings.grpc_port}")
+    await server.start()
+    return server

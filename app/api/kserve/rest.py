@@ -1,0 +1,236 @@
+"""The Open Inference Protocol's HTTP routes under ``/v2``: validate, delegate to the same
+service, limits and batcher as ``/infer``, and answer in the protocol's JSON or with the binary
+tensor data extension. Errors leave as the protocol's ``{"error": "message"}``."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request
+from fastapi.responses import Response, StreamingResponse
+from fastapi.routing import APIRoute
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+)
+
+from app import __version__
+from app.api.errors import ApiError, protocol_error_response
+from app.api.kserve import EXTENSIONS, PREFIX, SERVER_NAME
+from app.api.kserve.signature import (
+    OUTPUT_NAMES,
+    VERSION,
+    check_model,
+    check_output_names,
+    check_ready,
+    model_metadata,
+    model_name,
+    output_tensors,
+    sequences_from,
+)
+from app.api.kserve.tensors import (
+    Tensor,
+    as_little_endian_bytes,
+    decompress,
+    invalid,
+    split_body,
+    tensor_from_bytes,
+    tensor_from_values,
+)
+from app.api.routes import JSON_OPTIONS, json_response, parse_body, run_within_limits
+from app.config import Settings
+from app.runtime.service import ModelService
+
+SEND_CHUNK_BYTES = 1 << 20
+Parameter = StrictBool | StrictInt | StrictFloat | StrictStr
+
+
+class RequestInput(BaseModel):
+    name: StrictStr
+    shape: list[NonNegativeInt]
+    datatype: StrictStr
+    parameters: dict[str, Parameter] = {}
+    data: Any = None  # checked against shape and datatype by tensors.tensor_from_values
+
+
+class RequestOutput(BaseModel):
+    name: StrictStr
+    parameters: dict[str, Parameter] = {}
+
+
+class InferenceRequest(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"inputs": [
+        {"name": "ids", "datatype": "INT32", "shape": [2, 4], "data": [41, 74, 71, 81, 8, 15, 0, 0]},
+        {"name": "lengths", "datatype": "INT32", "shape": [2], "data": [4, 2]}]}]})
+
+    id: StrictStr | None = None
+    parameters: dict[str, Parameter] = {}
+    inputs: list[RequestInput] = Field(min_length=1)
+    outputs: list[RequestOutput] | None = None
+
+
+class ProtocolError(BaseModel):
+    error: str
+
+
+class ProtocolRoute(APIRoute):
+    """A route whose errors leave in the protocol's form. The protocol has no 422: a request
+    that is not what the model takes is a 400."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def handle(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except ApiError as exc:
+                return protocol_error_response(400 if exc.status == 422 else exc.status, exc.message,
+                                               exc.headers)
+
+        return handle
+
+
+def service_of(request: Request) -> ModelService:
+    return request.app.state.service
+
+
+def build_kserve_router(settings: Settings) -> APIRouter:
+    router = APIRouter(prefix=PREFIX, route_class=ProtocolRoute, tags=["Open Inference Protocol (KServe v2)"])
+    errors: dict[int | str, dict[str, Any]] = {code: {"model": ProtocolError}
+                                               for code in (400, 404, 413, 415, 503, 504)}
+    health = {"response_class": Response, "responses": {400: {"description": "not ready (empty body)"}}}
+
+    @router.get("", summary="Server metadata: name, version, extensions")
+    async def server_metadata() -> Response:
+        return json_response({"name": SERVER_NAME, "version": __version__, "extensions": EXTENSIONS})
+
+    @router.get("/health/live", summary="Server live: 200 while the process is up", response_class=Response)
+    async def server_live() -> Response:
+        return Response(status_code=200)
+
+    @router.get("/health/ready", summary="Server ready: 200 once the model is ready, else 400", **health)
+    async def server_ready(request: Request) -> Response:
+        return Response(status_code=200 if service_of(request).status.ready else 400)
+
+    @router.get("/models/{name}", summary="Model metadata: input and output tensors", responses=errors)
+    @router.get("/models/{name}/versions/{version}", summary="Model metadata", responses=errors)
+    async def metadata(request: Request, name: str, version: str = "") -> Response:
+        service = service_of(request)
+        check_model(service, name, version)
+        return json_response(model_metadata(service))
+
+    ready_responses = {**errors, 400: health["responses"][400]}
+
+    @router.get("/models/{name}/ready", summary="Model ready: 200 once ready, else 400",
+                response_class=Response, responses=ready_responses)
+    @router.get("/models/{name}/versions/{version}/ready", summary="Model ready",
+                response_class=Response, responses=ready_responses)
+    async def model_ready(request: Request, name: str, version: str = "") -> Response:
+        service = service_of(request)
+        check_model(service, name, version)
+        return Response(status_code=200 if service.status.ready else 400)
+
+    infer_body = {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": InferenceRequest.model_json_schema()},
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
+
+    infer_responses = {**errors, 200: {"description": "the output tensors", "content": {
+        "application/json": {}, "application/octet-stream": {}}}}
+
+    @router.post("/models/{name}/infer", summary="Inference (JSON or binary tensors)",
+                 responses=infer_responses, openapi_extra=infer_body)
+    @router.post("/models/{name}/versions/{version}/infer", summary="Inference",
+                 responses=infer_responses, openapi_extra=infer_body)
+    async def infer(request: Request, name: str, version: str = "") -> Response:
+        service = service_of(request)
+        check_model(service, name, version)
+        check_ready(service)
+        body = decompress(await request.body(), request.headers.get("content-encoding"),
+                          settings.max_body_bytes)
+        header, binary = split_body(body, request.headers.get("inference-header-content-length"))
+        inference = parse_body(header, InferenceRequest)
+        assert isinstance(inference, InferenceRequest)
+        sequences, steps = sequences_from(read_inputs(inference.inputs, binary), service.token_range,
+                                          settings.max_batch, settings.max_len)
+        names, binary_flags = chosen_outputs(inference)
+        results = await run_within_limits(service, sequences, settings.request_timeout_s,
+                                          service.metrics)
+        return infer_response(model_name(service), inference.id, output_tensors(results, steps, names),
+                              binary_flags)
+
+    return router
+
+
+def read_inputs(inputs: list[RequestInput], binary: memoryview) -> list[Tensor]:
+    """Each input from its JSON ``data``, or from its ``binary_data_size`` bytes of the binary
+    data after the header, taken in the order of the inputs; every byte must be claimed."""
+    tensors, offset = [], 0
+    for item in inputs:
+        size = item.parameters.get("binary_data_size")
+        if size is None:
+            if item.data is None:
+                raise invalid(f"input '{item.name}' has neither data nor a binary_data_size")
+            tensors.append(tensor_from_values(item.name, item.datatype, item.shape, item.data))
+            continue
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise invalid(f"input '{item.name}': binary_data_size must be a non-negative integer")
+        if offset + size > len(binary):
+            raise invalid(f"input '{item.name}': binary_data_size {size} runs past the "
+                          f"{len(binary)} bytes of binary data after the header")
+        tensors.append(tensor_from_bytes(item.name, item.datatype, item.shape, binary[offset:offset + size]))
+        offset += size
+    if offset != len(binary):
+        raise invalid(f"{len(binary) - offset} bytes of binary data after the header belong to no input "
+                      "(check binary_data_size and Inference-Header-Content-Length)")
+    return tensors
+
+
+def chosen_outputs(inference: InferenceRequest) -> tuple[list[str], list[bool]]:
+    """The outputs to return (all when the request lists none, as the protocol says) and
+    whether each goes as binary data (``binary_data``, else ``binary_data_output``)."""
+    default = inference.parameters.get("binary_data_output", False)
+    if inference.outputs is None:
+        return list(OUTPUT_NAMES), [bool(default)] * len(OUTPUT_NAMES)
+    names = [output.name for output in inference.outputs]
+    check_output_names(names)
+    for output in inference.outputs:
+        if "classification" in output.parameters or "class_count" in output.parameters:
+            raise invalid(f"output '{output.name}': the classification extension is not supported")
+    return names, [bool(output.parameters.get("binary_data", default)) for output in inference.outputs]
+
+
+def infer_response(name: str, request_id: str | None, tensors: list[Tensor],
+                   binary_flags: list[bool]) -> Response:
+    header: dict[str, Any] = {"model_name": name, "model_version": VERSION, "outputs": []}
+    if request_id is not None:
+        header["id"] = request_id
+    blobs = []
+    for tensor, binary in zip(tensors, binary_flags):
+        entry: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype, "shape": tensor.shape}
+        if binary:
+            blobs.append(as_little_endian_bytes(tensor.array))
+            entry["parameters"] = {"binary_data_size": blobs[-1].nbytes}
+        else:
+            entry["data"] = tensor.array.ravel()
+        header["outputs"].append(entry)
+    encoded = orjson.dumps(header, option=JSON_OPTIONS)
+    if not blobs:
+        return Response(encoded, media_type="application/json")
+
+    async def chunks() -> AsyncIterator[bytes | memoryview]:
+        yield encoded
+        for blob in blobs:  # views of the tensors, never joined; slices keep the send buffer small
+            for start in range(0, blob.nbytes, SEND_CHUNK_BYTES):
+                yield blob[start:start + SEND_CHUNK_BYTES]
+
+    length = len(encoded) + sum(blob.nbytes for blob in blobs)
+    return StreamingResponse(chunks(), media_type="application/octet-stream", headers={
+        "Content-Length": str(length), "Inference-Header-Content-Length": str(len(encoded))})

@@ -1,0 +1,143 @@
+"""The served model as the protocol's named tensors, shared by the HTTP and gRPC front ends.
+
+Inputs: ``ids`` (INT32 or INT64, ``[batch, steps]``) and, for right-padded rows, ``lengths``
+(``[batch]``, each in ``1..steps``); without ``lengths`` every row is one whole sequence of
+``steps`` tokens. Outputs: ``outputs`` (FP32 ``[batch, steps, C]``) and ``hidden`` (FP32
+``[batch, steps, H]``, the last GRU layer's merged states), rows zeroed past each length.
+Each row is computed as if alone, exactly as ``/infer`` computes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from app.api.errors import ApiError
+from app.api.kserve.tensors import Tensor, invalid
+from app.api.routes import check_token_ids
+from app.runtime.runner import Result
+from app.runtime.service import ModelService
+
+IDS, LENGTHS = "ids", "lengths"
+OUTPUTS, HIDDEN = "outputs", "hidden"
+OUTPUT_NAMES = [OUTPUTS, HIDDEN]  # all of them, in this order, when a request names none
+INDEX_DATATYPES = ("INT32", "INT64")
+VERSION = "1"  # one model, one version
+PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "keras": "tensorflow_keras"}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    datatype: str
+    shape: list[int]  # -1: any size
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "datatype": self.datatype, "shape": self.shape}
+
+
+def input_specs() -> list[TensorSpec]:
+    # ids also takes INT64; metadata names one datatype, the narrower one.
+    return [TensorSpec(IDS, "INT32", [-1, -1]), TensorSpec(LENGTHS, "INT32", [-1])]
+
+
+def output_specs(service: ModelService) -> list[TensorSpec]:
+    assert service.bundle is not None
+    spec = service.bundle.spec
+    return [TensorSpec(OUTPUTS, "FP32", [-1, -1, spec.output_width]),
+            TensorSpec(HIDDEN, "FP32", [-1, -1, spec.hidden_width])]
+
+
+def model_name(service: ModelService) -> str:
+    assert service.bundle is not None
+    return service.bundle.spec.name
+
+
+def model_metadata(service: ModelService) -> dict:
+    return {"name": model_name(service), "versions": [VERSION],
+            "platform": PLATFORMS.get(service.settings.engine, service.settings.engine),
+            "inputs": [t.as_dict() for t in input_specs()],
+            "outputs": [t.as_dict() for t in output_specs(service)]}
+
+
+def check_model(service: ModelService, name: str, version: str = "") -> None:
+    """404 unless ``name`` (and ``version``, when given) is what this service serves."""
+    if name != model_name(service):
+        raise ApiError(404, "unknown_model", f"unknown model '{name}'; this service serves "
+                       f"'{model_name(service)}'")
+    if version not in ("", VERSION):
+        raise ApiError(404, "unknown_version", f"model '{name}' has no version '{version}' "
+                       f"(it has '{VERSION}')")
+
+
+def check_ready(service: ModelService) -> None:
+    if not service.accepting:
+        raise ApiError(503, "not_ready", f"model not ready ({service.status.stage})",
+                       headers={"Retry-After": "1"})
+
+
+def sequences_from(inputs: list[Tensor], token_range: tuple[int, int], max_batch: int,
+                   max_len: int) -> tuple[list[np.ndarray], int]:
+    """The unpadded sequences the input tensors carry, and ``steps`` (the padded width)."""
+    by_name = named(inputs, "input", (IDS, LENGTHS))
+    ids = by_name.get(IDS)
+    if ids is None:
+        raise invalid(f"input '{IDS}' is missing")
+    if ids.datatype not in INDEX_DATATYPES or ids.array.ndim != 2:
+        raise invalid(f"input '{IDS}' must be INT32 or INT64 of shape [batch, steps]; got "
+                      f"{ids.datatype} {ids.shape}")
+    batch, steps = ids.array.shape
+    if not 1 <= batch <= max_batch or not 1 <= steps <= max_len:
+        raise invalid(f"input '{IDS}' has shape {ids.shape}; this deployment takes 1..{max_batch} "
+                      f"rows of 1..{max_len} steps")
+    lengths = row_lengths(by_name.get(LENGTHS), batch, steps)
+    rows = [row[:length] for row, length in zip(ids.array, lengths)]
+    check_token_ids(np.concatenate(rows), lengths, token_range, IDS)
+    return [row.astype(np.int32) for row in rows], steps
+
+
+def row_lengths(tensor: Tensor | None, batch: int, steps: int) -> np.ndarray:
+    if tensor is None:
+        return np.full(batch, steps, dtype=np.int64)
+    if tensor.datatype not in INDEX_DATATYPES or tensor.shape != [batch]:
+        raise invalid(f"input '{LENGTHS}' must be INT32 or INT64 of shape [{batch}]; got "
+                      f"{tensor.datatype} {tensor.shape}")
+    lengths = tensor.array.astype(np.int64)
+    bad = np.flatnonzero((lengths < 1) | (lengths > steps))
+    if bad.size:
+        raise invalid(f"{LENGTHS}.{bad[0]}: length {lengths[bad[0]]} is not in 1..{steps} (the steps of "
+                      f"'{IDS}')")
+    return lengths
+
+
+def named(tensors: list[Tensor], kind: str, known: tuple[str, ...]) -> dict[str, Tensor]:
+    by_name: dict[str, Tensor] = {}
+    for tensor in tensors:
+        if tensor.name not in known:
+            raise invalid(f"unknown {kind} '{tensor.name}'; this model has {', '.join(known)}")
+        if tensor.name in by_name:
+            raise invalid(f"{kind} '{tensor.name}' is given twice")
+        by_name[tensor.name] = tensor
+    return by_name
+
+
+def check_output_names(names: list[str]) -> None:
+    for index, name in enumerate(names):
+        if name not in OUTPUT_NAMES:
+            raise invalid(f"unknown output '{name}'; this model has {', '.join(OUTPUT_NAMES)}")
+        if name in names[:index]:
+            raise invalid(f"output '{name}' is requested twice")
+
+
+def output_tensors(results: list[Result], steps: int, names: list[str]) -> list[Tensor]:
+    """The named outputs as ``[batch, steps, width]`` FP32 tensors, zero past each row's length."""
+    tensors = []
+    for name in names:
+        part = 0 if name == OUTPUTS else 1
+        width = results[0][part].shape[1]
+        padded = np.zeros((len(results), steps, width), dtype=np.float32)
+        for row, result in enumerate(results):
+            padded[row, : len(result[part])] = result[part]
+        tensors.append(Tensor(name, "FP32", padded))
+    return tensors
