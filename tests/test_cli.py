@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +26,8 @@ def test_inspect_reports_format_layers_and_conversion(capsys: pytest.CaptureFixt
     assert "keras_version: 2.21.0" in out
     assert "model_weights/bigru_1/bigru_1/forward_gru/kernel:0" in out and "(256, 384)" in out
     assert "servable: yes, as keras2-h5-model; conversion: cudnn-gru->keras-gru" in out
-    assert "bigru_1    GRU(128)  bidirectional" in out
+    assert re.search(r"bigru_1 +GRU\(128\) +bidirectional; reset_after=True, sigmoid / tanh +concat", out)
+    assert re.search(r"embedding +tokens: 96 x 32", out)
 
 
 def test_inspect_says_why_a_file_cannot_be_served(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -139,7 +141,8 @@ def npz_engine(arrays: dict[str, np.ndarray], ids: np.ndarray) -> np.ndarray:
         forward = run(f"layer{index}.forward", x)
         x = np.concatenate([forward, run(f"layer{index}.backward", x[::-1])[::-1]], axis=-1) \
             if layer["bidirectional"] else forward
-    return activation(meta["head"]["activation"], x @ arrays["head.kernel"] + arrays["head.bias"])
+    (dense,) = meta["dense"]
+    return activation(dense["activation"], x @ arrays["dense0.kernel"] + arrays["dense0.bias"])
 
 
 def test_exported_npz_follows_its_documented_layout(tmp_path: Path) -> None:

@@ -68,7 +68,7 @@ def test_torch_state_dicts_match_numpy_reference(tmp_path: Path, layers: int, bi
     save_file(torch_state(model), str(tmp_path / "m.safetensors"))
     write_dir(tmp_path, "m.safetensors", architecture={"head_activation": "sigmoid"})
     spec = load_bundle(tmp_path).spec
-    assert (spec.head is None) == (head is None)
+    assert (not spec.dense) == (head is None)
     seqs = sequences(rng, 30)
     assert max_diff(outputs(spec, seqs, "onnxruntime"), [model.outputs(np.asarray(s)) for s in seqs]) < 1e-5
 
@@ -124,7 +124,7 @@ def test_tf1_checkpoints_match_numpy_reference(tmp_path: Path, layers: int, bidi
     prefix = write_tf1_checkpoint(tmp_path / "model.ckpt", model)
     write_dir(tmp_path, "model.ckpt", architecture={"head_activation": "softmax"})
     spec = load_bundle(tmp_path).spec
-    assert spec.source.format == "tf1-cudnngru-checkpoint" and spec.head is not None
+    assert spec.source.format == "tf1-cudnngru-checkpoint" and len(spec.dense) == 1
     assert spec.source.path == str(prefix)
     seqs = sequences(rng, 25)
     assert max_diff(outputs(spec, seqs, "onnxruntime"), [model.outputs(np.asarray(s)) for s in seqs]) < 1e-5
