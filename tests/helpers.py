@@ -14,16 +14,20 @@ from app.spec import ModelSpec
 ENGINES = ("onnxruntime", "keras")
 
 
-def runner_for(spec: ModelSpec, engine: str, max_len: int = 64, max_batch_size: int = 8) -> Runner:
-    buckets = length_buckets(max_len)
+def runner_for(spec: ModelSpec, engine: str, max_len: int = 64, max_batch_size: int = 8,
+               buckets: list[int] | None = None) -> Runner:
+    """``buckets``: the length buckets (default: the service's for ``max_len``); one bucket
+    keeps the keras engine to one compiled length."""
+    buckets = buckets or length_buckets(max_len)
     built = (OnnxRuntimeEngine(spec, threads=2) if engine == "onnxruntime"
              else KerasEngine(spec, threads=2, length_buckets=buckets))
     return Runner(built, buckets, max_batch_size)
 
 
-def outputs(spec: ModelSpec, sequences: list[list[int]], engine: str) -> list[np.ndarray]:
+def outputs(spec: ModelSpec, sequences: list, engine: str) -> list[np.ndarray]:
+    """Per sequence (ids, or feature vectors per step), the model's per-step outputs."""
     runner = runner_for(spec, engine)
-    return [o for o, _ in runner.run([np.asarray(s, np.int32) for s in sequences])]
+    return [o for o, _ in runner.run([np.asarray(s, spec.input.dtype) for s in sequences])]
 
 
 def max_diff(got: list[np.ndarray], expected: list[np.ndarray]) -> float:

@@ -21,6 +21,7 @@ Keras 2's ``hard_sigmoid`` is ``clip(0.2 x + 0.5, 0, 1)`` (``keras/backend``); K
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -147,6 +148,40 @@ class NativeModel:
         if self.head_kernel is None:
             return x
         return activation(self.head_activation, x @ self.head_kernel + self.head_bias)
+
+
+def npz_engine(arrays: dict[str, np.ndarray], inputs: np.ndarray) -> np.ndarray:
+    """What a C++ engine does with the documented ``.npz`` export layout
+    (app/lowering/exports.py), in NumPy: ids or feature vectors in, the last layer's rows out."""
+    meta = json.loads(str(arrays["meta"]))
+
+    def run(prefix: str, x: np.ndarray, layer: dict) -> np.ndarray:
+        kernel, recurrent, bias = (arrays[f"{prefix}.{n}"] for n in ("kernel", "recurrent_kernel", "bias"))
+        f = GRU_ACTIVATIONS[layer["recurrent_activation"]]
+        g = GRU_ACTIVATIONS[layer["activation"]]
+        h, states = np.zeros(recurrent.shape[0]), []
+        for x_t in x.astype(np.float64):
+            xz, xr, xh = np.split(x_t @ kernel + bias[0], 3)
+            mz, mr, mh = np.split(h @ recurrent + bias[1], 3)
+            z, r = f(xz + mz), f(xr + mr)
+            # reset_after=False: the reset gate scales the state before its matmul
+            hh = g(xh + r * mh) if layer["reset_after"] else g(xh + (r * h) @ recurrent[:, 2 * len(h):])
+            h = z * h + (1 - z) * hh
+            states.append(h)
+        return np.array(states)
+
+    x = arrays["embeddings"][inputs] if meta["input"]["kind"] == "tokens" else inputs
+    for index, layer in enumerate(meta["recurrent"]):
+        forward = run(f"layer{index}.forward", x, layer)
+        if layer["bidirectional"]:
+            backward = run(f"layer{index}.backward", x[::-1], layer)[::-1]
+            x = MERGES[layer["merge_mode"]](forward, backward)
+        else:
+            x = forward
+    for index, dense in enumerate(meta["dense"]):
+        bias = arrays.get(f"dense{index}.bias", 0.0)
+        x = activation(dense["activation"], x @ arrays[f"dense{index}.kernel"] + bias)
+    return x
 
 
 def random_model(rng: np.random.Generator, vocab: int | None, width: int, units: int, layers: int,

@@ -15,7 +15,7 @@ import pytest
 from app.cli import main
 from tests.conftest import DEFAULT_MODEL, ROOT, Server
 from tests.helpers import max_diff
-from tests.reference import activation, sigmoid
+from tests.reference import npz_engine
 
 REFERENCE = DEFAULT_MODEL / "segmenter.ref.npz"
 
@@ -119,30 +119,6 @@ def test_exported_savedmodel_runs_in_tensorflow(tmp_path: Path) -> None:
         outputs, _hidden = loaded.serve([tf.constant(s[None], tf.int32), tf.ones((1, len(s)), tf.bool)])
         got.append(outputs.numpy()[0])
     assert max_diff(got, expected) <= 1e-4
-
-
-def npz_engine(arrays: dict[str, np.ndarray], ids: np.ndarray) -> np.ndarray:
-    """What a C++ engine does with the documented .npz layout, in NumPy."""
-    meta = json.loads(str(arrays["meta"]))
-
-    def run(prefix: str, x: np.ndarray) -> np.ndarray:
-        kernel, recurrent, bias = (arrays[f"{prefix}.{n}"] for n in ("kernel", "recurrent_kernel", "bias"))
-        h, states = np.zeros(recurrent.shape[0]), []
-        for x_t in x:
-            xz, xr, xh = np.split(x_t @ kernel + bias[0], 3)
-            mz, mr, mh = np.split(h @ recurrent + bias[1], 3)
-            z, r = sigmoid(xz + mz), sigmoid(xr + mr)
-            h = z * h + (1 - z) * np.tanh(xh + r * mh)
-            states.append(h)
-        return np.array(states)
-
-    x = arrays["embeddings"][ids]
-    for index, layer in enumerate(meta["recurrent"]):
-        forward = run(f"layer{index}.forward", x)
-        x = np.concatenate([forward, run(f"layer{index}.backward", x[::-1])[::-1]], axis=-1) \
-            if layer["bidirectional"] else forward
-    (dense,) = meta["dense"]
-    return activation(dense["activation"], x @ arrays["dense0.kernel"] + arrays["dense0.bias"])
 
 
 def test_exported_npz_follows_its_documented_layout(tmp_path: Path) -> None:

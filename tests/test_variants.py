@@ -51,8 +51,9 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 def run_both_ways(spec: ModelSpec, inputs: list[np.ndarray], engine: str
                   ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """All sequences in one call (the runner batches them), and each on its own."""
-    runner = runner_for(spec, engine)
+    """All sequences in one call (the runner batches them), and each on its own. One length
+    bucket: the keras engine then compiles two shapes, (16, 12) and (1, 12)."""
+    runner = runner_for(spec, engine, max_batch_size=16, buckets=[max(len(s) for s in inputs)])
     batched = [outputs for outputs, _ in runner.run(inputs)]
     single = [runner.run([s])[0][0] for s in inputs]
     return batched, single
@@ -216,4 +217,27 @@ def test_convert_writes_a_keras_file_that_keeps_keras2s_hard_sigmoid(tmp_path: P
     assert bundle.spec.layers[0].variant == GRUVariant(False, "hard_sigmoid", tagger.activation)
     loaded = keras.saving.load_model(tmp_path / "out" / "model.keras", safe_mode=True)
     got = [loaded([s[None], np.ones((1, len(s)), bool)])[0].numpy()[0] for s in inputs]
+    assert max_diff(got, expected) <= TOLERANCE
+
+
+def test_exports_carry_the_variant_the_stack_and_the_input_kind(tmp_path: Path, workdir: str) -> None:
+    """The .npz (read by its documented layout) and the ONNX file (in ONNX Runtime) of a
+    feature model with Keras 2's GRU and a Dense stack give tf_keras' numbers."""
+    import onnxruntime as ort
+
+    from app.lowering.exports import export
+    from tests.reference import npz_engine
+
+    tagger = next(t for t in TAGGERS if t.inputs == "features" and t.head == "stack" and not t.reset_after)
+    path, inputs, expected = saved(tagger, workdir)
+    spec = read_keras_h5(path, Architecture(), "tagger")
+    with np.load(export(spec, "npz", tmp_path / "w.npz")) as data:
+        arrays = {key: data[key] for key in data.files}
+    assert "embeddings" not in arrays and {"dense0.kernel", "dense1.kernel"} <= arrays.keys()
+    assert max_diff([npz_engine(arrays, s) for s in inputs], expected) <= TOLERANCE
+    session = ort.InferenceSession(str(export(spec, "onnx", tmp_path / "m.onnx")),
+                                   providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["features", "lengths"]
+    got = [session.run(["outputs"], {"features": s[None], "lengths": np.array([len(s)], np.int32)})[0][0]
+           for s in inputs]
     assert max_diff(got, expected) <= TOLERANCE
