@@ -34,7 +34,8 @@ def max_diff(got: list[np.ndarray], expected: list[np.ndarray]) -> float:
     assert len(got) == len(expected)
     for g, e in zip(got, expected):
         assert g.shape == np.shape(e), (g.shape, np.shape(e))
-    return max(float(np.max(np.abs(g - np.asarray(e)))) for g, e in zip(got, expected))
+    # np.max, not max(): a NaN anywhere (an overflow on either side) must fail, not hide
+    return float(np.max([np.max(np.abs(g - np.asarray(e))) for g, e in zip(got, expected)]))
 
 
 @cache

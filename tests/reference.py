@@ -65,7 +65,7 @@ GRU_ACTIVATIONS = {
     "relu": lambda x: np.maximum(x, 0.0),
     "linear": lambda x: x,
     "softsign": lambda x: x / (1.0 + np.abs(x)),
-    "softplus": lambda x: np.log1p(np.exp(x)),
+    "softplus": lambda x: np.logaddexp(0.0, x),  # log(1 + exp(x)), without overflow
     "elu": lambda x: np.where(x > 0, x, np.expm1(x)),
 }
 
@@ -187,14 +187,14 @@ def npz_engine(arrays: dict[str, np.ndarray], inputs: np.ndarray) -> np.ndarray:
 def random_model(rng: np.random.Generator, vocab: int | None, width: int, units: int, layers: int,
                  bidirectional: bool = True, merge_mode: str = "concat", head: int | None = 5,
                  head_activation: str = "softmax", variant: Variant = CUDNN,
-                 stack: tuple[tuple[int, str], ...] = ()) -> NativeModel:
+                 stack: tuple[tuple[int, str], ...] = (), scale: float = 0.5) -> NativeModel:
     """``vocab`` None: a feature-vector model; ``stack``: (units, activation) Dense layers
-    before the head."""
+    before the head; ``scale``: GRU weights are uniform in [-scale, scale]."""
     embeddings = None if vocab is None else rng.normal(0, 1, (vocab, width)).astype(np.float32)
     recurrent, in_width = [], width
     for _ in range(layers):
-        forward = random_native(rng, in_width, units)
-        backward = random_native(rng, in_width, units) if bidirectional else None
+        forward = random_native(rng, in_width, units, scale)
+        backward = random_native(rng, in_width, units, scale) if bidirectional else None
         if not variant.reset_after:  # one bias: Keras stores only the sum
             forward.bR = {g: np.zeros_like(b) for g, b in forward.bR.items()}
             if backward is not None:

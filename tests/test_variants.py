@@ -117,7 +117,7 @@ def test_keras_3_hard_sigmoid_would_be_wrong(tmp_path: Path, monkeypatch: pytest
 
     assert float(keras.activations.hard_sigmoid(np.float32(1.0))) == pytest.approx(2 / 3)
     assert float(builder.keras2_hard_sigmoid(np.float32(1.0))) == pytest.approx(0.7)
-    tagger = Tagger(False, "hard_sigmoid", merges=("concat", None))
+    tagger = Tagger(False, "hard_sigmoid", merges=("concat", None), head="none")
     model = build(tagger, seed=5)
     inputs = sequences(tagger, np.random.default_rng(6))
     expected = alone(model, inputs)
@@ -127,7 +127,7 @@ def test_keras_3_hard_sigmoid_would_be_wrong(tmp_path: Path, monkeypatch: pytest
     assert max_diff(exact, expected) <= TOLERANCE
     monkeypatch.setattr(builder, "gru_activation", lambda name: name)  # Keras 3's by name
     wrong, _ = run_both_ways(spec, inputs, "keras")
-    assert max_diff(wrong, expected) > 1e-2
+    assert max_diff(wrong, expected) > 100 * TOLERANCE
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -142,13 +142,16 @@ def test_generated_gru_files_match_numpy_reference(
     variant = Variant(reset_after, recurrent_activation, CANDIDATES[-1 - index])
     rng = np.random.default_rng(index + 10 * reset_after)
     vocab = None if index % 2 else 20
+    # Weights small enough that unbounded gates (linear, relu, elu...) stay finite over 12 steps.
     model = random_model(rng, vocab=vocab, width=5, units=4, layers=2, merge_mode="ave",
-                         variant=variant, stack=((6, "tanh"),))
+                         variant=variant, stack=((6, "tanh"),), scale=0.3)
     spec = read_keras_h5(write_full_model(tmp_path / "m.h5", model, cell="GRU"), Architecture(), "m")
     inputs = [rng.integers(0, 20, n) if vocab else rng.normal(0, 1, (n, 5)).astype(np.float32)
               for n in range(1, 13)]
+    expected = [model.outputs(np.asarray(s)) for s in inputs]
+    assert np.isfinite(np.concatenate(expected)).all()
     batched, single = run_both_ways(spec, [np.asarray(s) for s in inputs], engine)
-    assert max_diff(batched, [model.outputs(np.asarray(s)) for s in inputs]) <= TOLERANCE
+    assert max_diff(batched, expected) <= TOLERANCE
     assert max_diff(single, batched) <= 1e-6
 
 

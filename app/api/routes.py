@@ -145,7 +145,7 @@ def parse_json(raw: bytes) -> Any:
     try:
         data = json.loads(raw, parse_float=number, parse_constant=number)
     except (ValueError, RecursionError):
-        data = None
+        non_finite.clear()  # broken anyway: the parse error is the answer
     if not non_finite:
         raise ApiError(400, "invalid_json", f"the body is not valid JSON: {error}") from None
     return data

@@ -95,6 +95,11 @@ def _step(layer: Layer, keras3: bool) -> Step:
         inner = config.get("layer", {})
         claims, variant = _check_gru(layer.name, inner.get("class_name", "?"), inner.get("config", {}),
                                      keras3)
+        backward = config.get("backward_layer")
+        if backward and _check_gru(layer.name, backward.get("class_name", "?"),
+                                   backward.get("config", {}), keras3) != (claims, variant):
+            raise ModelError(f"layer {layer.name!r}: its backward_layer is a different GRU from "
+                             "its forward layer; not supported")
         merge_mode = config.get("merge_mode", "concat")
         if merge_mode not in MERGE_LAYERS.values():
             raise ModelError(f"layer {layer.name!r}: merge_mode {merge_mode!r} is not supported "
