@@ -7,6 +7,11 @@ output is the one served), including the "manual" bidirectional build:
 two GRU layers joined by a merge layer, one of them fed reversed input through a ``Lambda``.
 A ``Lambda``'s body is marshalled bytecode: it is never executed, only searched for the
 name ``reverse`` to recognise the reversing layers.
+
+Each GRU's variant (:class:`~app.spec.GRUVariant`) comes from its config: ``reset_after``
+(missing in Keras <= 2.1 configs: False), ``recurrent_activation``, ``activation``. In a
+Keras 2 description ``hard_sigmoid`` is Keras 2's function; in a Keras 3 one it is Keras 3's
+(refused), and Keras 2's appears as the function the builder registers.
 """
 
 from __future__ import annotations
