@@ -116,7 +116,10 @@ def _recurrent(graph: _Graph, layer: RecurrentLayer, index: int, x: str) -> str:
 
 def gru_activation_attributes(variant: GRUVariant, directions: int) -> dict[str, list]:
     """``activations`` ``[f, g]`` per direction; alphas and betas are listed only for the
-    functions that take them, in order (ONNX consumes them that way)."""
+    functions that take them, in order (ONNX consumes them that way). ONNX's defaults
+    (Sigmoid, Tanh) are cuDNN's: then nothing is set, and a cuDNN model's graph is as before."""
+    if variant.recurrent_activation == "sigmoid" and variant.activation == "tanh":
+        return {}
     names = [GRU_ACTIVATION_OPS[variant.recurrent_activation], GRU_ACTIVATION_OPS[variant.activation]]
     names *= directions
     attributes: dict[str, list] = {"activations": [op for op, _, _ in names]}
