@@ -224,9 +224,11 @@ def test_convert_writes_a_keras_file_that_keeps_keras2s_hard_sigmoid(tmp_path: P
 
 
 def test_exports_carry_the_variant_the_stack_and_the_input_kind(tmp_path: Path, workdir: str) -> None:
-    """The .npz (read by its documented layout) and the ONNX file (in ONNX Runtime) of a
-    feature model with Keras 2's GRU and a Dense stack give tf_keras' numbers."""
+    """The .npz (read by its documented layout), the ONNX file (in ONNX Runtime) and the
+    SavedModel (in TensorFlow) of a feature model with Keras 2's GRU and a Dense stack give
+    tf_keras' numbers."""
     import onnxruntime as ort
+    import tensorflow as tf
 
     from app.lowering.exports import export
     from tests.reference import npz_engine
@@ -243,4 +245,7 @@ def test_exports_carry_the_variant_the_stack_and_the_input_kind(tmp_path: Path, 
     assert [i.name for i in session.get_inputs()] == ["features", "lengths"]
     got = [session.run(["outputs"], {"features": s[None], "lengths": np.array([len(s)], np.int32)})[0][0]
            for s in inputs]
+    assert max_diff(got, expected) <= TOLERANCE
+    loaded = tf.saved_model.load(str(export(spec, "savedmodel", tmp_path / "sm")))
+    got = [loaded.serve([tf.constant(s[None]), tf.ones((1, len(s)), tf.bool)])[0].numpy()[0] for s in inputs]
     assert max_diff(got, expected) <= TOLERANCE
