@@ -118,14 +118,27 @@ def describe_bundle(bundle: ModelBundle) -> None:
     if spec.source.keras_version:
         print(f"keras_version: {spec.source.keras_version}")
     arch = spec.describe()
-    rows = [["embedding", f"{spec.vocab_size} x {spec.embedding_width}", "", ""]]
+    given = arch["input"]
+    if given["kind"] == "tokens":
+        rows = [["embedding", f"tokens: {given['vocab_size']} x {given['width']}",
+                 "mask_zero" if given["mask_zero"] else "", ""]]
+    else:
+        masking = "" if given["mask_value"] is None else f"Masking({given['mask_value']:g})"
+        rows = [["input", f"features: {given['features']} per step", masking, ""]]
     rows += [[layer["name"], f"GRU({layer['units']})",
-              "bidirectional" if layer["bidirectional"] else "forward",
+              f"{'bidirectional' if layer['bidirectional'] else 'forward'}; " + gru_variant_text(layer),
               layer["merge_mode"] or ""] for layer in arch["recurrent"]]
-    if arch["head"]:
-        rows.append([arch["head"]["name"], f"Dense({arch['head']['units']})", arch["head"]["activation"], ""])
+    rows += [[dense["name"], f"Dense({dense['units']})", dense["activation"], ""] for dense in arch["dense"]]
     print()
-    print_table(["layer", "kind", "direction / activation", "merge"], rows)
+    print_table(["layer", "kind", "direction / variant / activation", "merge"], rows)
+
+
+def gru_variant_text(layer: dict) -> str:
+    """e.g. ``reset_after=False, hard_sigmoid (Keras 2) / tanh``."""
+    recurrent = layer["recurrent_activation"]
+    if recurrent == "hard_sigmoid":
+        recurrent += " (Keras 2: clip(0.2x+0.5, 0, 1))"
+    return f"reset_after={layer['reset_after']}, {recurrent} / {layer['activation']}"
 
 
 # --- convert / verify / export ---------------------------------------------------------
@@ -199,15 +212,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
     reference = None
     if args.reference:
         ref = Path(args.reference)
-        reference = read_parity(ref.parent, Parity(file=ref.name, outputs=args.outputs_key,
-                                                   hidden=args.hidden_key))
+        reference = read_parity(ref.parent, Parity(file=ref.name, ids=args.inputs_key,
+                                                   outputs=args.outputs_key, hidden=args.hidden_key))
     return verify(bundle, reference, args.engine, args.tolerance)
 
 
 def verify(bundle: ModelBundle, reference: ParityData | None, engine: str, tolerance: float | None) -> int:
     parity = reference or bundle.parity
     if parity is None:
-        print("no parity data: pass --reference FILE.npz (ids, lengths, outputs[, hidden])", file=sys.stderr)
+        print("no parity data: pass --reference FILE.npz (ids or features, lengths, outputs[, hidden])",
+              file=sys.stderr)
         return 2
     tolerance = tolerance or parity.tolerance or DEFAULT_TOLERANCE
     with step(f"running {len(parity.sequences)} sequences on {engine}"):
@@ -279,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     verify_cmd = commands.add_parser("verify", help="run the parity check; print max diff per output")
     verify_cmd.add_argument("model", help="model directory or file")
     verify_cmd.add_argument("--reference", help=".npz with ids, lengths and expected outputs")
+    verify_cmd.add_argument("--inputs-key", default="ids",
+                            help="array of concatenated inputs: ids (N,) or features (N, F)")
     verify_cmd.add_argument("--outputs-key", default="outputs", help="array of expected outputs")
     verify_cmd.add_argument("--hidden-key", default=None, help="array of expected hidden states")
     verify_cmd.add_argument("--tolerance", type=float, default=None)

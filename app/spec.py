@@ -1,26 +1,50 @@
 """The one canonical description of a servable model.
 
 Every file format is read into a :class:`ModelSpec`; everything downstream (the Keras
-builder, the ONNX builder, the runner, the API, exports) reads only this. Weights held
-here are already in Keras 3 ``GRU(reset_after=True)`` layout, whatever the source was:
+builder, the ONNX builder, the runner, the API, exports) reads only this.
+
+A model is: an input (token ids through an ``Embedding``, or a float feature vector per
+step) -> one or more (bidirectional) GRU layers -> zero or more per-step ``Dense`` layers.
+
+GRU weights are held in the Keras layout, whatever the source was:
 
 - ``kernel (I, 3U)``, ``recurrent_kernel (U, 3U)``, ``bias (2, 3U)``;
 - column blocks are the gates z, r, h; bias row 0 is the input bias, row 1 the recurrent one.
 
-With that layout one step of a GRU is (the cuDNN equations, reset applied after the
-recurrent matmul)::
+Each layer carries its :class:`GRUVariant`: ``reset_after`` and the two activations
+(``f`` = ``recurrent_activation``, ``g`` = ``activation``). One step is::
 
     x_z, x_r, x_h = x @ kernel + bias[0]
     m_z, m_r, m_h = h @ recurrent_kernel + bias[1]
-    z = sigmoid(x_z + m_z);  r = sigmoid(x_r + m_r)
-    hh = tanh(x_h + r * m_h)
+    z = f(x_z + m_z);  r = f(x_r + m_r)
+    reset_after=True  (cuDNN, PyTorch, TF2 tf.keras):   hh = g(x_h + r * m_h)
+    reset_after=False (Keras 2's default):              hh = g(x_h + (r * h) @ recurrent_kernel[:, 2U:])
     h' = z * h + (1 - z) * hh
+
+With ``reset_after=False`` Keras stores one bias row ``(3U,)``, added on the input side. The
+spec still holds ``bias (2, 3U)``: that row is row 0 and row 1 is all zeros (every recurrent
+bias of that form adds outside the reset product, so one row holds them all exactly, and
+every consumer reads one shape). :meth:`GRUWeights.validate` enforces the zero row.
+
+cuDNN's GRU is ``GRUVariant()``: reset_after, sigmoid, tanh. The activations a GRU may
+carry are those both engines compute exactly (ONNX ``GRU`` activation in brackets)::
+
+    sigmoid       1 / (1 + exp(-x))                        (Sigmoid)
+    hard_sigmoid  clip(0.2 x + 0.5, 0, 1)  -- Keras 2's    (HardSigmoid alpha=0.2 beta=0.5)
+    tanh, relu, linear (x), softsign x / (1 + |x|), softplus log(1 + exp(x)),
+    elu           x if x > 0 else exp(x) - 1               (Elu alpha=1)
+
+Keras 3 redefined ``hard_sigmoid`` as ``relu6(x + 3) / 6``; the name here always means
+Keras 2's formula above (what a Keras 2 file that says ``hard_sigmoid`` was trained with).
+
+A ``Dense`` layer computes ``y = act(x @ kernel + bias)`` per step, ``act`` one of
+:data:`DENSE_ACTIVATIONS` (softmax over the last axis).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 
@@ -28,12 +52,47 @@ from app.errors import ModelError
 
 MergeMode = Literal["concat", "sum", "ave", "mul"]
 MERGE_MODES: tuple[str, ...] = ("concat", "sum", "ave", "mul")
-ACTIVATIONS: tuple[str, ...] = ("linear", "softmax", "sigmoid", "tanh", "relu")
+DENSE_ACTIVATIONS: tuple[str, ...] = ("linear", "softmax", "sigmoid", "tanh", "relu")
+GRU_ACTIVATIONS: tuple[str, ...] = (
+    "sigmoid", "hard_sigmoid", "tanh", "relu", "linear", "softsign", "softplus", "elu")
+# The name Keras 2's hard_sigmoid is registered under in the Keras 3 files the builder writes.
+KERAS2_HARD_SIGMOID = "keras2_hard_sigmoid"
+
+
+@dataclass(frozen=True)
+class GRUVariant:
+    """Which GRU equations a layer runs (see the module docstring). Default: cuDNN's."""
+
+    reset_after: bool = True
+    recurrent_activation: str = "sigmoid"
+    activation: str = "tanh"
+
+    @property
+    def is_cudnn(self) -> bool:
+        return self == CUDNN
+
+    def validate(self, where: str) -> None:
+        for role in ("recurrent_activation", "activation"):
+            value = getattr(self, role)
+            if value not in GRU_ACTIVATIONS:
+                raise ModelError(f"{where}: {role}={value!r} is not supported "
+                                 f"(supported: {', '.join(GRU_ACTIVATIONS)})")
+
+    def describe(self) -> dict:
+        return {"reset_after": self.reset_after, "recurrent_activation": self.recurrent_activation,
+                "activation": self.activation}
+
+    def __str__(self) -> str:
+        return (f"GRU(reset_after={self.reset_after}, recurrent_activation="
+                f"{self.recurrent_activation!r}, activation={self.activation!r})")
+
+
+CUDNN = GRUVariant()
 
 
 @dataclass(frozen=True)
 class GRUWeights:
-    """One direction of one GRU layer, in Keras 3 layout."""
+    """One direction of one GRU layer, in Keras layout (bias always ``(2, 3U)``)."""
 
     kernel: np.ndarray
     recurrent_kernel: np.ndarray
@@ -47,7 +106,7 @@ class GRUWeights:
     def input_width(self) -> int:
         return int(self.kernel.shape[0])
 
-    def validate(self, where: str, input_width: int) -> None:
+    def validate(self, where: str, input_width: int, variant: GRUVariant) -> None:
         units = self.units
         expected = {
             "kernel": (input_width, 3 * units),
@@ -58,6 +117,9 @@ class GRUWeights:
             actual = getattr(self, name).shape
             if actual != shape:
                 raise ModelError(f"{where}: {name} has shape {actual}, expected {shape}")
+        if not variant.reset_after and np.any(self.bias[1]):
+            raise ModelError(f"{where}: reset_after=False keeps its one bias row in row 0; "
+                             "row 1 must be zeros")
 
 
 @dataclass(frozen=True)
@@ -68,6 +130,7 @@ class RecurrentLayer:
     forward: GRUWeights
     backward: GRUWeights | None = None
     merge_mode: MergeMode = "concat"
+    variant: GRUVariant = CUDNN
 
     @property
     def units(self) -> int:
@@ -87,7 +150,7 @@ class RecurrentLayer:
 
 
 @dataclass(frozen=True)
-class DenseHead:
+class DenseLayer:
     """A per-step ``Dense`` (or ``TimeDistributed(Dense)``) after the recurrent stack."""
 
     name: str
@@ -98,6 +161,97 @@ class DenseHead:
     @property
     def units(self) -> int:
         return int(self.kernel.shape[1])
+
+    def validate(self, width: int) -> None:
+        if self.kernel.ndim != 2 or self.kernel.shape[0] != width:
+            raise ModelError(
+                f"{self.name}: kernel has shape {self.kernel.shape}, expected ({width}, units)")
+        if self.bias is not None and self.bias.shape != (self.units,):
+            raise ModelError(f"{self.name}: bias has shape {self.bias.shape}, expected ({self.units},)")
+        if self.activation not in DENSE_ACTIVATIONS:
+            raise ModelError(f"{self.name}: unsupported activation {self.activation!r} "
+                             f"(supported: {', '.join(DENSE_ACTIVATIONS)})")
+
+
+@dataclass(frozen=True)
+class TokenInput:
+    """Token ids through an ``Embedding (V, D)``: per sequence, ids ``(steps,) int32``.
+
+    With ``mask_zero`` the model skips id 0 as padding (state carried over); requests are
+    unpadded, so id 0 is refused instead of computed differently (see :attr:`id_range`).
+    """
+
+    embeddings: np.ndarray
+    mask_zero: bool = False
+    kind: ClassVar[str] = "tokens"
+    name: ClassVar[str] = "ids"  # the engines' and exports' input name
+    dtype: ClassVar[type] = np.int32
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.embeddings.shape[0])
+
+    @property
+    def width(self) -> int:
+        """The width of what the first GRU layer reads."""
+        return int(self.embeddings.shape[1])
+
+    @property
+    def id_range(self) -> tuple[int, int]:
+        """Ids a request may carry: ``[low, high)``."""
+        return (1 if self.mask_zero else 0), self.vocab_size
+
+    def blank(self, batch: int, steps: int) -> np.ndarray:
+        return np.zeros((batch, steps), self.dtype)
+
+    def sample(self, rng: np.random.Generator, steps: int) -> np.ndarray:
+        """A pseudo-random valid sequence (timing and probe work, never a reference)."""
+        return rng.integers(*self.id_range, steps).astype(self.dtype)
+
+    def validate(self) -> None:
+        if self.embeddings.ndim != 2:
+            raise ModelError(f"embedding: expected a 2-D matrix, got shape {self.embeddings.shape}")
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "vocab_size": self.vocab_size, "width": self.width,
+                "mask_zero": self.mask_zero}
+
+
+@dataclass(frozen=True)
+class FeatureInput:
+    """A float vector per step, fed straight to the first GRU layer: ``(steps, features)``.
+
+    ``mask_value`` is set when the model starts with a ``Masking`` layer: a step whose every
+    feature equals it is padding to that model (skipped, state carried over). Requests are
+    unpadded, so such a step is refused instead of computed differently.
+    """
+
+    features: int
+    mask_value: float | None = None
+    kind: ClassVar[str] = "features"
+    name: ClassVar[str] = "features"
+    dtype: ClassVar[type] = np.float32
+
+    @property
+    def width(self) -> int:
+        return self.features
+
+    def blank(self, batch: int, steps: int) -> np.ndarray:
+        return np.zeros((batch, steps, self.features), self.dtype)
+
+    def sample(self, rng: np.random.Generator, steps: int) -> np.ndarray:
+        """A pseudo-random valid sequence (normal features: never a whole step at ``mask_value``)."""
+        return rng.standard_normal((steps, self.features)).astype(self.dtype)
+
+    def validate(self) -> None:
+        if self.features < 1:
+            raise ModelError(f"input: {self.features} features per step")
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "features": self.features, "mask_value": self.mask_value}
+
+
+ModelInput = TokenInput | FeatureInput
 
 
 @dataclass(frozen=True)
@@ -112,23 +266,18 @@ class Source:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Embedding -> GRU stack -> optional per-step Dense head."""
+    """Input -> GRU stack -> per-step Dense stack (possibly empty)."""
 
     name: str
-    embeddings: np.ndarray
+    input: ModelInput
     layers: tuple[RecurrentLayer, ...]
-    head: DenseHead | None
+    dense: tuple[DenseLayer, ...]
     source: Source
-    mask_zero: bool = False
     notes: tuple[str, ...] = field(default=())
 
     @property
-    def vocab_size(self) -> int:
-        return int(self.embeddings.shape[0])
-
-    @property
-    def embedding_width(self) -> int:
-        return int(self.embeddings.shape[1])
+    def vocab_size(self) -> int | None:
+        return self.input.vocab_size if isinstance(self.input, TokenInput) else None
 
     @property
     def hidden_width(self) -> int:
@@ -136,55 +285,41 @@ class ModelSpec:
 
     @property
     def output_width(self) -> int:
-        return self.head.units if self.head else self.hidden_width
+        return self.dense[-1].units if self.dense else self.hidden_width
 
     def validate(self) -> ModelSpec:
         """Check every shape against its neighbours; raise :class:`ModelError` naming the layer."""
-        if self.embeddings.ndim != 2:
-            raise ModelError(f"embedding: expected a 2-D matrix, got shape {self.embeddings.shape}")
+        self.input.validate()
         if not self.layers:
             raise ModelError("the model has no GRU layer")
-        width = self.embedding_width
+        width = self.input.width
         for layer in self.layers:
             if layer.merge_mode not in MERGE_MODES:
                 raise ModelError(f"{layer.name}: unsupported merge_mode {layer.merge_mode!r}")
+            layer.variant.validate(layer.name)
             for direction, weights in zip(("forward", "backward"), layer.directions()):
-                weights.validate(f"{layer.name} ({direction})", width)
+                weights.validate(f"{layer.name} ({direction})", width, layer.variant)
             if layer.backward is not None and layer.backward.units != layer.forward.units:
                 raise ModelError(f"{layer.name}: forward and backward have different units")
             width = layer.output_width
-        if self.head is not None:
-            self._validate_head(width)
+        for dense in self.dense:
+            dense.validate(width)
+            width = dense.units
         return self
-
-    def _validate_head(self, width: int) -> None:
-        head = self.head
-        assert head is not None
-        if head.kernel.ndim != 2 or head.kernel.shape[0] != width:
-            raise ModelError(
-                f"{head.name}: kernel has shape {head.kernel.shape}, expected ({width}, units)"
-            )
-        if head.bias is not None and head.bias.shape != (head.units,):
-            raise ModelError(f"{head.name}: bias has shape {head.bias.shape}, expected ({head.units},)")
-        if head.activation not in ACTIVATIONS:
-            raise ModelError(f"{head.name}: unsupported activation {head.activation!r}")
 
     def describe(self) -> dict:
         """A JSON-ready summary of the architecture."""
         return {
-            "embedding": {"vocab_size": self.vocab_size, "width": self.embedding_width,
-                          "mask_zero": self.mask_zero},
+            "input": self.input.describe(),
             "recurrent": [
                 {"name": layer.name, "type": "GRU", "units": layer.units,
                  "bidirectional": layer.bidirectional,
                  "merge_mode": layer.merge_mode if layer.bidirectional else None,
-                 "output_width": layer.output_width}
+                 "output_width": layer.output_width, **layer.variant.describe()}
                 for layer in self.layers
             ],
-            "head": None if self.head is None else {
-                "name": self.head.name, "units": self.head.units,
-                "activation": self.head.activation, "use_bias": self.head.bias is not None,
-            },
+            "dense": [{"name": d.name, "units": d.units, "activation": d.activation,
+                       "use_bias": d.bias is not None} for d in self.dense],
             "output_width": self.output_width,
             "hidden_width": self.hidden_width,
         }

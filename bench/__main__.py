@@ -39,10 +39,10 @@ ENGINES = ("onnxruntime", "openvino")
 def workload(spec: ModelSpec, rng: np.random.Generator,
              quick: bool) -> tuple[dict[int, list[np.ndarray]], list[np.ndarray]]:
     """A few sequences per latency length, and 256 sequences of mixed lengths."""
-    low = 1 if spec.mask_zero else 0
+    low, high = spec.input.id_range  # type: ignore[union-attr]  # the default model takes tokens
 
     def draw(n: int) -> np.ndarray:
-        return rng.integers(max(low, 2), spec.vocab_size, n).astype(np.int32)
+        return rng.integers(max(low, 2), high, n).astype(np.int32)
 
     singles = {n: [draw(n) for _ in range(8)] for n in LENGTHS}
     mixed = [draw(int(n)) for n in rng.integers(MIXED[0], MIXED[1] + 1, 128 if quick else 256)]
@@ -118,7 +118,8 @@ def main() -> None:
     bundle = load_bundle(ROOT / "models" / "segmenter")
     spec = bundle.spec
     singles, mixed = workload(spec, np.random.default_rng(0), args.quick)
-    id_range = (max(2, 1 if spec.mask_zero else 0), spec.vocab_size)
+    low, high = spec.input.id_range  # type: ignore[union-attr]
+    id_range = (max(2, low), high)
     load_before = os.getloadavg()
     results = {"machine": report.machine(), "load_average_before": load_before}
     results["http"] = bench_http(id_range, args.quick)  # first: no TensorFlow in this process yet

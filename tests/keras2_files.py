@@ -12,32 +12,42 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from tests.reference import NativeModel, to_cudnngru, to_keras_gru
+from tests.reference import Native, NativeModel, to_cudnngru, to_keras_gru
 
 
-def _gru_config(cell: str, units: int) -> dict:
+def _gru_config(cell: str, units: int, model: NativeModel) -> dict:
     config = {"name": "gru", "units": units, "return_sequences": True, "return_state": False,
               "go_backwards": False, "stateful": False}
     if cell == "GRU":
-        config |= {"activation": "tanh", "recurrent_activation": "sigmoid", "reset_after": True,
-                   "use_bias": True}
+        variant = model.variant
+        config |= {"activation": variant.activation, "recurrent_activation": variant.recurrent_activation,
+                   "reset_after": variant.reset_after, "use_bias": True}
     return {"class_name": cell, "config": config}
 
 
 def model_config(model: NativeModel, cell: str = "CuDNNGRU") -> dict:
-    vocab, width = model.embeddings.shape
-    layers: list[dict] = [
-        {"class_name": "InputLayer", "config": {"batch_input_shape": [None, None], "name": "ids"}},
-        {"class_name": "Embedding", "config": {"name": "embedding", "input_dim": vocab,
-                                               "output_dim": width, "mask_zero": False}},
-    ]
+    if model.embeddings is None:
+        width = model.layers[0][0].W["z"].shape[1]
+        layers: list[dict] = [{"class_name": "InputLayer", "config": {
+            "batch_input_shape": [None, None, width], "name": "features"}}]
+    else:
+        vocab, width = model.embeddings.shape
+        layers = [
+            {"class_name": "InputLayer", "config": {"batch_input_shape": [None, None], "name": "ids"}},
+            {"class_name": "Embedding", "config": {"name": "embedding", "input_dim": vocab,
+                                                   "output_dim": width, "mask_zero": False}},
+        ]
     for index, (forward, backward) in enumerate(model.layers):
-        inner = _gru_config(cell, forward.units)
+        inner = _gru_config(cell, forward.units, model)
         if backward is None:
             layers.append({"class_name": cell, "config": inner["config"] | {"name": f"gru_{index}"}})
         else:
             layers.append({"class_name": "Bidirectional", "config": {
                 "name": f"bigru_{index}", "layer": inner, "merge_mode": model.merge_mode}})
+    for index, (kernel, _, name) in enumerate(model.stack):
+        layers.append({"class_name": "Dense", "config": {"name": f"dense_{index}",
+                                                         "units": kernel.shape[1], "activation": name}})
+        layers.append({"class_name": "Dropout", "config": {"name": f"dropout_{index}", "rate": 0.5}})
     if model.head_kernel is not None:
         dense = {"class_name": "Dense", "config": {"name": "dense", "units": model.head_kernel.shape[1],
                                                    "activation": model.head_activation}}
@@ -49,9 +59,13 @@ LayerWeights = list[tuple[str, list[tuple[str, np.ndarray]]]]
 
 
 def layer_weights(model: NativeModel, cell: str = "CuDNNGRU") -> LayerWeights:
-    encode = to_cudnngru if cell == "CuDNNGRU" else to_keras_gru
+    def encode(native: Native) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return to_cudnngru(native) if cell == "CuDNNGRU" else to_keras_gru(native, model.variant.reset_after)
+
     cell_name = "cu_dnngru" if cell == "CuDNNGRU" else "gru_cell"
-    result = [("embedding", [("embedding/embeddings:0", model.embeddings)])]
+    result: LayerWeights = []
+    if model.embeddings is not None:
+        result.append(("embedding", [("embedding/embeddings:0", model.embeddings)]))
     for index, (forward, backward) in enumerate(model.layers):
         if backward is None:
             name = f"gru_{index}"
@@ -64,6 +78,9 @@ def layer_weights(model: NativeModel, cell: str = "CuDNNGRU") -> LayerWeights:
             weights += [(f"{name}/{direction}_{cell_name}/{w}:0", a)
                         for w, a in zip(("kernel", "recurrent_kernel", "bias"), encode(native))]
         result.append((name, weights))
+    for index, (kernel, bias, _) in enumerate(model.stack):
+        name = f"dense_{index}"
+        result.append((name, [(f"{name}/kernel:0", kernel), (f"{name}/bias:0", bias)]))
     if model.head_kernel is not None:
         result.append(("head", [("head/kernel:0", model.head_kernel), ("head/bias:0", model.head_bias)]))
     return result

@@ -1,5 +1,5 @@
-"""An independent NumPy GRU, written from cuDNN's own definition, and writers that encode
-cuDNN-native weights into each file layout the service reads.
+"""An independent NumPy GRU, written from cuDNN's own definition and Keras 2's, and writers
+that encode native weights into each file layout the service reads.
 
 cuDNN's GRU (per layer and direction; matrices are (U, in) and compute ``W @ x``)::
 
@@ -7,11 +7,22 @@ cuDNN's GRU (per layer and direction; matrices are (U, in) and compute ``W @ x``
     z  = sigmoid(W_z x + bW_z + R_z h + bR_z)
     hh = tanh(W_h x + bW_h + r * (R_h h + bR_h))
     h' = (1 - z) * hh + z * h
+
+Keras 2's ``GRU`` (``keras/layers/recurrent.py``) generalises it: ``f`` =
+``recurrent_activation`` for r and z, ``g`` = ``activation`` for hh, and with
+``reset_after=False`` (its default, and the only form before Keras 2.2) the reset gate
+multiplies the state *before* the recurrent matmul, with one bias (the sum of both here)::
+
+    hh = g(W_h x + bW_h + R_h (r * h) + bR_h)
+
+Keras 2's ``hard_sigmoid`` is ``clip(0.2 x + 0.5, 0, 1)`` (``keras/backend``); Keras 3's
+``relu6(x + 3) / 6`` is a different function.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -46,16 +57,45 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
 
-def run_direction(native: Native, x: np.ndarray) -> np.ndarray:
+# Keras 2's definitions (keras/activations.py, keras/backend), written out.
+GRU_ACTIVATIONS = {
+    "sigmoid": sigmoid,
+    "hard_sigmoid": lambda x: np.clip(0.2 * x + 0.5, 0.0, 1.0),
+    "tanh": np.tanh,
+    "relu": lambda x: np.maximum(x, 0.0),
+    "linear": lambda x: x,
+    "softsign": lambda x: x / (1.0 + np.abs(x)),
+    "softplus": lambda x: np.logaddexp(0.0, x),  # log(1 + exp(x)), without overflow
+    "elu": lambda x: np.where(x > 0, x, np.expm1(x)),
+}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Which GRU: cuDNN's by default."""
+
+    reset_after: bool = True
+    recurrent_activation: str = "sigmoid"
+    activation: str = "tanh"
+
+
+CUDNN = Variant()
+
+
+def run_direction(native: Native, x: np.ndarray, variant: Variant = CUDNN) -> np.ndarray:
     """``x (T, in)`` -> states ``(T, U)``, in float64 for a clean reference."""
     W = {g: native.W[g].astype(np.float64) for g in "rzh"}
     R = {g: native.R[g].astype(np.float64) for g in "rzh"}
+    f, g = GRU_ACTIVATIONS[variant.recurrent_activation], GRU_ACTIVATIONS[variant.activation]
     h = np.zeros(native.units)
     states = []
     for x_t in x.astype(np.float64):
-        r = sigmoid(W["r"] @ x_t + native.bW["r"] + R["r"] @ h + native.bR["r"])
-        z = sigmoid(W["z"] @ x_t + native.bW["z"] + R["z"] @ h + native.bR["z"])
-        hh = np.tanh(W["h"] @ x_t + native.bW["h"] + r * (R["h"] @ h + native.bR["h"]))
+        r = f(W["r"] @ x_t + native.bW["r"] + R["r"] @ h + native.bR["r"])
+        z = f(W["z"] @ x_t + native.bW["z"] + R["z"] @ h + native.bR["z"])
+        if variant.reset_after:
+            hh = g(W["h"] @ x_t + native.bW["h"] + r * (R["h"] @ h + native.bR["h"]))
+        else:
+            hh = g(W["h"] @ x_t + native.bW["h"] + R["h"] @ (r * h) + native.bR["h"])
         h = (1 - z) * hh + z * h
         states.append(h)
     return np.array(states)
@@ -79,40 +119,96 @@ def activation(name: str, x: np.ndarray) -> np.ndarray:
 
 @dataclass
 class NativeModel:
-    embeddings: np.ndarray
+    """``embeddings`` None: the model takes feature vectors ``(T, width)``. ``stack``: Dense
+    layers ``(kernel, bias, activation)`` before the head."""
+
+    embeddings: np.ndarray | None
     layers: list[tuple[Native, Native | None]]
     merge_mode: str
     head_kernel: np.ndarray | None
     head_bias: np.ndarray | None
     head_activation: str = "softmax"
+    variant: Variant = CUDNN
+    stack: list[tuple[np.ndarray, np.ndarray, str]] = field(default_factory=list)
 
-    def hidden(self, ids: np.ndarray) -> np.ndarray:
-        x = self.embeddings[ids]
+    def hidden(self, inputs: np.ndarray) -> np.ndarray:
+        x = inputs if self.embeddings is None else self.embeddings[inputs]
         for forward, backward in self.layers:
-            f = run_direction(forward, x)
-            x = f if backward is None else MERGES[self.merge_mode](f, run_direction(backward, x[::-1])[::-1])
+            f = run_direction(forward, x, self.variant)
+            if backward is None:
+                x = f
+            else:
+                x = MERGES[self.merge_mode](f, run_direction(backward, x[::-1], self.variant)[::-1])
         return x
 
-    def outputs(self, ids: np.ndarray) -> np.ndarray:
-        x = self.hidden(ids)
+    def outputs(self, inputs: np.ndarray) -> np.ndarray:
+        x = self.hidden(inputs)
+        for kernel, bias, name in self.stack:
+            x = activation(name, x @ kernel + bias)
         if self.head_kernel is None:
             return x
         return activation(self.head_activation, x @ self.head_kernel + self.head_bias)
 
 
-def random_model(rng: np.random.Generator, vocab: int, width: int, units: int, layers: int,
+def npz_engine(arrays: dict[str, np.ndarray], inputs: np.ndarray) -> np.ndarray:
+    """What a C++ engine does with the documented ``.npz`` export layout
+    (app/lowering/exports.py), in NumPy: ids or feature vectors in, the last layer's rows out."""
+    meta = json.loads(str(arrays["meta"]))
+
+    def run(prefix: str, x: np.ndarray, layer: dict) -> np.ndarray:
+        kernel, recurrent, bias = (arrays[f"{prefix}.{n}"] for n in ("kernel", "recurrent_kernel", "bias"))
+        f = GRU_ACTIVATIONS[layer["recurrent_activation"]]
+        g = GRU_ACTIVATIONS[layer["activation"]]
+        h, states = np.zeros(recurrent.shape[0]), []
+        for x_t in x.astype(np.float64):
+            xz, xr, xh = np.split(x_t @ kernel + bias[0], 3)
+            mz, mr, mh = np.split(h @ recurrent + bias[1], 3)
+            z, r = f(xz + mz), f(xr + mr)
+            # reset_after=False: the reset gate scales the state before its matmul
+            hh = g(xh + r * mh) if layer["reset_after"] else g(xh + (r * h) @ recurrent[:, 2 * len(h):])
+            h = z * h + (1 - z) * hh
+            states.append(h)
+        return np.array(states)
+
+    x = arrays["embeddings"][inputs] if meta["input"]["kind"] == "tokens" else inputs
+    for index, layer in enumerate(meta["recurrent"]):
+        forward = run(f"layer{index}.forward", x, layer)
+        if layer["bidirectional"]:
+            backward = run(f"layer{index}.backward", x[::-1], layer)[::-1]
+            x = MERGES[layer["merge_mode"]](forward, backward)
+        else:
+            x = forward
+    for index, dense in enumerate(meta["dense"]):
+        bias = arrays.get(f"dense{index}.bias", 0.0)
+        x = activation(dense["activation"], x @ arrays[f"dense{index}.kernel"] + bias)
+    return x
+
+
+def random_model(rng: np.random.Generator, vocab: int | None, width: int, units: int, layers: int,
                  bidirectional: bool = True, merge_mode: str = "concat", head: int | None = 5,
-                 head_activation: str = "softmax") -> NativeModel:
-    embeddings = rng.normal(0, 1, (vocab, width)).astype(np.float32)
-    stack, in_width = [], width
+                 head_activation: str = "softmax", variant: Variant = CUDNN,
+                 stack: tuple[tuple[int, str], ...] = (), scale: float = 0.5) -> NativeModel:
+    """``vocab`` None: a feature-vector model; ``stack``: (units, activation) Dense layers
+    before the head; ``scale``: GRU weights are uniform in [-scale, scale]."""
+    embeddings = None if vocab is None else rng.normal(0, 1, (vocab, width)).astype(np.float32)
+    recurrent, in_width = [], width
     for _ in range(layers):
-        forward = random_native(rng, in_width, units)
-        backward = random_native(rng, in_width, units) if bidirectional else None
-        stack.append((forward, backward))
+        forward = random_native(rng, in_width, units, scale)
+        backward = random_native(rng, in_width, units, scale) if bidirectional else None
+        if not variant.reset_after:  # one bias: Keras stores only the sum
+            forward.bR = {g: np.zeros_like(b) for g, b in forward.bR.items()}
+            if backward is not None:
+                backward.bR = {g: np.zeros_like(b) for g, b in backward.bR.items()}
+        recurrent.append((forward, backward))
         in_width = 2 * units if bidirectional and merge_mode == "concat" else units
+    dense = []
+    for size, name in stack:
+        dense.append((rng.normal(0, 0.5, (in_width, size)).astype(np.float32),
+                      rng.normal(0, 0.1, size).astype(np.float32), name))
+        in_width = size
     kernel = rng.normal(0, 0.5, (in_width, head)).astype(np.float32) if head else None
     bias = rng.normal(0, 0.1, head).astype(np.float32) if head else None
-    return NativeModel(embeddings, stack, merge_mode, kernel, bias, head_activation)
+    return NativeModel(embeddings, recurrent, merge_mode, kernel, bias, head_activation, variant, dense)
 
 
 # --- encoders: cuDNN-native weights -> each file layout ---------------------------------
@@ -129,13 +225,14 @@ def to_cudnngru(native: Native) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return kernel, recurrent, bias
 
 
-def to_keras_gru(native: Native) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Keras ``GRU(reset_after=True)``: x @ kernel, so kernel blocks are W.T; gates z, r, h."""
+def to_keras_gru(native: Native, reset_after: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Keras ``GRU``: x @ kernel, so kernel blocks are W.T; gates z, r, h. ``reset_after``:
+    bias rows (input, recurrent); otherwise one row, the sum (every bias adds outside r)."""
     kernel = np.hstack([native.W[g].T for g in "zrh"])
     recurrent = np.hstack([native.R[g].T for g in "zrh"])
     bias = np.stack([np.concatenate([native.bW[g] for g in "zrh"]),
                      np.concatenate([native.bR[g] for g in "zrh"])])
-    return kernel, recurrent, bias
+    return kernel, recurrent, bias if reset_after else bias.sum(axis=0)
 
 
 def to_torch(native: Native) -> dict[str, np.ndarray]:

@@ -95,7 +95,9 @@ BAD_REQUESTS = [
     ("not json", b"{sequences: [[1]]", 400, "invalid_json"),
     ("truncated json", b'{"sequences": [[1, 2', 400, "invalid_json"),
     ("empty body", b"", 400, "invalid_json"),
-    ("NaN literal", b'{"sequences": [[NaN]]}', 400, "invalid_json"),
+    ("NaN literal", b'{"sequences": [[NaN]]}', 422, "invalid_token"),
+    ("Infinity literal", b'{"sequences": [[1, -Infinity]]}', 422, "invalid_token"),
+    ("NaN and broken json", b'{"sequences": [[NaN]]', 400, "invalid_json"),
     ("invalid utf-8", b'{"sequences": [[1]], "x": "\xff"}', 400, "invalid_json"),
     ("deep nesting", b"[" * 100_000 + b"]" * 100_000, 400, "invalid_json"),
     ("not an object", b"[[1, 2]]", 422, "invalid_request"),
@@ -132,6 +134,8 @@ def test_errors_say_where(server: Server) -> None:
     assert response.json()["error"]["message"] == "sequences.1.1: token id 400 is not an integer in [0, 96)"
     response = httpx.post(server.url + "/infer", json={"sequences": [[1, "x"]]})
     assert response.json()["error"]["details"][0]["loc"] == ["sequences", 0, 1]
+    response = httpx.post(server.url + "/infer", content=b'{"sequences": [[1, 2], [3, NaN]]}')
+    assert response.json()["error"]["message"] == "sequences.1.1: token id nan is not an integer in [0, 96)"
 
 
 def test_integral_floats_are_integers(server: Server) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 from app.cli import main
 from tests.conftest import DEFAULT_MODEL, ROOT, Server
 from tests.helpers import max_diff
-from tests.reference import activation, sigmoid
+from tests.reference import npz_engine
 
 REFERENCE = DEFAULT_MODEL / "segmenter.ref.npz"
 
@@ -26,7 +27,8 @@ def test_inspect_reports_format_layers_and_conversion(capsys: pytest.CaptureFixt
     assert "keras_version: 2.21.0" in out
     assert "model_weights/bigru_1/bigru_1/forward_gru/kernel:0" in out and "(256, 384)" in out
     assert "servable: yes, as keras2-h5-model; conversion: cudnn-gru->keras-gru" in out
-    assert "bigru_1    GRU(128)  bidirectional" in out
+    assert re.search(r"bigru_1 +GRU\(128\) +bidirectional; reset_after=True, sigmoid / tanh +concat", out)
+    assert re.search(r"embedding +tokens: 96 x 32", out)
 
 
 def test_inspect_says_why_a_file_cannot_be_served(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -134,29 +136,6 @@ def test_exported_savedmodel_runs_in_tensorflow(tmp_path: Path) -> None:
         outputs, _hidden = loaded.serve([tf.constant(s[None], tf.int32), tf.ones((1, len(s)), tf.bool)])
         got.append(outputs.numpy()[0])
     assert max_diff(got, expected) <= 1e-4
-
-
-def npz_engine(arrays: dict[str, np.ndarray], ids: np.ndarray) -> np.ndarray:
-    """What a C++ engine does with the documented .npz layout, in NumPy."""
-    meta = json.loads(str(arrays["meta"]))
-
-    def run(prefix: str, x: np.ndarray) -> np.ndarray:
-        kernel, recurrent, bias = (arrays[f"{prefix}.{n}"] for n in ("kernel", "recurrent_kernel", "bias"))
-        h, states = np.zeros(recurrent.shape[0]), []
-        for x_t in x:
-            xz, xr, xh = np.split(x_t @ kernel + bias[0], 3)
-            mz, mr, mh = np.split(h @ recurrent + bias[1], 3)
-            z, r = sigmoid(xz + mz), sigmoid(xr + mr)
-            h = z * h + (1 - z) * np.tanh(xh + r * mh)
-            states.append(h)
-        return np.array(states)
-
-    x = arrays["embeddings"][ids]
-    for index, layer in enumerate(meta["recurrent"]):
-        forward = run(f"layer{index}.forward", x)
-        x = np.concatenate([forward, run(f"layer{index}.backward", x[::-1])[::-1]], axis=-1) \
-            if layer["bidirectional"] else forward
-    return activation(meta["head"]["activation"], x @ arrays["head.kernel"] + arrays["head.bias"])
 
 
 def test_exported_npz_follows_its_documented_layout(tmp_path: Path) -> None:

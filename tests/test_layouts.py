@@ -89,19 +89,24 @@ def test_keras_gru_layout_is_copied_and_bias_shape_tells_the_layout() -> None:
     rng = np.random.default_rng(4)
     native = random_native(rng, 6, 3)
     keras_weights = to_keras_gru(native)
-    copied, applied = from_keras2_file(*keras_weights, "test")
-    assert applied.startswith("none")
-    np.testing.assert_array_equal(copied.kernel, keras_weights[0])
-    converted, applied = from_keras2_file(*to_cudnngru(native), "test")
-    assert applied == "cudnn-gru->keras-gru"
-    np.testing.assert_allclose(converted.kernel, keras_weights[0])
+    copied = from_keras2_file(*keras_weights, "test")
+    assert copied.conversion.startswith("none") and copied.reset_after and not copied.cudnn
+    np.testing.assert_array_equal(copied.weights.kernel, keras_weights[0])
+    converted = from_keras2_file(*to_cudnngru(native), "test")
+    assert converted.conversion == "cudnn-gru->keras-gru" and converted.cudnn
+    np.testing.assert_allclose(converted.weights.kernel, keras_weights[0])
 
 
-def test_reset_after_false_bias_is_refused() -> None:
+def test_reset_after_false_bias_is_row_zero_of_the_spec_bias() -> None:
+    """Keras' one bias row (3U,) of GRU(reset_after=False) is the spec's row 0; row 1 is zeros."""
     rng = np.random.default_rng(5)
     kernel, recurrent, _ = to_keras_gru(random_native(rng, 4, 3))
-    with pytest.raises(ModelError, match="reset_after=False"):
-        from_keras_gru(kernel, recurrent, np.zeros(9, np.float32), "layer 'gru'")
+    bias = rng.normal(0, 1, 9).astype(np.float32)
+    weights, reset_after = from_keras_gru(kernel, recurrent, bias, "layer 'gru'")
+    assert not reset_after
+    np.testing.assert_array_equal(weights.bias, np.stack([bias, np.zeros(9, np.float32)]))
+    with pytest.raises(ModelError, match=r"bias has shape \(7,\)"):
+        from_keras_gru(kernel, recurrent, np.zeros(7, np.float32), "layer 'gru'")
 
 
 def test_wrong_shapes_name_the_layer() -> None:

@@ -48,7 +48,11 @@ def test_shared_segmenter_files_reproduce_the_gpu(tmp_path: Path, artifact: str,
 
 
 def torch_state(model: NativeModel, emb: str = "emb", gru: str = "gru", head: str = "head") -> dict:
-    state = {f"{emb}.weight": model.embeddings}
+    """An nn.Module's state_dict; a Dense stack is ``head.0``, ``head.2``, ... (nn.Sequential
+    with activations between), the last one ``head``."""
+    state = {} if model.embeddings is None else {f"{emb}.weight": model.embeddings}
+    for index, (kernel, bias, _) in enumerate(model.stack):
+        state |= {f"{head}.{2 * index}.weight": kernel.T.copy(), f"{head}.{2 * index}.bias": bias}
     for k, (forward, backward) in enumerate(model.layers):
         for direction, native in (("", forward), ("_reverse", backward)):
             if native is not None:
@@ -68,7 +72,7 @@ def test_torch_state_dicts_match_numpy_reference(tmp_path: Path, layers: int, bi
     save_file(torch_state(model), str(tmp_path / "m.safetensors"))
     write_dir(tmp_path, "m.safetensors", architecture={"head_activation": "sigmoid"})
     spec = load_bundle(tmp_path).spec
-    assert (spec.head is None) == (head is None)
+    assert (not spec.dense) == (head is None)
     seqs = sequences(rng, 30)
     assert max_diff(outputs(spec, seqs, "onnxruntime"), [model.outputs(np.asarray(s)) for s in seqs]) < 1e-5
 
@@ -90,6 +94,22 @@ def test_torch_tensor_names_can_be_given(tmp_path: Path) -> None:
     assert max_diff(outputs(spec, seqs, "onnxruntime"), [model.outputs(np.asarray(s)) for s in seqs]) < 1e-5
 
 
+def test_torch_feature_model_with_a_dense_stack(tmp_path: Path) -> None:
+    """No embedding (architecture.input = "features") and an nn.Sequential head named in order."""
+    rng = np.random.default_rng(2)
+    model = random_model(rng, vocab=None, width=5, units=4, layers=2, stack=((6, "relu"),), head=3,
+                         head_activation="softmax")
+    save_file(torch_state(model), str(tmp_path / "m.safetensors"))
+    write_dir(tmp_path, "m.safetensors", architecture={
+        "input": "features", "tensors": {"head": ["head.0", "head"]},
+        "head_activations": ["relu", "softmax"]})
+    spec = load_bundle(tmp_path).spec
+    assert spec.input.kind == "features" and [d.activation for d in spec.dense] == ["relu", "softmax"]
+    assert all(layer.variant.is_cudnn for layer in spec.layers)  # PyTorch's GRU: always reset_after
+    inputs = [rng.normal(0, 1, (n, 5)).astype(np.float32) for n in range(1, 13)]
+    assert max_diff(outputs(spec, inputs, "onnxruntime"), [model.outputs(s) for s in inputs]) < 1e-5
+
+
 def test_truncated_safetensors(tmp_path: Path) -> None:
     (tmp_path / "m.safetensors").write_bytes((FIXTURES / "segmenter.safetensors").read_bytes()[:5000])
     with pytest.raises(ModelError, match="not a readable safetensors file"):
@@ -99,7 +119,9 @@ def test_truncated_safetensors(tmp_path: Path) -> None:
 def write_tf1_checkpoint(prefix: Path, model: NativeModel, head_scope: str = "output/dense") -> Path:
     import tensorflow as tf
 
-    variables = {"embedding/embedding_matrix": model.embeddings}
+    variables = {} if model.embeddings is None else {"embedding/embedding_matrix": model.embeddings}
+    for index, (kernel, bias, _) in enumerate(model.stack):
+        variables |= {f"mlp/dense_{index}/kernel": kernel, f"mlp/dense_{index}/bias": bias}
     for i, (forward, backward) in enumerate(model.layers):
         if backward is None:
             bases = {f"rnn/multi_rnn_cell/cell_{i}/cudnn_compatible_gru_cell/": forward}
@@ -124,10 +146,24 @@ def test_tf1_checkpoints_match_numpy_reference(tmp_path: Path, layers: int, bidi
     prefix = write_tf1_checkpoint(tmp_path / "model.ckpt", model)
     write_dir(tmp_path, "model.ckpt", architecture={"head_activation": "softmax"})
     spec = load_bundle(tmp_path).spec
-    assert spec.source.format == "tf1-cudnngru-checkpoint" and spec.head is not None
+    assert spec.source.format == "tf1-cudnngru-checkpoint" and len(spec.dense) == 1
     assert spec.source.path == str(prefix)
     seqs = sequences(rng, 25)
     assert max_diff(outputs(spec, seqs, "onnxruntime"), [model.outputs(np.asarray(s)) for s in seqs]) < 1e-5
+
+
+def test_tf1_feature_model_with_a_dense_stack(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    model = random_model(rng, vocab=None, width=4, units=3, layers=2, stack=((5, "tanh"),), head=2,
+                         head_activation="sigmoid")
+    write_tf1_checkpoint(tmp_path / "model.ckpt", model)
+    write_dir(tmp_path, "model.ckpt", architecture={
+        "input": "features", "tensors": {"head": ["mlp/dense_0", "output/dense"]},
+        "head_activations": ["tanh", "sigmoid"]})
+    spec = load_bundle(tmp_path).spec
+    assert spec.input.kind == "features" and len(spec.dense) == 2
+    inputs = [rng.normal(0, 1, (n, 4)).astype(np.float32) for n in range(1, 13)]
+    assert max_diff(outputs(spec, inputs, "onnxruntime"), [model.outputs(s) for s in inputs]) < 1e-5
 
 
 def test_tf1_checkpoint_without_gru_cells_is_refused(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -76,23 +77,30 @@ def test_unsupported_layer(tmp_path: Path) -> None:
         load_bundle(small_model(tmp_path, add_lstm))
 
 
-def test_gru_with_reset_after_false_is_refused(tmp_path: Path) -> None:
+def test_a_gru_config_contradicting_its_cudnn_weights_is_refused(tmp_path: Path) -> None:
+    """cuDNN-layout weights always run cuDNN's GRU: a config saying otherwise is refused."""
     def plain_gru(layers: list) -> None:
         layers[2]["config"]["layer"] = {"class_name": "GRU", "config": {
             "name": "gru", "units": 3, "return_sequences": True, "reset_after": False}}
 
-    with pytest.raises(ModelError, match=r"layer 'bigru_0' \(GRU\): unsupported reset_after=False"):
+    with pytest.raises(ModelError, match=r"layer 'bigru_0': its weights are cuDNN's layout, which "
+                       r"always runs cuDNN's GRU, but the architecture says GRU\(reset_after=False"):
         load_bundle(small_model(tmp_path, plain_gru))
 
 
-def test_hard_sigmoid_keras2_default_is_refused(tmp_path: Path) -> None:
-    def hard(layers: list) -> None:
+@pytest.mark.parametrize(("activation", "problem"), [
+    ("selu", "recurrent_activation='selu' (supported: sigmoid, hard_sigmoid"),
+    ("swish", "recurrent_activation='swish'"),
+])
+def test_gru_activations_no_engine_computes_exactly_are_refused(
+        tmp_path: Path, activation: str, problem: str) -> None:
+    def unsupported(layers: list) -> None:
         layers[2]["config"]["layer"] = {"class_name": "GRU", "config": {
             "name": "gru", "units": 3, "return_sequences": True, "reset_after": True,
-            "recurrent_activation": "hard_sigmoid"}}
+            "recurrent_activation": activation}}
 
-    with pytest.raises(ModelError, match="recurrent_activation='hard_sigmoid'"):
-        load_bundle(small_model(tmp_path, hard))
+    with pytest.raises(ModelError, match=re.escape(f"layer 'bigru_0' (GRU): unsupported {problem}")):
+        load_bundle(small_model(tmp_path, unsupported))
 
 
 def test_cudnn_claim_with_keras_bias_is_refused(tmp_path: Path) -> None:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Awaitable
-from itertools import chain
 from typing import Annotated, Any, TypeVar
 
 import numpy as np
@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 
 from app.api.errors import ApiError, summarize, validation_details
+from app.api.inputs import InvalidInput, input_arrays
 from app.api.schemas import ErrorResponse, InferResponse, make_infer_request
 from app.api.streaming import StreamedJSON, infer_document
 from app.config import Settings
@@ -23,6 +24,7 @@ from app.runtime.admission import BudgetTaken, Cost, MemoryBudget, MiB, NeverFit
 from app.runtime.batcher import QueueFull
 from app.runtime.runner import Result
 from app.runtime.service import ModelService
+from app.spec import ModelInput, TokenInput
 
 JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
 T = TypeVar("T")
@@ -49,7 +51,9 @@ def json_response(content: Any, status: int = 200, headers: dict[str, str] | Non
 
 def build_router(settings: Settings) -> APIRouter:
     router = APIRouter()
-    infer_request = make_infer_request(settings.max_batch, settings.max_len)
+    request_models = {kind: make_infer_request(settings.max_batch, settings.max_len, kind)
+                      for kind in ("tokens", "features")}
+    infer_request = request_models["tokens"]  # the published schema follows the loaded model
     errors = {code: {"model": ErrorResponse} for code in (400, 413, 422, 503, 504)}
 
     @router.post(
@@ -63,10 +67,10 @@ def build_router(settings: Settings) -> APIRouter:
             raise ApiError(503, "not_ready", f"model not ready ({service.status.stage})",
                            headers={"Retry-After": "1"})
         raw = await request.body()
-        body = parse_body(raw, infer_request)
+        body = parse_body(raw, request_models[service.model_input.kind])
         body_bytes, return_hidden = len(raw), body.return_hidden  # type: ignore[attr-defined]
-        sequences = token_arrays(body.sequences, service.token_range)  # type: ignore[attr-defined]
-        del raw, body  # the token arrays are all that is kept
+        sequences = checked_inputs(body.sequences, service)  # type: ignore[attr-defined]
+        del raw, body  # the input arrays are all that is kept
         for sequence in sequences:
             metrics.sequence_length.observe(len(sequence))
         return await answer_streamed(service, sequences, return_hidden, body_bytes, settings, metrics)
@@ -190,10 +194,7 @@ def over_budget_message(cost: Cost, budget: MemoryBudget, lengths: list[int], re
 
 
 def parse_body(raw: bytes, model: type[BaseModel]) -> BaseModel:
-    try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise ApiError(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
+    data = parse_json(raw)
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -201,34 +202,36 @@ def parse_body(raw: bytes, model: type[BaseModel]) -> BaseModel:
         raise ApiError(422, "invalid_request", summarize(details), details) from None
 
 
-def token_arrays(sequences: list[list[float]], token_range: tuple[int, int]) -> list[np.ndarray]:
-    """One int32 array per sequence, after checking every id is an integer in ``token_range``.
-
-    float64 holds every integer up to 2**53 exactly, far past any vocabulary."""
-    low, high = token_range
-    lengths = np.fromiter(map(len, sequences), dtype=np.int64, count=len(sequences))
+def parse_json(raw: bytes) -> Any:
+    """orjson; a body it refuses only for ``NaN``, ``Infinity`` or an overflowing number is
+    read again by the standard library, so that validation can say where that number is (a
+    422 naming the place, not a 400 for the whole body)."""
     try:
-        flat = np.fromiter(chain.from_iterable(sequences), dtype=np.float64, count=int(lengths.sum()))
-    except OverflowError:
-        raise ApiError(422, "invalid_token", f"token ids must be in [{low}, {high})") from None
-    check_token_ids(flat, lengths, token_range, "sequences")
-    return np.split(flat.astype(np.int32), np.cumsum(lengths)[:-1])
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        error = exc
+    non_finite: list[float] = []
+
+    def number(text: str) -> float:
+        value = float(text)
+        if not np.isfinite(value):
+            non_finite.append(value)
+        return value
+
+    try:
+        data = json.loads(raw, parse_float=number, parse_constant=number)
+    except (ValueError, RecursionError):
+        non_finite.clear()  # broken anyway: the parse error is the answer
+    if not non_finite:
+        raise ApiError(400, "invalid_json", f"the body is not valid JSON: {error}") from None
+    return data
 
 
-def check_token_ids(flat: np.ndarray, lengths: np.ndarray, token_range: tuple[int, int], where: str) -> None:
-    """Raise ``422 invalid_token`` naming the first id (``where.row.column``) of the concatenated
-    sequences ``flat`` (split by ``lengths``) that is not an integer in ``token_range``."""
-    low, high = token_range
-    bad = np.flatnonzero((flat < low) | (flat >= high) | (flat != np.floor(flat)))
-    if bad.size:
-        offsets = np.cumsum(lengths)
-        row = int(np.searchsorted(offsets, bad[0], side="right"))
-        column = int(bad[0] - (offsets[row - 1] if row else 0))
-        raise ApiError(
-            422, "invalid_token",
-            f"{where}.{row}.{column}: token id {flat[bad[0]]:g} is not an integer in [{low}, {high})"
-            + (f" (and {bad.size - 1} more)" if bad.size > 1 else ""),
-        )
+def checked_inputs(sequences: list, service: ModelService) -> list[np.ndarray]:
+    try:
+        return input_arrays(sequences, service.model_input)
+    except InvalidInput as exc:
+        raise ApiError(422, exc.kind, exc.message) from None
 
 
 def limits_description(limits: dict[str, Any]) -> str:
@@ -255,15 +258,26 @@ def include_routes(app: FastAPI, settings: Settings) -> None:
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
-        """The schema, with the loaded model's vocabulary as the token ids' upper bound."""
+        """The schema of the loaded model's input: token ids up to its vocabulary, or
+        feature vectors of its width."""
         schema = generate()
         service: ModelService | None = getattr(app.state, "service", None)
         if service is not None and service.bundle is not None:
             body = schema["paths"]["/infer"]["post"]["requestBody"]["content"]["application/json"]
-            low, high = service.token_range
-            token = body["schema"]["properties"]["sequences"]["items"]["items"]
-            token["minimum"], token["maximum"] = low, high - 1
+            body["schema"] = request_schema(settings, service.model_input)
             schema["paths"]["/infer"]["post"]["description"] = limits_description(service.limits())
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def request_schema(settings: Settings, model_input: ModelInput) -> dict[str, Any]:
+    """The ``/infer`` body's JSON Schema for ``model_input``, its bounds filled in."""
+    schema = make_infer_request(settings.max_batch, settings.max_len, model_input.kind).model_json_schema()
+    step = schema["properties"]["sequences"]["items"]["items"]
+    if isinstance(model_input, TokenInput):
+        step["minimum"], step["maximum"] = model_input.id_range[0], model_input.id_range[1] - 1
+    else:
+        step["minItems"] = step["maxItems"] = model_input.features
+    schema["description"] = f"a model taking {model_input.kind}: {model_input.describe()}"
+    return schema

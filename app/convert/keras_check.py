@@ -14,7 +14,7 @@ import numpy as np
 from app.convert.keras_model import load_keras_model, mask_of
 from app.runtime.buckets import length_buckets
 from app.runtime.runner import Result, Runner
-from app.spec import ModelSpec
+from app.spec import ModelInput, ModelSpec, TokenInput
 
 CHECK_BATCH = 32
 PROBE_LENGTHS = (1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 144, 233)
@@ -27,15 +27,18 @@ class KerasGraphEngine:
     name = "keras-graph"
     parallel_calls = False
 
-    def __init__(self, model: object) -> None:
+    def __init__(self, model: object, model_input: ModelInput) -> None:
         import tensorflow as tf
 
-        shapes = [tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([None, None], tf.bool)]
-        self._call = tf.function(lambda ids, mask: model([ids, mask], training=False),
+        self.input = model_input
+        step_shape = [] if isinstance(model_input, TokenInput) else [model_input.features]
+        shapes = [tf.TensorSpec([None, None, *step_shape], tf.as_dtype(model_input.dtype)),
+                  tf.TensorSpec([None, None], tf.bool)]
+        self._call = tf.function(lambda inputs, mask: model([inputs, mask], training=False),
                                  input_signature=shapes)
 
-    def run(self, ids: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        outputs, hidden = self._call(ids, mask_of(ids, lengths))
+    def run(self, inputs: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        outputs, hidden = self._call(inputs, mask_of(inputs, lengths))
         return outputs.numpy(), hidden.numpy()
 
     def pad_shape(self, batch: int, steps: int) -> tuple[int, int]:
@@ -45,15 +48,14 @@ class KerasGraphEngine:
         return []
 
 
-def run_saved_model(path: Path, sequences: list[np.ndarray]) -> list[Result]:
+def run_saved_model(path: Path, model_input: ModelInput, sequences: list[np.ndarray]) -> list[Result]:
     """Each sequence's ``(outputs, hidden)`` from the saved model, as Keras computes them."""
     buckets = length_buckets(max(len(s) for s in sequences))
-    return Runner(KerasGraphEngine(load_keras_model(path)), buckets, CHECK_BATCH).run(sequences)
+    return Runner(KerasGraphEngine(load_keras_model(path), model_input), buckets, CHECK_BATCH).run(sequences)
 
 
 def probe_sequences(spec: ModelSpec) -> list[np.ndarray]:
     """Fixed pseudo-random sequences of lengths 1..233, for models that ship no parity data:
     the serving engine is still checked against the Keras model on them."""
     rng = np.random.default_rng(0)
-    low = 1 if spec.mask_zero else 0
-    return [rng.integers(low, spec.vocab_size, n).astype(np.int32) for n in PROBE_LENGTHS]
+    return [spec.input.sample(rng, n) for n in PROBE_LENGTHS]

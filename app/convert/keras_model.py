@@ -1,15 +1,23 @@
 """The one builder of Keras 3 models: :class:`~app.spec.ModelSpec` in, ``keras.Model`` out.
 
-The model takes ``(ids, mask)``: ``ids (batch, steps) int32`` right-padded, and
-``mask (batch, steps) bool`` true on real tokens. Keras 3's recurrent layers honour the
-mask in both directions, so the backward GRU starts at each sequence's last real token,
-never at padding. Outputs are ``[outputs, hidden]``: the head's per-step output (or the
-hidden states when there is no head) and the last GRU layer's merged per-step states.
+The model takes ``(inputs, mask)``: the right-padded inputs, ``ids (batch, steps) int32``
+or ``features (batch, steps, F) float32`` (named as the spec's input), and ``mask (batch,
+steps) bool`` true on real steps. Keras 3's recurrent layers honour the mask in both
+directions, so the backward GRU starts at each sequence's last real step, never at padding.
+Outputs are ``[outputs, hidden]``: the last Dense layer's per-step output (or the hidden
+states when there is none) and the last GRU layer's merged per-step states.
+
+Keras 3's ``hard_sigmoid`` is ``relu6(x + 3) / 6``, not Keras 2's ``clip(0.2 x + 0.5, 0, 1)``
+that the spec means, so Keras 2's is registered here as a serializable function: a saved
+``.keras`` file names it, and ``keras.saving.load_model`` finds it in safe mode once this
+module is imported. A feature model's ``Masking`` layer is kept (so a saved model still says
+its ``mask_value``); the explicit mask overrides the one it computes.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -17,22 +25,40 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras
 import numpy as np
 
-from app.spec import DenseHead, ModelSpec, RecurrentLayer
+from app.spec import (
+    KERAS2_HARD_SIGMOID,
+    DenseLayer,
+    FeatureInput,
+    GRUVariant,
+    GRUWeights,
+    ModelSpec,
+    RecurrentLayer,
+    TokenInput,
+)
+
+
+@keras.saving.register_keras_serializable(package="bigru_serve", name=KERAS2_HARD_SIGMOID)
+def keras2_hard_sigmoid(x: keras.KerasTensor) -> keras.KerasTensor:
+    """Keras 2's ``hard_sigmoid``: ``clip(0.2 x + 0.5, 0, 1)``."""
+    return keras.ops.clip(0.2 * x + 0.5, 0.0, 1.0)
+
+
+def gru_activation(name: str) -> str | Callable:
+    """The Keras 3 activation computing the spec's ``name`` (see :mod:`app.spec`)."""
+    return keras2_hard_sigmoid if name == "hard_sigmoid" else name
 
 
 def build_keras_model(spec: ModelSpec) -> keras.Model:
-    ids = keras.Input(shape=(None,), dtype="int32", name="ids")
     mask = keras.Input(shape=(None,), dtype="bool", name="mask")
-    # mask_zero is kept for what the saved model says about id 0; the explicit mask is what runs.
-    embedding = keras.layers.Embedding(spec.vocab_size, spec.embedding_width, mask_zero=spec.mask_zero,
-                                       name="embedding")
-    x = embedding(ids)
-    embedding.set_weights([spec.embeddings])
+    inputs, x = _input(spec.input)
     for index, layer in enumerate(spec.layers):
         x = _recurrent(layer, f"gru{index}_{_keras_name(layer.name)}", x, mask)
     hidden = keras.layers.Identity(name="hidden")(x)
-    outputs = _head(spec.head, x) if spec.head else keras.layers.Identity(name="outputs")(x)
-    return keras.Model(inputs=[ids, mask], outputs=[outputs, hidden], name=_keras_name(spec.name))
+    for index, dense in enumerate(spec.dense):
+        last = index == len(spec.dense) - 1
+        x = _dense(dense, x, "outputs" if last else f"dense{index}_{_keras_name(dense.name)}")
+    outputs = x if spec.dense else keras.layers.Identity(name="outputs")(x)
+    return keras.Model(inputs=[inputs, mask], outputs=[outputs, hidden], name=_keras_name(spec.name))
 
 
 def load_keras_model(path: str | os.PathLike) -> keras.Model:
@@ -40,38 +66,62 @@ def load_keras_model(path: str | os.PathLike) -> keras.Model:
     return keras.saving.load_model(path, safe_mode=True, compile=False)
 
 
-def mask_of(ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """The model's ``mask`` input for right-padded ``ids``: true on each sequence's own tokens."""
-    return np.arange(ids.shape[1])[None, :] < lengths[:, None]
+def mask_of(inputs: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The model's ``mask`` input for right-padded ``inputs``: true on each sequence's own steps."""
+    return np.arange(inputs.shape[1])[None, :] < lengths[:, None]
 
 
-def _gru(units: int, name: str) -> keras.layers.GRU:
-    # These settings are cuDNN's GRU equations; see app.spec.
+def _input(spec_input: TokenInput | FeatureInput) -> tuple[keras.KerasTensor, keras.KerasTensor]:
+    if isinstance(spec_input, TokenInput):
+        ids = keras.Input(shape=(None,), dtype="int32", name=spec_input.name)
+        # mask_zero is kept for what the saved model says about id 0; the explicit mask is what runs.
+        embedding = keras.layers.Embedding(spec_input.vocab_size, spec_input.width,
+                                           mask_zero=spec_input.mask_zero, name="embedding")
+        x = embedding(ids)
+        embedding.set_weights([spec_input.embeddings])
+        return ids, x
+    features = keras.Input(shape=(None, spec_input.features), dtype="float32", name=spec_input.name)
+    if spec_input.mask_value is None:
+        return features, features
+    return features, keras.layers.Masking(spec_input.mask_value, name="masking")(features)
+
+
+def _gru(units: int, variant: GRUVariant, name: str) -> keras.layers.GRU:
     return keras.layers.GRU(
-        units, activation="tanh", recurrent_activation="sigmoid", reset_after=True,
-        return_sequences=True, name=name,
+        units, activation=gru_activation(variant.activation),
+        recurrent_activation=gru_activation(variant.recurrent_activation),
+        reset_after=variant.reset_after, return_sequences=True, name=name,
     )
+
+
+def _gru_weights(layer: RecurrentLayer) -> list:
+    """Keras' own weight lists: ``reset_after=False`` keeps one bias row (see app.spec)."""
+    def bias(weights: GRUWeights) -> object:
+        return weights.bias if layer.variant.reset_after else weights.bias[0]
+
+    return [w for d in layer.directions() for w in (d.kernel, d.recurrent_kernel, bias(d))]
 
 
 def _recurrent(
     layer: RecurrentLayer, name: str, x: keras.KerasTensor, mask: keras.KerasTensor
 ) -> keras.KerasTensor:
     if layer.backward is None:
-        gru = _gru(layer.units, name)
+        gru = _gru(layer.units, layer.variant, name)
         x = gru(x, mask=mask)
-        gru.set_weights([layer.forward.kernel, layer.forward.recurrent_kernel, layer.forward.bias])
+        gru.set_weights(_gru_weights(layer))
         return x
-    wrapper = keras.layers.Bidirectional(_gru(layer.units, "gru"), merge_mode=layer.merge_mode, name=name)
+    wrapper = keras.layers.Bidirectional(_gru(layer.units, layer.variant, "gru"),
+                                         merge_mode=layer.merge_mode, name=name)
     x = wrapper(x, mask=mask)
-    wrapper.set_weights([w for d in layer.directions() for w in (d.kernel, d.recurrent_kernel, d.bias)])
+    wrapper.set_weights(_gru_weights(layer))
     return x
 
 
-def _head(head: DenseHead, x: keras.KerasTensor) -> keras.KerasTensor:
-    dense = keras.layers.Dense(head.units, activation=head.activation, use_bias=head.bias is not None,
-                               name="outputs")
+def _dense(layer: DenseLayer, x: keras.KerasTensor, name: str) -> keras.KerasTensor:
+    dense = keras.layers.Dense(layer.units, activation=layer.activation, use_bias=layer.bias is not None,
+                               name=name)
     x = dense(x)
-    dense.set_weights([head.kernel] if head.bias is None else [head.kernel, head.bias])
+    dense.set_weights([layer.kernel] if layer.bias is None else [layer.kernel, layer.bias])
     return x
 
 

@@ -69,7 +69,7 @@ def convert_model(source: Path, out: Path, progress: Progress, tolerance: float 
         from app.convert.keras_check import probe_sequences, run_saved_model
 
         sequences = bundle.parity.sequences if bundle.parity else probe_sequences(bundle.spec)
-        results = run_saved_model(out / KERAS_FILE, sequences)
+        results = run_saved_model(out / KERAS_FILE, bundle.spec.input, sequences)
         check = None if bundle.parity is None else run_self_check(
             bundle.parity, lambda _: results, tolerance or bundle.parity.tolerance or DEFAULT_TOLERANCE)
     with progress.step("writing", f"writing {out}"):
@@ -89,6 +89,7 @@ def convert_model(source: Path, out: Path, progress: Progress, tolerance: float 
 
 def _manifest(bundle: ModelBundle, keras_version: str, conversion: Conversion) -> dict[str, object]:
     spec, check = bundle.spec, conversion.keras_check
+    inputs_key = spec.input.name  # what write_parity calls the inputs: ids or features
     manifest: dict[str, object] = {
         "name": spec.name,
         "artifact": KERAS_FILE,
@@ -99,13 +100,15 @@ def _manifest(bundle: ModelBundle, keras_version: str, conversion: Conversion) -
             "check": None if check is None else {
                 "sequences": check.sequences, "max_abs_diff_outputs": check.max_abs_diff_outputs,
                 "max_abs_diff_hidden": check.max_abs_diff_hidden, "reference": check.reference},
-            "outputs": {"file": KERAS_OUTPUTS_FILE, "hidden": "hidden", "tolerance": KERAS_OUTPUTS_TOLERANCE},
+            "outputs": {"file": KERAS_OUTPUTS_FILE, "ids": inputs_key, "hidden": "hidden",
+                        "tolerance": KERAS_OUTPUTS_TOLERANCE},
             "conversion": {"seconds": round(conversion.seconds, 3),
                            "peak_rss_mib": round(conversion.peak_rss_mib, 1)},
         },
     }
     if bundle.parity is not None:
-        manifest["parity"] = {"file": PARITY_FILE, "hidden": "hidden" if bundle.parity.hidden else None,
+        manifest["parity"] = {"file": PARITY_FILE, "ids": inputs_key,
+                              "hidden": "hidden" if bundle.parity.hidden else None,
                               "tolerance": bundle.parity.tolerance}
     if bundle.vocabulary is not None:
         manifest["vocabulary"] = VOCABULARY_FILE

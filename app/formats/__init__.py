@@ -71,8 +71,9 @@ def load_bundle(path: Path) -> ModelBundle:
         parity = read_parity(path, manifest.parity) if manifest.parity else None
         vocabulary = read_vocabulary(path / manifest.vocabulary) if manifest.vocabulary else None
         if vocabulary is not None and len(vocabulary) != spec.vocab_size:
+            rows = "no embedding" if spec.vocab_size is None else f"{spec.vocab_size} rows"
             raise ModelError(f"{path / str(manifest.vocabulary)}: {len(vocabulary)} tokens, "
-                             f"but the embedding has {spec.vocab_size} rows")
+                             f"but the embedding has {rows}")
         keras_outputs = read_parity(path, manifest.keras.outputs) if manifest.keras else None
         return ModelBundle(spec, parity, vocabulary, manifest.converted_from, manifest.keras, keras_outputs)
     if not path.exists() and not Path(f"{path}.index").exists():
@@ -81,7 +82,8 @@ def load_bundle(path: Path) -> ModelBundle:
 
 
 def read_parity(directory: Path, parity: Parity) -> ParityData:
-    """An ``.npz`` with concatenated ``ids`` and per-step arrays, split by ``lengths``."""
+    """An ``.npz`` with the concatenated inputs (``ids (N,)`` integers, or ``features (N, F)``
+    floats: the array named by ``parity.ids``) and per-step arrays, split by ``lengths``."""
     path = directory / parity.file
     try:
         with np.load(path, allow_pickle=False) as data:
@@ -100,18 +102,26 @@ def read_parity(directory: Path, parity: Parity) -> ParityData:
             raise ModelError(f"{path}: {key} has {array.shape[0]} rows, lengths sum to {lengths.sum()}")
         return np.split(array, cuts)
 
+    inputs = split(parity.ids)
+    dtype = np.int32 if np.issubdtype(arrays[parity.ids].dtype, np.integer) else np.float32
     return ParityData(
         file=str(path),
-        sequences=[s.astype(np.int32) for s in split(parity.ids)],
+        sequences=[s.astype(dtype) for s in inputs],
         outputs=split(parity.outputs),
         hidden=split(parity.hidden) if parity.hidden else None,
         tolerance=parity.tolerance,
     )
 
 
+def parity_inputs_key(parity: ParityData) -> str:
+    """What :func:`write_parity` calls the inputs: ``ids``, or ``features`` for float vectors."""
+    return "features" if parity.sequences[0].ndim == 2 else "ids"
+
+
 def write_parity(path: Path, parity: ParityData) -> Path:
-    """The canonical parity file: ``ids``, ``lengths``, ``outputs`` (and ``hidden``)."""
-    arrays = {"ids": np.concatenate(parity.sequences),
+    """The canonical parity file: ``ids`` (or ``features``), ``lengths``, ``outputs`` (and
+    ``hidden``)."""
+    arrays = {parity_inputs_key(parity): np.concatenate(parity.sequences),
               "lengths": np.array([len(s) for s in parity.sequences], np.int32),
               "outputs": np.concatenate(parity.outputs)}
     if parity.hidden is not None:

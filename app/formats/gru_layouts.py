@@ -6,12 +6,26 @@ The derivations, and the numeric checks behind them, are in ``docs/cudnn-gru-for
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from app.errors import ModelError
 from app.spec import GRUWeights
 
 GATES = 3
+
+
+@dataclass(frozen=True)
+class GRURead:
+    """One direction as read from a file: its weights, the conversion applied, and what its
+    layout tells: ``reset_after``, and ``cudnn`` when the layout is a cuDNN-trained GRU's
+    (CuDNNGRU, PyTorch, TF 1.x CudnnGRU), which always runs cuDNN's equations."""
+
+    weights: GRUWeights
+    conversion: str
+    reset_after: bool = True
+    cudnn: bool = False
 
 
 def float32(array: np.ndarray) -> np.ndarray:
@@ -61,29 +75,31 @@ def from_cudnn_gru(
 
 def from_keras_gru(
     kernel: np.ndarray, recurrent_kernel: np.ndarray, bias: np.ndarray, where: str
-) -> GRUWeights:
-    """tf.keras / Keras 3 ``GRU(reset_after=True)``: already the target layout."""
+) -> tuple[GRUWeights, bool]:
+    """tf.keras / Keras 3 ``GRU``: already the target layout. Returns the weights and
+    ``reset_after``, which the bias shape tells: ``(2, 3U)`` True, ``(3U,)`` False (that one
+    row becomes row 0 and row 1 is zeros, see :mod:`app.spec`)."""
     units = _units_of(recurrent_kernel, where)
     if bias.shape == (GATES * units,):
-        raise ModelError(
-            f"{where}: bias has shape {bias.shape}, the layout of GRU(reset_after=False); "
-            "that is a different model from cuDNN's GRU and is not supported"
-        )
-    _check(bias, (2, GATES * units), "bias", where)
-    return GRUWeights(float32(kernel), float32(recurrent_kernel), float32(bias))
+        bias = np.stack([bias, np.zeros_like(bias)])
+        reset_after = False
+    else:
+        _check(bias, (2, GATES * units), "bias", where)
+        reset_after = True
+    return GRUWeights(float32(kernel), float32(recurrent_kernel), float32(bias)), reset_after
 
 
 def from_keras2_file(
     kernel: np.ndarray, recurrent_kernel: np.ndarray, bias: np.ndarray, where: str
-) -> tuple[GRUWeights, str]:
-    """A GRU read from a Keras 2 file; the bias shape is the only reliable tell of the layout.
-
-    Returns the weights and the name of the conversion applied.
-    """
+) -> GRURead:
+    """A GRU read from a Keras 2 file; the bias shape is the only reliable tell of the layout:
+    ``(6U,)`` CuDNNGRU, ``(2, 3U)`` GRU(reset_after=True), ``(3U,)`` GRU(reset_after=False)."""
     units = _units_of(recurrent_kernel, where)
     if bias.shape == (2 * GATES * units,):
-        return from_cudnn_gru(kernel, recurrent_kernel, bias, where), "cudnn-gru->keras-gru"
-    return from_keras_gru(kernel, recurrent_kernel, bias, where), "none (already reset_after=True)"
+        return GRURead(from_cudnn_gru(kernel, recurrent_kernel, bias, where), "cudnn-gru->keras-gru",
+                       cudnn=True)
+    weights, reset_after = from_keras_gru(kernel, recurrent_kernel, bias, where)
+    return GRURead(weights, "none (Keras GRU layout)", reset_after)
 
 
 def from_torch_gru(

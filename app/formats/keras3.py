@@ -18,11 +18,11 @@ import h5py
 import numpy as np
 
 from app.errors import ModelError
-from app.formats.gru_layouts import from_keras_gru
+from app.formats.gru_layouts import GRURead, from_keras_gru
 from app.formats.keras_config import parse_model_config
 from app.formats.manifest import Architecture
 from app.formats.plan import assemble
-from app.spec import GRUWeights, ModelSpec, Source
+from app.spec import ModelSpec, Source
 
 
 def read_keras3(path: Path, architecture: Architecture, name: str) -> ModelSpec:
@@ -36,7 +36,7 @@ def read_keras3(path: Path, architecture: Architecture, name: str) -> ModelSpec:
         raise ModelError(f"{path}: file not found") from exc
     except (zipfile.BadZipFile, KeyError, ValueError, OSError) as exc:
         raise ModelError(f"{path}: not a readable .keras archive (truncated?): {exc}") from exc
-    steps = parse_model_config(config, architecture.directions)
+    steps = parse_model_config(config, architecture.directions, keras3=True)
     with h5py.File(weights, "r") as file:
         source = Keras3Weights(path, file)
         return assemble(name, steps, source, Source(str(path), "keras3", "none (Keras 3 layout)",
@@ -71,7 +71,7 @@ class Keras3Weights:
     def embeddings(self, name: str) -> np.ndarray:
         return self._arrays(self._group(name))[0]
 
-    def gru(self, name: str, direction: str | None, claims_cudnn: bool | None) -> tuple[GRUWeights, str]:
+    def gru(self, name: str, direction: str | None, claims_cudnn: bool | None) -> GRURead:
         group = self._group(name)
         if direction is not None:
             group = group[f"{direction}_layer"]
@@ -79,7 +79,8 @@ class Keras3Weights:
         if len(arrays) != 3:
             raise ModelError(f"{self.path}: layer {name!r} has {len(arrays)} GRU variables, expected 3")
         where = f"layer {name!r}" + (f" ({direction})" if direction else "")
-        return from_keras_gru(*arrays, where), "none (Keras 3 layout)"
+        weights, reset_after = from_keras_gru(*arrays, where)
+        return GRURead(weights, "none (Keras 3 layout)", reset_after)
 
     def dense(self, name: str) -> tuple[np.ndarray, np.ndarray | None]:
         arrays = self._arrays(self._group(name))

@@ -7,6 +7,11 @@ output is the one served), including the "manual" bidirectional build:
 two GRU layers joined by a merge layer, one of them fed reversed input through a ``Lambda``.
 A ``Lambda``'s body is marshalled bytecode: it is never executed, only searched for the
 name ``reverse`` to recognise the reversing layers.
+
+Each GRU's variant (:class:`~app.spec.GRUVariant`) comes from its config: ``reset_after``
+(missing in Keras <= 2.1 configs: False), ``recurrent_activation``, ``activation``. In a
+Keras 2 description ``hard_sigmoid`` is Keras 2's function; in a Keras 3 one it is Keras 3's
+(refused), and Keras 2's appears as the function the builder registers.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from app.errors import ModelError
-from app.formats.plan import EmbeddingStep, HeadStep, RecurrentStep, Step
+from app.formats.plan import DenseStep, EmbeddingStep, MaskingStep, RecurrentStep, Step
+from app.spec import CUDNN, DENSE_ACTIVATIONS, GRU_ACTIVATIONS, KERAS2_HARD_SIGMOID, GRUVariant
 
 GRU_CLASSES = {"CuDNNGRU": True, "GRU": False, "GRUV2": False}
 INFERENCE_NO_OPS = {
@@ -27,9 +33,9 @@ INFERENCE_NO_OPS = {
 }
 MERGE_LAYERS = {"Concatenate": "concat", "Add": "sum", "Average": "ave", "Multiply": "mul"}
 SUPPORTED = (
-    "Embedding, Bidirectional(CuDNNGRU | GRU), CuDNNGRU, GRU, Dense, TimeDistributed(Dense), "
-    "Activation, Dropout-like layers, and a manual forward/backward pair joined by "
-    "Concatenate | Add | Average | Multiply"
+    "Embedding, Masking, Bidirectional(CuDNNGRU | GRU), CuDNNGRU, GRU, Dense, "
+    "TimeDistributed(Dense), Activation, Dropout-like layers, and a manual forward/backward "
+    "pair joined by Concatenate | Add | Average | Multiply"
 )
 
 
@@ -41,8 +47,13 @@ class Layer:
     inbound: tuple[str, ...]
 
 
-def parse_model_config(raw: str | bytes, directions: dict[str, str] | None = None) -> list[Step]:
-    """``directions`` (layer name -> "forward" | "backward") overrides what the graph tells."""
+def parse_model_config(raw: str | bytes, directions: dict[str, str] | None = None,
+                       keras3: bool = False) -> list[Step]:
+    """``directions`` (layer name -> "forward" | "backward") overrides what the graph tells.
+
+    ``keras3``: the description is a Keras 3 ``config.json``, where ``hard_sigmoid`` means
+    Keras 3's ``relu6(x + 3) / 6``, not Keras 2's ``clip(0.2 x + 0.5, 0, 1)``.
+    """
     try:
         config = json.loads(raw)
         class_name = config["class_name"]
@@ -51,9 +62,12 @@ def parse_model_config(raw: str | bytes, directions: dict[str, str] | None = Non
         raise ModelError(f"model_config: not a Keras model description ({exc})") from exc
     if class_name == "Sequential":
         layers = body if isinstance(body, list) else body.get("layers", [])
-        return _sequential_steps([_layer(entry, ()) for entry in layers])
+        steps: list[Step] = []
+        for entry in layers:
+            _append(steps, _layer(entry, ()), keras3)
+        return steps
     if class_name in ("Functional", "Model"):
-        return _GraphWalker(body, directions or {}).steps()
+        return _GraphWalker(body, directions or {}, keras3).steps()
     raise ModelError(f"model_config: top-level {class_name!r} is not supported (Sequential or Functional)")
 
 
@@ -63,52 +77,74 @@ def _layer(entry: dict[str, Any], inbound: tuple[str, ...]) -> Layer:
     return Layer(entry.get("class_name", "?"), name, config, inbound)
 
 
-def _sequential_steps(layers: list[Layer]) -> list[Step]:
-    steps: list[Step] = []
-    for layer in layers:
-        _append(steps, layer)
-    return steps
-
-
-def _append(steps: list[Step], layer: Layer) -> None:
-    """Add ``layer``'s step to ``steps``; folds an ``Activation`` into a linear head."""
+def _append(steps: list[Step], layer: Layer, keras3: bool) -> None:
+    """Add ``layer``'s step to ``steps``; folds an ``Activation`` into a linear Dense."""
     if layer.class_name in INFERENCE_NO_OPS:
         return
     if layer.class_name == "Activation":
-        head = steps[-1] if steps else None
-        if not isinstance(head, HeadStep) or head.activation != "linear":
+        dense = steps[-1] if steps else None
+        if not isinstance(dense, DenseStep) or dense.activation != "linear":
             raise ModelError(f"layer {layer.name!r}: Activation is supported only right after a linear Dense")
-        steps[-1] = HeadStep(head.name, layer.config.get("activation", "linear"))
+        steps[-1] = DenseStep(dense.name, _dense_activation(layer, layer.config))
         return
-    steps.append(_step(layer))
+    steps.append(_step(layer, keras3))
 
 
-def _step(layer: Layer) -> Step:
+def _step(layer: Layer, keras3: bool) -> Step:
     cls, config = layer.class_name, layer.config
     if cls == "Embedding":
         return EmbeddingStep(layer.name, bool(config.get("mask_zero", False)))
+    if cls == "Masking":
+        return MaskingStep(layer.name, float(config.get("mask_value", 0.0)))
     if cls == "Bidirectional":
         inner = config.get("layer", {})
-        claims = _check_gru(layer.name, inner.get("class_name", "?"), inner.get("config", {}))
+        claims, variant = _check_gru(layer.name, inner.get("class_name", "?"), inner.get("config", {}),
+                                     keras3)
+        backward = config.get("backward_layer")
+        if backward and _check_gru(layer.name, backward.get("class_name", "?"),
+                                   backward.get("config", {}), keras3) != (claims, variant):
+            raise ModelError(f"layer {layer.name!r}: its backward_layer is a different GRU from "
+                             "its forward layer; not supported")
         merge_mode = config.get("merge_mode", "concat")
         if merge_mode not in MERGE_LAYERS.values():
             raise ModelError(f"layer {layer.name!r}: merge_mode {merge_mode!r} is not supported "
                              "(concat, sum, ave, mul)")
-        return RecurrentStep(layer.name, merge_mode, claims_cudnn=claims)
+        return RecurrentStep(layer.name, merge_mode, claims_cudnn=claims, variant=variant)
     if cls in GRU_CLASSES:
-        claims = _check_gru(layer.name, cls, config)
+        claims, variant = _check_gru(layer.name, cls, config, keras3)
         if config.get("go_backwards"):
             raise ModelError(f"layer {layer.name!r}: a lone GRU with go_backwards=True is not supported")
-        return RecurrentStep(layer.name, None, claims_cudnn=claims)
+        return RecurrentStep(layer.name, None, claims_cudnn=claims, variant=variant)
     if cls == "TimeDistributed" and config.get("layer", {}).get("class_name") == "Dense":
-        return HeadStep(layer.name, config["layer"]["config"].get("activation", "linear"))
+        return DenseStep(layer.name, _dense_activation(layer, config["layer"]["config"]))
     if cls == "Dense":
-        return HeadStep(layer.name, config.get("activation", "linear"))
+        return DenseStep(layer.name, _dense_activation(layer, config))
     raise ModelError(f"layer {layer.name!r}: {cls} is not supported (supported: {SUPPORTED})")
 
 
-def _check_gru(name: str, cls: str, config: dict[str, Any]) -> bool:
-    """Refuse any GRU whose equations differ from cuDNN's; return whether it claims CuDNNGRU."""
+def _dense_activation(layer: Layer, config: dict[str, Any]) -> str:
+    name = _activation_name(config.get("activation", "linear"))
+    if name not in DENSE_ACTIVATIONS:
+        raise ModelError(f"layer {layer.name!r}: activation {name!r} is not supported "
+                         f"(supported: {', '.join(DENSE_ACTIVATIONS)})")
+    return name
+
+
+def _activation_name(value: Any) -> str:
+    """``"tanh"``, or a Keras 3 serialised function ``{"class_name": "function", "config": ...}``."""
+    if isinstance(value, dict):
+        value = value.get("config", value.get("registered_name"))
+    if not isinstance(value, str):
+        return repr(value)
+    return value.split(">")[-1]  # a registered name is "package>name"
+
+
+def _check_gru(name: str, cls: str, config: dict[str, Any], keras3: bool) -> tuple[bool, GRUVariant]:
+    """Refuse what cannot be served exactly; return whether it claims CuDNNGRU, and its variant.
+
+    A ``CuDNNGRU`` is always cuDNN's equations. A ``GRU`` config from Keras <= 2.1 has no
+    ``reset_after`` key: that Keras had only the reset-before form, so a missing key means False.
+    """
     if cls not in GRU_CLASSES:
         raise ModelError(f"layer {name!r}: {cls} is not supported (only CuDNNGRU and GRU)")
     problems = []
@@ -116,25 +152,37 @@ def _check_gru(name: str, cls: str, config: dict[str, Any]) -> bool:
         problems.append("return_sequences=False (per-step outputs need the whole sequence)")
     if config.get("return_state") or config.get("stateful"):
         problems.append("return_state/stateful")
+    variant = CUDNN
     if not GRU_CLASSES[cls]:
-        if not config.get("reset_after", False):
-            problems.append("reset_after=False (a different model from cuDNN's GRU)")
-        if config.get("activation", "tanh") != "tanh":
-            problems.append(f"activation={config.get('activation')!r} (cuDNN uses tanh)")
-        if config.get("recurrent_activation", "sigmoid") != "sigmoid":
-            problems.append(f"recurrent_activation={config.get('recurrent_activation')!r} "
-                            "(cuDNN uses sigmoid)")
+        activations = {role: _gru_activation(config.get(role, default), keras3, role, problems)
+                       for role, default in (("recurrent_activation", "hard_sigmoid"),
+                                             ("activation", "tanh"))}
+        variant = GRUVariant(bool(config.get("reset_after", False)), **activations)
         if config.get("use_bias", True) is False:
             problems.append("use_bias=False")
     if problems:
         raise ModelError(f"layer {name!r} ({cls}): unsupported " + "; ".join(problems))
-    return GRU_CLASSES[cls]
+    return GRU_CLASSES[cls], variant
+
+
+def _gru_activation(value: Any, keras3: bool, role: str, problems: list[str]) -> str:
+    """The spec's name for a GRU activation; ``hard_sigmoid`` is always Keras 2's formula."""
+    name = _activation_name(value)
+    if name == KERAS2_HARD_SIGMOID:
+        return "hard_sigmoid"
+    if name == "hard_sigmoid" and keras3:
+        problems.append(f"{role}='hard_sigmoid' of Keras 3 (relu6(x + 3) / 6, not Keras 2's "
+                        "clip(0.2 x + 0.5, 0, 1))")
+    elif name not in GRU_ACTIVATIONS:
+        problems.append(f"{role}={name!r} (supported: {', '.join(GRU_ACTIVATIONS)})")
+    return name
 
 
 class _GraphWalker:
     """Linearises a Functional model's graph from its single output back to its input."""
 
-    def __init__(self, body: dict[str, Any], directions: dict[str, str]) -> None:
+    def __init__(self, body: dict[str, Any], directions: dict[str, str], keras3: bool) -> None:
+        self.keras3 = keras3
         self.layers = {layer.name: layer for layer in map(self._functional_layer, body.get("layers", []))}
         self.directions = directions
         outputs = body.get("output_layers", [])
@@ -172,7 +220,7 @@ class _GraphWalker:
             if layer.class_name in MERGE_LAYERS:
                 steps.extend(self._manual_pair(layer))
             else:
-                _append(steps, layer)
+                _append(steps, layer, self.keras3)
         return steps
 
     def _get(self, name: str) -> Layer:
@@ -203,10 +251,16 @@ class _GraphWalker:
         merge_mode = MERGE_LAYERS[merge.class_name]
         if merge_mode == "concat" and directions[0] != "forward":
             raise ModelError(f"layer {merge.name!r}: concatenates backward before forward; not supported")
-        claims = _check_gru(forward.gru.name, forward.gru.class_name, forward.gru.config)
-        _check_gru(backward.gru.name, backward.gru.class_name, backward.gru.config)
+        claims, variant = _check_gru(forward.gru.name, forward.gru.class_name, forward.gru.config,
+                                     self.keras3)
+        backward_claims, backward_variant = _check_gru(
+            backward.gru.name, backward.gru.class_name, backward.gru.config, self.keras3)
+        if (claims, variant) != (backward_claims, backward_variant):
+            raise ModelError(f"layer {merge.name!r}: its forward and backward GRUs are different "
+                             f"kinds ({forward.gru.class_name} {variant}, "
+                             f"{backward.gru.class_name} {backward_variant})")
         steps = self.steps(forward.source)
-        steps.append(RecurrentStep(forward.gru.name, merge_mode, backward.gru.name, claims))
+        steps.append(RecurrentStep(forward.gru.name, merge_mode, backward.gru.name, claims, variant))
         return steps
 
     def _branch(self, tail: str) -> _Branch:

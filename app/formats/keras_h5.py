@@ -18,11 +18,11 @@ import h5py
 import numpy as np
 
 from app.errors import ModelError
-from app.formats.gru_layouts import from_cudnn_gru, from_keras2_file
+from app.formats.gru_layouts import GRURead, from_cudnn_gru, from_keras2_file
 from app.formats.keras_config import parse_model_config
 from app.formats.manifest import Architecture
-from app.formats.plan import EmbeddingStep, HeadStep, RecurrentStep, Step, assemble
-from app.spec import GRUWeights, ModelSpec, Source
+from app.formats.plan import DenseStep, EmbeddingStep, MaskingStep, RecurrentStep, Step, assemble
+from app.spec import ModelSpec, Source
 
 
 def read_keras_h5(path: Path, architecture: Architecture, name: str) -> ModelSpec:
@@ -104,7 +104,7 @@ class H5Weights:
             raise ModelError(f"{self.path}: layer {name!r} has no embeddings dataset")
         return named["embeddings"]
 
-    def gru(self, name: str, direction: str | None, claims_cudnn: bool | None) -> tuple[GRUWeights, str]:
+    def gru(self, name: str, direction: str | None, claims_cudnn: bool | None) -> GRURead:
         named = self._named(name, direction)
         where = f"layer {name!r}" + (f" ({direction})" if direction else "")
         missing = {"kernel", "recurrent_kernel", "bias"} - named.keys()
@@ -117,7 +117,8 @@ class H5Weights:
                     f"{where}: claims CuDNNGRU but its bias has shape {bias.shape}, "
                     "not cuDNN's (6*units,)"
                 )
-            return from_cudnn_gru(kernel, recurrent, bias, where), "cudnn-gru->keras-gru"
+            return GRURead(from_cudnn_gru(kernel, recurrent, bias, where), "cudnn-gru->keras-gru",
+                           cudnn=True)
         return from_keras2_file(kernel, recurrent, bias, where)
 
     def dense(self, name: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -131,9 +132,15 @@ def plan_from_weights(source: H5Weights, architecture: Architecture) -> list[Ste
     """The plan of a weights-only file: layer order from ``layer_names``, roles from names.
 
     Two GRU layers named in ``architecture.directions`` form a manual bidirectional pair;
-    they must follow each other in ``layer_names``.
+    they must follow each other in ``layer_names``. Without an embedding the model takes
+    feature vectors. What weights can't tell (Dense activations, the activations of a
+    ``reset_after=False`` GRU, a Masking value) comes from ``architecture``.
     """
     steps: list[Step] = []
+    if architecture.mask_value is not None:
+        steps.append(MaskingStep("masking", architecture.mask_value))
+    activations = (architecture.gru.recurrent_activation, architecture.gru.activation) \
+        if architecture.gru else None
     waiting: str | None = None  # the first half of a manual pair
     for layer in source.layer_names():
         full = source.weight_names(layer)
@@ -147,25 +154,32 @@ def plan_from_weights(source: H5Weights, architecture: Architecture) -> list[Ste
         if short == ["embeddings"]:
             steps.append(EmbeddingStep(layer))
         elif any("/forward_" in n for n in full) and any("/backward_" in n for n in full):
-            steps.append(RecurrentStep(layer, architecture.merge_mode))
+            steps.append(RecurrentStep(layer, architecture.merge_mode, activations=activations))
         elif "recurrent_kernel" in short and direction is None:
-            steps.append(RecurrentStep(layer))
+            steps.append(RecurrentStep(layer, activations=activations))
         elif "recurrent_kernel" in short and waiting is None:
             waiting = layer
         elif "recurrent_kernel" in short:
-            steps.append(_pair(waiting, layer, architecture))  # type: ignore[arg-type]
+            steps.append(_pair(waiting, layer, architecture, activations))  # type: ignore[arg-type]
             waiting = None
         elif "kernel" in short:
-            steps.append(HeadStep(layer, architecture.head_activation))
+            steps.append(DenseStep(layer))
         else:
             raise ModelError(f"{source.path}: cannot tell what layer {layer!r} is from weights {short}")
     if waiting is not None:
         raise ModelError(f"{source.path}: layer {waiting!r} is marked but has no pair")
-    return steps
+    return _with_dense_activations(steps, architecture, str(source.path))
 
 
-def _pair(first: str, second: str, architecture: Architecture) -> RecurrentStep:
+def _with_dense_activations(steps: list[Step], architecture: Architecture, where: str) -> list[Step]:
+    dense = [step for step in steps if isinstance(step, DenseStep)]
+    named = iter(architecture.dense_activations(len(dense), where))
+    return [DenseStep(step.name, next(named)) if isinstance(step, DenseStep) else step for step in steps]
+
+
+def _pair(first: str, second: str, architecture: Architecture,
+          activations: tuple[str, str] | None) -> RecurrentStep:
     if architecture.directions[first] == architecture.directions[second]:
         raise ModelError(f"layers {first!r} and {second!r} are both marked {architecture.directions[first]}")
     forward, backward = (first, second) if architecture.directions[first] == "forward" else (second, first)
-    return RecurrentStep(forward, architecture.merge_mode, backward)
+    return RecurrentStep(forward, architecture.merge_mode, backward, activations=activations)

@@ -30,12 +30,36 @@ class TensorPrefixes(_Strict):
 
     embedding: str | None = None
     gru: str | None = None
-    head: str | None = None
+    head: str | list[str] | None = Field(
+        default=None, description="the Dense layer, or the Dense layers of a stack in order")
+
+
+DenseActivation = Literal["linear", "softmax", "sigmoid", "tanh", "relu"]
+GRUActivation = Literal["sigmoid", "hard_sigmoid", "tanh", "relu", "linear", "softsign", "softplus",
+                        "elu"]
+
+
+class GRUActivations(_Strict):
+    """The activations of every GRU layer of a file that doesn't store them (``hard_sigmoid``
+    is Keras 2's ``clip(0.2 x + 0.5, 0, 1)``); ``reset_after`` is told by the bias shape."""
+
+    recurrent_activation: GRUActivation
+    activation: GRUActivation = "tanh"
 
 
 class Architecture(_Strict):
     merge_mode: Literal["concat", "sum", "ave", "mul"] = "concat"
-    head_activation: Literal["linear", "softmax", "sigmoid", "tanh", "relu"] = "linear"
+    head_activation: DenseActivation = Field(
+        "linear", description="the activation of the Dense layer when there is one")
+    head_activations: list[DenseActivation] | None = Field(
+        default=None, description="one activation per Dense layer, in order (a stack)")
+    gru: GRUActivations | None = Field(
+        default=None, description="weights-only Keras files: the GRU layers' activations")
+    input: Literal["tokens", "features"] | None = Field(
+        default=None, description="PyTorch / TF 1.x: token ids through an embedding, or feature "
+        "vectors (no embedding); default: tokens when an embedding tensor is found")
+    mask_value: float | None = Field(
+        default=None, description="feature models of a weights-only file that had a Masking layer")
     directions: dict[str, Literal["forward", "backward"]] = Field(
         default_factory=dict,
         description="manual bidirectional pairs: GRU layer name -> direction",
@@ -44,6 +68,18 @@ class Architecture(_Strict):
     checkpoint_scope: str | None = Field(
         default=None, description="TF 1.x checkpoints: the variable scope above the cells")
 
+    def dense_activations(self, count: int, where: str) -> list[str]:
+        """The activations of ``count`` Dense layers that the file itself doesn't name."""
+        if self.head_activations is not None:
+            if len(self.head_activations) != count:
+                raise ModelError(f"{where}: {count} Dense layers, but the architecture file's "
+                                 f"head_activations names {len(self.head_activations)}")
+            return list(self.head_activations)
+        if count > 1:
+            raise ModelError(f"{where}: {count} Dense layers; name each one's activation in the "
+                             'architecture file, e.g. "head_activations": ["relu", "softmax"]')
+        return [self.head_activation] * count
+
 
 class Parity(_Strict):
     """Sequences with outputs recorded on the GPU, checked at start-up."""
@@ -51,7 +87,7 @@ class Parity(_Strict):
     file: str
     outputs: str = "outputs"
     hidden: str | None = None
-    ids: str = "ids"
+    ids: str = Field("ids", description="the concatenated inputs: ids (N,), or features (N, F)")
     lengths: str = "lengths"
     tolerance: float | None = Field(default=None, gt=0)
 

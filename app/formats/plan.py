@@ -3,6 +3,9 @@
 A reader turns a file's description (Keras ``model_config``, layer names, an architecture
 file) into a short list of steps; :func:`assemble` then fills each step with weights from
 a :class:`WeightSource` and produces the :class:`~app.spec.ModelSpec`.
+
+A plan is ``[Embedding | Masking]`` -> one or more GRU layers -> zero or more Dense layers.
+Without an ``Embedding`` the model takes feature vectors, as wide as the first GRU's kernel.
 """
 
 from __future__ import annotations
@@ -13,8 +16,18 @@ from typing import Protocol
 import numpy as np
 
 from app.errors import ModelError
-from app.formats.gru_layouts import float32
-from app.spec import DenseHead, GRUWeights, ModelSpec, RecurrentLayer, Source
+from app.formats.gru_layouts import GRURead, float32
+from app.spec import (
+    CUDNN,
+    DenseLayer,
+    FeatureInput,
+    GRUVariant,
+    ModelInput,
+    ModelSpec,
+    RecurrentLayer,
+    Source,
+    TokenInput,
+)
 
 
 @dataclass(frozen=True)
@@ -24,95 +37,139 @@ class EmbeddingStep:
 
 
 @dataclass(frozen=True)
+class MaskingStep:
+    """A ``Masking`` layer before the GRU stack of a feature-vector model."""
+
+    name: str
+    mask_value: float = 0.0
+
+
+@dataclass(frozen=True)
 class RecurrentStep:
     """A GRU layer. ``merge_mode`` None means unidirectional.
 
     For a Keras ``Bidirectional`` both directions live under ``name``; for a manual pair
     (two layers, one fed reversed input) the backward weights live under ``backward_name``.
-    ``claims_cudnn`` is True when the architecture names ``CuDNNGRU``.
+    ``claims_cudnn`` is True when the architecture names ``CuDNNGRU``. ``variant`` is what
+    the architecture says (None: not said, as in a weights-only file; then the bias shape
+    tells ``reset_after`` and ``activations`` the rest).
     """
 
     name: str
     merge_mode: str | None = None
     backward_name: str | None = None
     claims_cudnn: bool | None = None
+    variant: GRUVariant | None = None
+    activations: tuple[str, str] | None = None  # (recurrent_activation, activation) hint
 
 
 @dataclass(frozen=True)
-class HeadStep:
+class DenseStep:
     name: str
     activation: str = "linear"
 
 
-Step = EmbeddingStep | RecurrentStep | HeadStep
+Step = EmbeddingStep | MaskingStep | RecurrentStep | DenseStep
 
 
 class WeightSource(Protocol):
-    """Reads one direction of a GRU, an embedding matrix, or a Dense head from a file."""
+    """Reads one direction of a GRU, an embedding matrix, or a Dense layer from a file."""
 
     def embeddings(self, name: str) -> np.ndarray: ...
 
-    def gru(self, name: str, direction: str | None, claims_cudnn: bool | None
-            ) -> tuple[GRUWeights, str]: ...
+    def gru(self, name: str, direction: str | None, claims_cudnn: bool | None) -> GRURead: ...
 
     def dense(self, name: str) -> tuple[np.ndarray, np.ndarray | None]: ...
 
 
 def check_order(steps: list[Step]) -> None:
-    """Embedding first, then one or more GRU layers, then at most one head."""
-    kinds = [type(step).__name__ for step in steps]
-    if not steps or not isinstance(steps[0], EmbeddingStep):
-        raise ModelError(f"the model must start with an Embedding layer; found {kinds}")
-    body = steps[1:]
-    if body and isinstance(body[-1], HeadStep):
-        body = body[:-1]
-    if not body or not all(isinstance(step, RecurrentStep) for step in body):
+    """``[Embedding | Masking]`` first, then one or more GRU layers, then Dense layers."""
+    kinds = " -> ".join(type(step).__name__.removesuffix("Step") for step in steps)
+    body = steps[1:] if steps and isinstance(steps[0], EmbeddingStep | MaskingStep) else steps
+    recurrent = 0
+    while recurrent < len(body) and isinstance(body[recurrent], RecurrentStep):
+        recurrent += 1
+    if not recurrent or not all(isinstance(step, DenseStep) for step in body[recurrent:]):
         raise ModelError(
-            "expected Embedding -> one or more (Bidirectional) GRU layers -> optional Dense head; "
-            f"found {' -> '.join(kinds)}"
+            "expected [Embedding | Masking] -> one or more (Bidirectional) GRU layers -> "
+            f"optional Dense layers; found {kinds or 'no layers'}"
         )
 
 
 def assemble(name: str, steps: list[Step], weights: WeightSource, source: Source) -> ModelSpec:
     """Fill the plan with converted weights and validate every shape."""
     check_order(steps)
-    embedding = steps[0]
-    assert isinstance(embedding, EmbeddingStep)
     layers: list[RecurrentLayer] = []
     conversions: set[str] = set()
-    head: DenseHead | None = None
-    for step in steps[1:]:
+    dense: list[DenseLayer] = []
+    for step in steps:
         if isinstance(step, RecurrentStep):
             layer, applied = _recurrent_layer(step, weights)
             layers.append(layer)
             conversions.update(applied)
-        elif isinstance(step, HeadStep):
+        elif isinstance(step, DenseStep):
             kernel, bias = weights.dense(step.name)
-            head = DenseHead(step.name, float32(kernel), None if bias is None else float32(bias),
-                             step.activation)
+            dense.append(DenseLayer(step.name, float32(kernel), None if bias is None else float32(bias),
+                                    step.activation))
     conversion = ", ".join(sorted(conversions)) if source.conversion == "auto" else source.conversion
     spec = ModelSpec(
         name=name,
-        embeddings=float32(weights.embeddings(embedding.name)),
+        input=_input(steps[0], weights, layers[0]),
         layers=tuple(layers),
-        head=head,
+        dense=tuple(dense),
         source=Source(source.path, source.format, conversion, source.keras_version),
-        mask_zero=embedding.mask_zero,
     )
     return spec.validate()
 
 
+def _input(first: Step, weights: WeightSource, layer: RecurrentLayer) -> ModelInput:
+    if isinstance(first, EmbeddingStep):
+        return TokenInput(float32(weights.embeddings(first.name)), first.mask_zero)
+    mask_value = first.mask_value if isinstance(first, MaskingStep) else None
+    return FeatureInput(layer.forward.input_width, mask_value)
+
+
 def _recurrent_layer(step: RecurrentStep, weights: WeightSource) -> tuple[RecurrentLayer, set[str]]:
     if step.merge_mode is None:
-        forward, applied = weights.gru(step.name, None, step.claims_cudnn)
-        return RecurrentLayer(step.name, forward), {applied}
-    if step.backward_name is None:
-        forward, fwd_applied = weights.gru(step.name, "forward", step.claims_cudnn)
-        backward, bwd_applied = weights.gru(step.name, "backward", step.claims_cudnn)
+        reads = [weights.gru(step.name, None, step.claims_cudnn)]
+        label = step.name
+    elif step.backward_name is None:
+        reads = [weights.gru(step.name, d, step.claims_cudnn) for d in ("forward", "backward")]
         label = step.name
     else:
-        forward, fwd_applied = weights.gru(step.name, None, step.claims_cudnn)
-        backward, bwd_applied = weights.gru(step.backward_name, None, step.claims_cudnn)
+        reads = [weights.gru(n, None, step.claims_cudnn) for n in (step.name, step.backward_name)]
         label = f"{step.name}+{step.backward_name}"
-    layer = RecurrentLayer(label, forward, backward, step.merge_mode)  # type: ignore[arg-type]
-    return layer, {fwd_applied, bwd_applied}
+    variant = _variant(step, label, {read.reset_after for read in reads},
+                       any(read.cudnn for read in reads))
+    layer = RecurrentLayer(label, reads[0].weights, reads[1].weights if len(reads) > 1 else None,
+                           step.merge_mode or "concat", variant)  # type: ignore[arg-type]
+    return layer, {read.conversion for read in reads}
+
+
+def _variant(step: RecurrentStep, label: str, reset_after: set[bool], cudnn: bool) -> GRUVariant:
+    """The variant the architecture says, checked against the one the weights tell.
+
+    cuDNN-layout weights always run cuDNN's equations: an architecture saying otherwise is
+    a contradiction, not a variant."""
+    if len(reset_after) != 1:
+        raise ModelError(f"layer {label!r}: its directions have different bias layouts")
+    if cudnn:
+        if step.variant not in (None, CUDNN):
+            raise ModelError(f"layer {label!r}: its weights are cuDNN's layout, which always runs "
+                             f"cuDNN's GRU, but the architecture says {step.variant}")
+        return CUDNN
+    from_weights = reset_after.pop()
+    if step.variant is not None:
+        if step.variant.reset_after != from_weights:
+            raise ModelError(
+                f"layer {label!r}: the architecture says reset_after={step.variant.reset_after}, "
+                f"but its bias has the layout of reset_after={from_weights}")
+        return step.variant
+    if step.activations is not None:
+        return GRUVariant(from_weights, *step.activations)
+    if not from_weights:
+        raise ModelError(
+            f"layer {label!r}: its bias (3*units,) is GRU(reset_after=False), whose activations "
+            'the file does not store; name them in the architecture file, e.g. "gru": '
+            '{"recurrent_activation": "hard_sigmoid", "activation": "tanh"} (Keras 2\'s defaults)')
+    return CUDNN

@@ -6,7 +6,8 @@ Per layer ``i`` and direction, under ``.../cell_{i}/cudnn_compatible_gru_cell/``
 ``gates/kernel``, ``gates/bias``, ``candidate/input_projection/{kernel,bias}``,
 ``candidate/hidden_projection/{kernel,bias}``. Read with ``tf.train.load_checkpoint``,
 which reads tensors and runs nothing. The embedding and a dense head (``<scope>/kernel``,
-``<scope>/bias``) are found by shape unless ``architecture.tensors`` names them.
+``<scope>/bias``) are found by shape unless ``architecture.tensors`` names them (a Dense stack
+as a list of scopes in order); ``architecture.input = "features"``: no embedding.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from app.errors import ModelError
-from app.formats.gru_layouts import from_tf1_canonical
+from app.formats.gru_layouts import GRURead, from_tf1_canonical
 from app.formats.manifest import Architecture
 from app.formats.named_tensors import find_by_shape, pick_one
-from app.formats.plan import EmbeddingStep, HeadStep, RecurrentStep, Step, assemble
-from app.spec import GRUWeights, ModelSpec, Source
+from app.formats.plan import DenseStep, EmbeddingStep, RecurrentStep, Step, assemble
+from app.spec import ModelSpec, Source
 
 CELL = re.compile(r"^(?P<base>.*cell_(?P<index>\d+)/(?:.*/(?P<dir>fw|bw)/)?cudnn_compatible_gru_cell/)"
                   r"gates/kernel$")
@@ -37,10 +38,10 @@ def read_tf1_checkpoint(path: Path, architecture: Architecture, name: str) -> Mo
     prefix = path.with_suffix("") if path.suffix == ".index" else path
     source = CheckpointWeights(prefix, _read_all(prefix), architecture)
     merge = "concat" if source.bidirectional else None
-    steps: list[Step] = [EmbeddingStep(source.embedding_key)]
+    steps: list[Step] = [] if source.embedding_key is None else [EmbeddingStep(source.embedding_key)]
     steps += [RecurrentStep(str(index), merge) for index in sorted(source.cells)]
-    if source.head_scope is not None:
-        steps.append(HeadStep(source.head_scope, architecture.head_activation))
+    activations = architecture.dense_activations(len(source.head_scopes), str(prefix))
+    steps += [DenseStep(scope, act) for scope, act in zip(source.head_scopes, activations)]
     return assemble(name, steps, source, Source(str(prefix), "tf1-cudnngru-checkpoint",
                                                 "tf1-canonical-gru->keras-gru"))
 
@@ -75,8 +76,10 @@ class CheckpointWeights:
         self.bidirectional = kinds == {frozenset({"fw", "bw"})}
         names = architecture.tensors
         used = {key for key in tensors if "cudnn_compatible_gru_cell/" in key}
-        self.embedding_key = self._embedding_key(names.embedding if names else None, used)
-        self.head_scope = self._head_scope(names.head if names else None, used | {self.embedding_key})
+        self.embedding_key = None if architecture.input == "features" else \
+            self._embedding_key(names.embedding if names else None, used)
+        self.head_scopes = self._head_scopes(names.head if names else None,
+                                             used | {self.embedding_key or ""})
 
     def _base(self, index: int, direction: str | None) -> str:
         if not self.bidirectional:
@@ -95,24 +98,27 @@ class CheckpointWeights:
                       if not key.endswith("/kernel")]  # a dense layer's, not an embedding
         return pick_one(candidates, "embedding", str(self.prefix), "tensors.embedding")
 
-    def _head_scope(self, named: str | None, exclude: set[str]) -> str | None:
+    def _head_scopes(self, named: str | list[str] | None, exclude: set[str]) -> list[str]:
+        """The named Dense scopes (a stack is named in order), else the one found by shape."""
         if named is not None:
-            if f"{named}/kernel" not in self.tensors:
-                raise ModelError(f"{self.prefix}: no head variable {named}/kernel")
-            return named
+            scopes = [named] if isinstance(named, str) else named
+            for scope in scopes:
+                if f"{scope}/kernel" not in self.tensors:
+                    raise ModelError(f"{self.prefix}: no head variable {scope}/kernel")
+            return scopes
         base = self._base(len(self.cells) - 1, "forward" if self.bidirectional else None)
         units = self.tensors[base + "candidate/hidden_projection/kernel"].shape[0]
         hidden = 2 * units if self.bidirectional else units
         candidates = [key for key in find_by_shape(self.tensors, exclude, lambda a: a.shape[0] == hidden)
                       if key.endswith("/kernel")]
         if not candidates:
-            return None
-        return pick_one(candidates, "head", str(self.prefix), "tensors.head").removesuffix("/kernel")
+            return []
+        return [pick_one(candidates, "head", str(self.prefix), "tensors.head").removesuffix("/kernel")]
 
     def embeddings(self, name: str) -> np.ndarray:
         return self.tensors[name]
 
-    def gru(self, name: str, direction: str | None, claims_cudnn: bool | None) -> tuple[GRUWeights, str]:
+    def gru(self, name: str, direction: str | None, claims_cudnn: bool | None) -> GRURead:
         base = self._base(int(name), direction)
         parts = ("gates/kernel", "gates/bias", "candidate/input_projection/kernel",
                  "candidate/input_projection/bias", "candidate/hidden_projection/kernel",
@@ -121,7 +127,7 @@ class CheckpointWeights:
         if missing:
             raise ModelError(f"{self.prefix}: {base} lacks {missing}")
         weights = from_tf1_canonical(*(self.tensors[base + p] for p in parts), where=base)
-        return weights, "tf1-canonical-gru->keras-gru"
+        return GRURead(weights, "tf1-canonical-gru->keras-gru", cudnn=True)
 
     def dense(self, name: str) -> tuple[np.ndarray, np.ndarray | None]:
         return self.tensors[f"{name}/kernel"], self.tensors.get(f"{name}/bias")

@@ -3,7 +3,9 @@
 ``<gru>.weight_ih_l{k}``, ``weight_hh_l{k}``, ``bias_ih_l{k}``, ``bias_hh_l{k}``, with the
 suffix ``_reverse`` for the backward direction; stacked bidirectional layers concatenate.
 The embedding (``<emb>.weight (V, D)``) and an ``nn.Linear`` head (``<head>.weight (C, H)``)
-are found by shape unless ``architecture.tensors`` names them.
+are found by shape unless ``architecture.tensors`` names them (a Dense stack is named as a list
+in order, with ``head_activations``); ``architecture.input = "features"`` says there is no
+embedding (the GRU reads feature vectors).
 """
 
 from __future__ import annotations
@@ -16,11 +18,11 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file
 
 from app.errors import ModelError
-from app.formats.gru_layouts import from_torch_gru
+from app.formats.gru_layouts import GRURead, from_torch_gru
 from app.formats.manifest import Architecture
 from app.formats.named_tensors import find_by_shape, pick_one
-from app.formats.plan import EmbeddingStep, HeadStep, RecurrentStep, Step, assemble
-from app.spec import GRUWeights, ModelSpec, Source
+from app.formats.plan import DenseStep, EmbeddingStep, RecurrentStep, Step, assemble
+from app.spec import ModelSpec, Source
 
 GRU_KEY = re.compile(r"^(?P<prefix>.*?)\.?weight_ih_l0$")
 
@@ -33,11 +35,11 @@ def read_torch_safetensors(path: Path, architecture: Architecture, name: str) ->
     except (SafetensorError, OSError, ValueError) as exc:
         raise ModelError(f"{path}: not a readable safetensors file (truncated?): {exc}") from exc
     source = TorchWeights(path, tensors, architecture)
-    steps: list[Step] = [EmbeddingStep(source.embedding_key)]
+    steps: list[Step] = [] if source.embedding_key is None else [EmbeddingStep(source.embedding_key)]
     merge = "concat" if source.bidirectional else None
     steps += [RecurrentStep(f"{source.gru_prefix}l{k}", merge) for k in range(source.layers)]
-    if source.head_prefix is not None:
-        steps.append(HeadStep(source.head_prefix, architecture.head_activation))
+    activations = architecture.dense_activations(len(source.head_prefixes), str(path))
+    steps += [DenseStep(prefix, act) for prefix, act in zip(source.head_prefixes, activations)]
     return assemble(name, steps, source, Source(str(path), "pytorch-safetensors", "torch-gru->keras-gru"))
 
 
@@ -52,9 +54,10 @@ class TorchWeights:
             re.escape(self.gru_prefix) + r"weight_ih_l\d+", key))
         self.bidirectional = f"{self.gru_prefix}weight_ih_l0_reverse" in tensors
         gru_keys = {key for key in tensors if key.startswith(self.gru_prefix)}
-        self.embedding_key = self._embedding_key(names.embedding if names else None, gru_keys)
-        self.head_prefix = self._head_prefix(names.head if names else None,
-                                             gru_keys | {self.embedding_key})
+        self.embedding_key = None if architecture.input == "features" else \
+            self._embedding_key(names.embedding if names else None, gru_keys)
+        self.head_prefixes = self._head_prefixes(names.head if names else None,
+                                                 gru_keys | {self.embedding_key or ""})
 
     def _gru_prefix(self, named: str | None) -> str:
         if named is not None:
@@ -78,22 +81,25 @@ class TorchWeights:
         candidates = find_by_shape(self.tensors, exclude, lambda a: a.shape[1] == width)
         return pick_one(candidates, "embedding", str(self.path), "tensors.embedding")
 
-    def _head_prefix(self, named: str | None, exclude: set[str]) -> str | None:
+    def _head_prefixes(self, named: str | list[str] | None, exclude: set[str]) -> list[str]:
+        """The named Dense layers (a stack is named in order), else the one found by shape."""
         if named is not None:
-            if f"{named}.weight" not in self.tensors:
-                raise ModelError(f"{self.path}: no head tensor {named}.weight")
-            return named
+            prefixes = [named] if isinstance(named, str) else named
+            for prefix in prefixes:
+                if f"{prefix}.weight" not in self.tensors:
+                    raise ModelError(f"{self.path}: no head tensor {prefix}.weight")
+            return prefixes
         units = self.tensors[f"{self.gru_prefix}weight_hh_l0"].shape[1]
         hidden = 2 * units if self.bidirectional else units
         candidates = find_by_shape(self.tensors, exclude, lambda a: a.shape[1] == hidden)
         if not candidates:
-            return None
-        return pick_one(candidates, "head", str(self.path), "tensors.head").removesuffix(".weight")
+            return []
+        return [pick_one(candidates, "head", str(self.path), "tensors.head").removesuffix(".weight")]
 
     def embeddings(self, name: str) -> np.ndarray:
         return self.tensors[name]
 
-    def gru(self, name: str, direction: str | None, claims_cudnn: bool | None) -> tuple[GRUWeights, str]:
+    def gru(self, name: str, direction: str | None, claims_cudnn: bool | None) -> GRURead:
         layer = name.removeprefix(self.gru_prefix)
         suffix = f"_{layer}" + ("_reverse" if direction == "backward" else "")
         get = self.tensors.get
@@ -103,7 +109,7 @@ class TorchWeights:
             raise ModelError(f"{self.path}: missing {keys[0]} or {keys[1]}")
         where = f"{self.path}: {self.gru_prefix}*{suffix}"
         weights = from_torch_gru(get(keys[0]), get(keys[1]), get(keys[2]), get(keys[3]), where)
-        return weights, "torch-gru->keras-gru"
+        return GRURead(weights, "torch-gru->keras-gru", cudnn=True)  # PyTorch's GRU: reset_after
 
     def dense(self, name: str) -> tuple[np.ndarray, np.ndarray | None]:
         # nn.Linear computes x @ weight.T

@@ -2,16 +2,25 @@
 
 The ``.npz`` layout (what a C++ engine reads; every array float32, row-major):
 
-- ``embeddings (V, D)``
+- ``embeddings (V, D)`` for a token model (``meta.input.kind == "tokens"``); a feature model
+  (``"features"``) has none and its GRU reads the ``(steps, F)`` vectors directly.
 - ``layer{i}.forward.kernel (I, 3U)``, ``layer{i}.forward.recurrent_kernel (U, 3U)``,
   ``layer{i}.forward.bias (2, 3U)``, and ``layer{i}.backward.*`` for bidirectional layers;
   column blocks are the gates z, r, h; bias row 0 is the input bias, row 1 the recurrent one.
-  One step: ``x_z,x_r,x_h = x@kernel + bias[0]``; ``m_z,m_r,m_h = h@recurrent_kernel + bias[1]``;
-  ``z = sigmoid(x_z+m_z)``; ``r = sigmoid(x_r+m_r)``; ``hh = tanh(x_h + r*m_h)``;
-  ``h' = z*h + (1-z)*hh``. The backward direction runs from each sequence's last token to its
-  first and its outputs are put back in order before merging.
-- ``head.kernel (H, C)``, ``head.bias (C,)`` when there is a head: ``y = act(x @ kernel + bias)``
-- ``meta``: a JSON string with the architecture (units, merge modes, head activation).
+  One step, with ``f`` = ``meta.recurrent[i].recurrent_activation``, ``g`` = ``.activation``
+  (``hard_sigmoid`` is Keras 2's ``clip(0.2 x + 0.5, 0, 1)``; the others in app/spec.py)::
+
+      x_z, x_r, x_h = x @ kernel + bias[0];  m_z, m_r, m_h = h @ recurrent_kernel + bias[1]
+      z = f(x_z + m_z);  r = f(x_r + m_r)
+      hh = g(x_h + r * m_h)                                 if meta.recurrent[i].reset_after
+      hh = g(x_h + (r * h) @ recurrent_kernel[:, 2U:])      otherwise (bias[1] is then zeros)
+      h' = z * h + (1 - z) * hh
+
+  The backward direction runs from each sequence's last step to its first and its outputs
+  are put back in order before merging (``meta.recurrent[i].merge_mode``).
+- ``dense{j}.kernel (H_j, C_j)``, ``dense{j}.bias (C_j,)`` for each per-step Dense layer in
+  order (``meta.dense[j]``): ``x = act_j(x @ kernel + bias)``; the last one's is the output.
+- ``meta``: a JSON string with the architecture (:meth:`app.spec.ModelSpec.describe`).
 """
 
 from __future__ import annotations
@@ -21,28 +30,28 @@ from pathlib import Path
 
 import numpy as np
 
-from app.spec import ModelSpec
+from app.spec import ModelSpec, TokenInput
 
 FORMATS = ("onnx", "savedmodel", "npz")
 
 
 def spec_arrays(spec: ModelSpec) -> dict[str, np.ndarray]:
-    arrays = {"embeddings": spec.embeddings}
+    arrays = {"embeddings": spec.input.embeddings} if isinstance(spec.input, TokenInput) else {}
     for index, layer in enumerate(spec.layers):
         for direction, weights in zip(("forward", "backward"), layer.directions()):
             prefix = f"layer{index}.{direction}"
             arrays |= {f"{prefix}.kernel": weights.kernel,
                        f"{prefix}.recurrent_kernel": weights.recurrent_kernel,
                        f"{prefix}.bias": weights.bias}
-    if spec.head is not None:
-        arrays["head.kernel"] = spec.head.kernel
-        if spec.head.bias is not None:
-            arrays["head.bias"] = spec.head.bias
+    for index, dense in enumerate(spec.dense):
+        arrays[f"dense{index}.kernel"] = dense.kernel
+        if dense.bias is not None:
+            arrays[f"dense{index}.bias"] = dense.bias
     return arrays
 
 
 def export_npz(spec: ModelSpec, path: Path) -> Path:
-    meta = json.dumps({"name": spec.name, "layout": "keras3-gru-reset-after", **spec.describe()})
+    meta = json.dumps({"name": spec.name, "layout": "keras-gru", **spec.describe()})
     np.savez(path, meta=np.array(meta), **spec_arrays(spec))
     return path
 
@@ -57,7 +66,8 @@ def export_onnx(spec: ModelSpec, path: Path) -> Path:
 
 
 def export_savedmodel(spec: ModelSpec, path: Path) -> Path:
-    """A SavedModel whose ``serve`` signature takes ``(ids int32, mask bool)``, both (B, T)."""
+    """A SavedModel whose ``serve`` signature takes ``[inputs, mask bool (B, T)]``: ids
+    ``int32 (B, T)`` or features ``float32 (B, T, F)``."""
     from app.convert.keras_model import build_keras_model
 
     build_keras_model(spec).export(str(path), format="tf_saved_model", verbose=False)

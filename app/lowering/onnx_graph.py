@@ -1,11 +1,16 @@
 """Builds an ONNX graph from a :class:`~app.spec.ModelSpec`, for ONNX Runtime and for export.
 
-ONNX's ``GRU`` operator with ``linear_before_reset=1`` computes the same equations as
-cuDNN and Keras' ``GRU(reset_after=True)`` (see :mod:`app.spec`), with its own layout:
-``W (dirs, 3U, I)``, ``R (dirs, 3U, U)``, ``B (dirs, 6U)``, gates z, r, h — the Keras
-kernels transposed, the two bias rows concatenated. Its ``sequence_lens`` input makes
-the reverse direction start at each sequence's last real token and zeroes the steps past
-it, so a right-padded batch gives every sequence exactly its own numbers.
+ONNX's ``GRU`` operator computes every variant of :mod:`app.spec`: ``linear_before_reset=1``
+is ``reset_after=True`` (cuDNN's equations), ``0`` is ``reset_after=False`` (Keras 2's
+default; its recurrent h bias adds outside the reset product, as the spec's zero row 1
+needs), and its ``activations`` ``[f, g]`` per direction are the recurrent activation and the
+activation (:data:`GRU_ACTIVATION_OPS`; Keras 2's hard_sigmoid is ``HardSigmoid`` with alpha
+0.2, beta 0.5). Its layout: ``W (dirs, 3U, I)``, ``R (dirs, 3U, U)``, ``B (dirs, 6U)``,
+gates z, r, h: the Keras kernels transposed, the two bias rows concatenated. Its
+``sequence_lens`` input makes the reverse direction start at each sequence's last real step
+and zeroes the steps past it, so a right-padded batch gives every sequence exactly its own
+numbers. (The activation attributes were checked against a NumPy GRU for every pair of
+these activations and both forms, on ONNX Runtime's CPU kernel.)
 
 ``build_onnx_model(spec, backward="reversed")`` lowers the backward direction instead as a
 forward ``GRU`` over each sequence reversed in place (``ReverseSequence`` by its length),
@@ -14,7 +19,8 @@ reversed back afterwards: the same numbers, and every ``GRU`` a plain forward on
 ``sequence_lens`` it unrolls the loop, and gets padded batches wrong). Steps past a
 sequence's length then hold padding's outputs instead of zeros; callers ignore them.
 
-Inputs: ``ids (batch, steps) int32`` and ``lengths (batch,) int32``.
+Inputs: ``ids (batch, steps) int32`` or ``features (batch, steps, F) float32`` (the spec's
+input name), and ``lengths (batch,) int32``.
 Outputs: ``outputs (batch, steps, C)`` and ``hidden (batch, steps, H)``.
 """
 
@@ -26,12 +32,23 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from app.spec import DenseHead, ModelSpec, RecurrentLayer
+from app.spec import DenseLayer, GRUVariant, ModelSpec, RecurrentLayer, TokenInput
 
 OPSET = 18
 IR_VERSION = 10  # what ONNX Runtime 1.2x reads; opset 18 needs IR >= 8
 ACTIVATION_OPS = {"softmax": "Softmax", "sigmoid": "Sigmoid", "tanh": "Tanh", "relu": "Relu"}
 MERGE_REDUCERS = {"sum": "ReduceSum", "ave": "ReduceMean", "mul": "ReduceProd"}
+# spec name -> (ONNX RNN activation, its alpha, its beta); None: the function takes none.
+GRU_ACTIVATION_OPS: dict[str, tuple[str, float | None, float | None]] = {
+    "sigmoid": ("Sigmoid", None, None),
+    "hard_sigmoid": ("HardSigmoid", 0.2, 0.5),
+    "tanh": ("Tanh", None, None),
+    "relu": ("Relu", None, None),
+    "linear": ("Affine", 1.0, 0.0),
+    "softsign": ("Softsign", None, None),
+    "softplus": ("Softplus", None, None),
+    "elu": ("Elu", 1.0, None),
+}
 
 
 class _Graph:
@@ -59,19 +76,23 @@ Backward = Literal["sequence_lens", "reversed"]
 def build_onnx_model(spec: ModelSpec, backward: Backward = "sequence_lens") -> onnx.ModelProto:
     graph = _Graph()
     recurrent = _recurrent if backward == "sequence_lens" else _recurrent_reversed
-    embedded = graph.op("Gather", [graph.const("embeddings", spec.embeddings), "ids"])
-    x = graph.op("Transpose", [embedded], perm=[1, 0, 2])  # time-major for the GRU op
+    if isinstance(spec.input, TokenInput):
+        steps = graph.op("Gather", [graph.const("embeddings", spec.input.embeddings), spec.input.name])
+        input_info = helper.make_tensor_value_info(spec.input.name, TensorProto.INT32, ["batch", "steps"])
+    else:
+        steps = spec.input.name
+        input_info = helper.make_tensor_value_info(spec.input.name, TensorProto.FLOAT,
+                                                   ["batch", "steps", spec.input.features])
+    x = graph.op("Transpose", [steps], perm=[1, 0, 2])  # time-major for the GRU op
     for index, layer in enumerate(spec.layers):
         x = recurrent(graph, layer, index, x)
     hidden = graph.op("Transpose", [x], "hidden", perm=[1, 0, 2])
-    if spec.head is None:
+    x = hidden
+    for index, dense in enumerate(spec.dense):
+        x = _dense(graph, dense, index, x, "outputs" if index == len(spec.dense) - 1 else None)
+    if not spec.dense:
         graph.op("Identity", [hidden], "outputs")
-    else:
-        _head(graph, spec.head, hidden)
-    inputs = [
-        helper.make_tensor_value_info("ids", TensorProto.INT32, ["batch", "steps"]),
-        helper.make_tensor_value_info("lengths", TensorProto.INT32, ["batch"]),
-    ]
+    inputs = [input_info, helper.make_tensor_value_info("lengths", TensorProto.INT32, ["batch"])]
     outputs = [
         helper.make_tensor_value_info("outputs", TensorProto.FLOAT, ["batch", "steps", spec.output_width]),
         helper.make_tensor_value_info("hidden", TensorProto.FLOAT, ["batch", "steps", spec.hidden_width]),
@@ -91,8 +112,10 @@ def _recurrent(graph: _Graph, layer: RecurrentLayer, index: int, x: str) -> str:
     r = graph.const(f"{prefix}_R", np.stack([d.recurrent_kernel.T for d in directions]))
     b = graph.const(f"{prefix}_B", np.stack([d.bias.reshape(-1) for d in directions]))
     y = graph.op(
-        "GRU", [x, w, r, b, "lengths"], hidden_size=layer.units, linear_before_reset=1,
+        "GRU", [x, w, r, b, "lengths"], hidden_size=layer.units,
+        linear_before_reset=int(layer.variant.reset_after),
         direction="bidirectional" if layer.bidirectional else "forward",
+        **gru_activation_attributes(layer.variant, len(directions)),
     )  # y: (steps, dirs, batch, U)
     return _merge(graph, layer, prefix, y)
 
@@ -109,7 +132,9 @@ def _recurrent_reversed(graph: _Graph, layer: RecurrentLayer, index: int, x: str
         r = graph.const(f"{prefix}_{name}_R", direction.recurrent_kernel.T[None])
         b = graph.const(f"{prefix}_{name}_B", direction.bias.reshape(1, -1))
         inputs = x if name == "forward" else _reverse(graph, x, lengths)
-        y = graph.op("GRU", [inputs, w, r, b], hidden_size=layer.units, linear_before_reset=1)
+        y = graph.op("GRU", [inputs, w, r, b], hidden_size=layer.units,
+                     linear_before_reset=int(layer.variant.reset_after),
+                     **gru_activation_attributes(layer.variant, 1))
         if name == "backward":  # y: (steps, 1, batch, U)
             steps = _reverse(graph, graph.op("Squeeze", [y, dir_axis]), lengths)
             y = graph.op("Unsqueeze", [steps, dir_axis])
@@ -135,14 +160,31 @@ def _merge(graph: _Graph, layer: RecurrentLayer, prefix: str, y: str) -> str:
     return graph.op(MERGE_REDUCERS[layer.merge_mode], [y, axis], keepdims=0)
 
 
-def _head(graph: _Graph, head: DenseHead, hidden: str) -> None:
-    x = graph.op("MatMul", [hidden, graph.const("head_kernel", head.kernel)])
-    if head.bias is not None:
-        x = graph.op("Add", [x, graph.const("head_bias", head.bias)])
-    activation = ACTIVATION_OPS.get(head.activation)
+def gru_activation_attributes(variant: GRUVariant, directions: int) -> dict[str, list]:
+    """``activations`` ``[f, g]`` per direction; alphas and betas are listed only for the
+    functions that take them, in order (ONNX consumes them that way). ONNX's defaults
+    (Sigmoid, Tanh) are cuDNN's: then nothing is set, and a cuDNN model's graph is as before."""
+    if variant.recurrent_activation == "sigmoid" and variant.activation == "tanh":
+        return {}
+    names = [GRU_ACTIVATION_OPS[variant.recurrent_activation], GRU_ACTIVATION_OPS[variant.activation]]
+    names *= directions
+    attributes: dict[str, list] = {"activations": [op for op, _, _ in names]}
+    alphas = [alpha for _, alpha, _ in names if alpha is not None]
+    betas = [beta for _, _, beta in names if beta is not None]
+    if alphas:
+        attributes["activation_alpha"] = alphas
+    if betas:
+        attributes["activation_beta"] = betas
+    return attributes
+
+
+def _dense(graph: _Graph, dense: DenseLayer, index: int, x: str, output: str | None) -> str:
+    x = graph.op("MatMul", [x, graph.const(f"dense{index}_kernel", dense.kernel)])
+    if dense.bias is not None:
+        x = graph.op("Add", [x, graph.const(f"dense{index}_bias", dense.bias)])
+    activation = ACTIVATION_OPS.get(dense.activation)
     if activation is None:
-        graph.op("Identity", [x], "outputs")
-    elif activation == "Softmax":
-        graph.op(activation, [x], "outputs", axis=-1)
-    else:
-        graph.op(activation, [x], "outputs")
+        return graph.op("Identity", [x], output) if output else x
+    if activation == "Softmax":
+        return graph.op(activation, [x], output, axis=-1)
+    return graph.op(activation, [x], output)

@@ -98,12 +98,11 @@ def choose_engine(kind: str, spec: ModelSpec, threads: int | None, length_bucket
 
 
 def _workload(spec: ModelSpec, max_len: int, max_batch_size: int) -> list[list[np.ndarray]]:
-    """A lone request and a full batch of mixed lengths, ids drawn from the model's range."""
+    """A lone request and a full batch of mixed lengths, valid inputs of the model's kind."""
     rng = np.random.default_rng(0)
-    low = 1 if spec.mask_zero else 0
 
     def sequence(length: int) -> np.ndarray:
-        return rng.integers(low, spec.vocab_size, min(length, max_len), dtype=np.int32)
+        return spec.input.sample(rng, min(length, max_len))
 
     batch = [sequence(int(n)) for n in rng.integers(BATCH_LENGTHS[0], BATCH_LENGTHS[1] + 1, max_batch_size)]
     return [[sequence(LONE_LENGTH)], batch]

@@ -1,6 +1,7 @@
-"""Engines run one right-padded batch: ``ids (B, T) int32`` and ``lengths (B,)`` in,
-``outputs (B, T, C)`` and ``hidden (B, T, H)`` out. Rows past a sequence's length are
-padding and are ignored by the caller; each sequence's own rows are exact.
+"""Engines run one right-padded batch: the model's input (``ids (B, T) int32`` or
+``features (B, T, F) float32``, as ``engine.input`` says, the spec's input) and ``lengths
+(B,)`` in, ``outputs (B, T, C)`` and ``hidden (B, T, H)`` out. Rows past a sequence's length
+are padding and are ignored by the caller; each sequence's own rows are exact.
 
 - :class:`OnnxRuntimeEngine` runs the graph of :mod:`app.lowering.onnx_graph`. No per-shape
   compilation, so there is nothing to warm per length. The fastest path measured here.
@@ -21,14 +22,15 @@ from typing import Protocol
 import numpy as np
 
 from app.runtime.buckets import bucket_of
-from app.spec import ModelSpec
+from app.spec import ModelInput, ModelSpec
 
 
 class Engine(Protocol):
     name: str
     parallel_calls: bool
+    input: ModelInput  # what run() takes: its name, dtype and per-step shape
 
-    def run(self, ids: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+    def run(self, inputs: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
 
     def pad_shape(self, batch: int, steps: int) -> tuple[int, int]:
         """The shape a ``(batch, steps)`` group is padded to before :meth:`run`."""
@@ -59,13 +61,14 @@ class OnnxRuntimeEngine:
         # call ends, as the memory budget assumes (app/runtime/admission.py; costs CPU there).
         options.enable_cpu_mem_arena = False
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.input = spec.input
         self._session = ort.InferenceSession(
             build_onnx_model(spec).SerializeToString(), options, providers=["CPUExecutionProvider"]
         )
 
-    def run(self, ids: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def run(self, inputs: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         outputs, hidden = self._session.run(
-            ["outputs", "hidden"], {"ids": ids, "lengths": lengths.astype(np.int32)}
+            ["outputs", "hidden"], {self.input.name: inputs, "lengths": lengths.astype(np.int32)}
         )
         return outputs, hidden
 
@@ -91,15 +94,16 @@ class KerasEngine:
         from app.convert.keras_model import build_keras_model, load_keras_model
 
         _set_tf_threads(tf, threads)
+        self.input = spec.input
         self._buckets = length_buckets
         self._model = load_keras_model(keras_file) if keras_file else build_keras_model(spec)
-        self._call = tf.function(lambda ids, mask: self._model([ids, mask], training=False),
+        self._call = tf.function(lambda inputs, mask: self._model([inputs, mask], training=False),
                                  jit_compile=True, reduce_retracing=False)
 
-    def run(self, ids: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def run(self, inputs: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         from app.convert.keras_model import mask_of
 
-        outputs, hidden = self._call(ids, mask_of(ids, lengths))
+        outputs, hidden = self._call(inputs, mask_of(inputs, lengths))
         return outputs.numpy(), hidden.numpy()
 
     def pad_shape(self, batch: int, steps: int) -> tuple[int, int]:

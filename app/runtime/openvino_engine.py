@@ -28,6 +28,7 @@ class OpenVinoEngine:
 
         from app.lowering.onnx_graph import build_onnx_model
 
+        self.input = spec.input
         core = openvino.Core()
         model = core.read_model(build_onnx_model(spec, backward="reversed").SerializeToString())
         self._compiled = core.compile_model(model, "CPU", {
@@ -39,11 +40,11 @@ class OpenVinoEngine:
         })
         self._requests = threading.local()
 
-    def run(self, ids: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def run(self, inputs: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         request = getattr(self._requests, "request", None)
         if request is None:
             request = self._requests.request = self._compiled.create_infer_request()
-        results = request.infer({"ids": ids, "lengths": lengths.astype(np.int32)})
+        results = request.infer({self.input.name: inputs, "lengths": lengths.astype(np.int32)})
         outputs, hidden = (results[self._compiled.output(name)] for name in ("outputs", "hidden"))
         return outputs, hidden
 

@@ -1,10 +1,12 @@
 """The one runner: unpadded sequences in, each sequence's own per-step rows out.
 
-Sequences are grouped by length bucket so that padding stays small (and at most
-``max_batch_size`` sequences and ``max_batch_tokens`` padded tokens go in one call, which
-bounds the engine's memory per call: see :mod:`app.runtime.admission`), each group is
-right-padded (the engines honour the true lengths, so padding never reaches the backward
-direction), and every result is sliced back to its sequence's length.
+A sequence is whatever the model's input takes per step, stacked: ids ``(steps,) int32`` or
+feature vectors ``(steps, F) float32``. Sequences are grouped by length bucket so that
+padding stays small (and at most ``max_batch_size`` sequences and ``max_batch_tokens``
+padded tokens go in one call, which bounds the engine's memory per call: see
+:mod:`app.runtime.admission`), each group is right-padded into the engine's input array (the
+engines honour the true lengths, so padding never reaches the backward direction), and every
+result is sliced back to its sequence's length.
 """
 
 from __future__ import annotations
@@ -53,17 +55,17 @@ class Runner:
     def _run_group(self, group: list[np.ndarray]) -> list[Result]:
         lengths = np.array([len(s) for s in group], dtype=np.int32)
         batch, steps = self.engine.pad_shape(len(group), int(lengths.max()))
-        ids = np.zeros((batch, steps), dtype=np.int32)
-        padded_lengths = np.ones(batch, dtype=np.int32)  # filler rows: one padding token each
+        inputs = self.engine.input.blank(batch, steps)
+        padded_lengths = np.ones(batch, dtype=np.int32)  # filler rows: one padding step each
         padded_lengths[: len(group)] = lengths
         for row, sequence in enumerate(group):
-            ids[row, : len(sequence)] = sequence
-        outputs, hidden = self.engine.run(ids, padded_lengths)
+            inputs[row, : len(sequence)] = sequence
+        outputs, hidden = self.engine.run(inputs, padded_lengths)
         return [(outputs[row, :length], hidden[row, :length]) for row, length in enumerate(lengths)]
 
     def warm_up(self) -> int:
         """Run every shape the engine wants warm; returns how many shapes ran."""
         shapes = self.engine.warm_shapes(self.max_batch_size, self.buckets[-1])
         for batch, steps in shapes:
-            self.engine.run(np.zeros((batch, steps), np.int32), np.full(batch, steps, np.int32))
+            self.engine.run(self.engine.input.blank(batch, steps), np.full(batch, steps, np.int32))
         return len(shapes)

@@ -40,6 +40,7 @@ from app.runtime.buckets import length_buckets
 from app.runtime.engine_choice import EngineChoice, choose_engine
 from app.runtime.runner import Result, Runner
 from app.runtime.selfcheck import DEFAULT_TOLERANCE, SelfCheck, run_self_check
+from app.spec import ModelInput, TokenInput
 
 log = logging.getLogger("app.service")
 
@@ -126,12 +127,17 @@ class ModelService:
                  extra={"seconds_to_ready": round(self.status.seconds_to_ready, 3)})
 
     @property
-    def token_range(self) -> tuple[int, int]:
-        """Ids a request may carry. With ``mask_zero`` the model skips id 0 as padding (state
-        carried over): a different computation from padding-free serving, so id 0 is refused."""
+    def model_input(self) -> ModelInput:
+        """What a request carries per step: token ids or feature vectors (see app.api.inputs)."""
         assert self.bundle is not None
-        spec = self.bundle.spec
-        return (1 if spec.mask_zero else 0), spec.vocab_size
+        return self.bundle.spec.input
+
+    @property
+    def token_range(self) -> tuple[int, int]:
+        """Ids a request may carry, for a model taking tokens (``TokenInput.id_range``)."""
+        model_input = self.model_input
+        assert isinstance(model_input, TokenInput), "this model takes feature vectors"
+        return model_input.id_range
 
     @property
     def accepting(self) -> bool:
@@ -239,6 +245,7 @@ class ModelService:
             "name": spec.name,
             "source": self.source,
             "architecture": spec.describe(),
+            "input": spec.input.describe(),
             "vocab_size": spec.vocab_size,
             "output_width": spec.output_width,
             "keras": self._keras_metadata(),

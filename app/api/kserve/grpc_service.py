@@ -124,7 +124,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=metadata["name"], versions=metadata["versions"], platform=metadata["platform"],
-            inputs=[tensor(**spec.as_dict()) for spec in input_specs()],
+            inputs=[tensor(**spec.as_dict()) for spec in input_specs(self.service.model_input)],
             outputs=[tensor(**spec.as_dict()) for spec in output_specs(self.service)])
 
     @observed
@@ -132,7 +132,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         service, settings = self.service, self.settings
         check_model(service, request.model_name, request.model_version)
         check_ready(service)
-        sequences, steps = sequences_from(inputs_of(request), service.token_range, settings.max_batch,
+        sequences, steps = sequences_from(inputs_of(request), service.model_input, settings.max_batch,
                                           settings.max_len)
         names = [output.name for output in request.outputs] or list(OUTPUT_NAMES)
         check_output_names(names)

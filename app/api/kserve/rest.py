@@ -158,7 +158,7 @@ def build_kserve_router(settings: Settings) -> APIRouter:
         header, binary = split_body(body, request.headers.get("inference-header-content-length"))
         inference = parse_body(header, InferenceRequest)
         assert isinstance(inference, InferenceRequest)
-        sequences, steps = sequences_from(read_inputs(inference.inputs, binary), service.token_range,
+        sequences, steps = sequences_from(read_inputs(inference.inputs, binary), service.model_input,
                                           settings.max_batch, settings.max_len)
         names, binary_flags = chosen_outputs(inference)
         results = await run_within_limits(service, sequences, settings.request_timeout_s,

@@ -1,8 +1,10 @@
 """The served model as the protocol's named tensors, shared by the HTTP and gRPC front ends.
 
-Inputs: ``ids`` (INT32 or INT64, ``[batch, steps]``) and, for right-padded rows, ``lengths``
-(``[batch]``, each in ``1..steps``); without ``lengths`` every row is one whole sequence of
-``steps`` tokens. Outputs: ``outputs`` (FP32 ``[batch, steps, C]``) and ``hidden`` (FP32
+Inputs: ``ids`` (INT32 or INT64, ``[batch, steps]``) for a model taking tokens, or
+``features`` (FP32, ``[batch, steps, F]``) for one taking feature vectors; and, for
+right-padded rows, ``lengths`` (``[batch]``, each in ``1..steps``); without ``lengths`` every
+row is one whole sequence of ``steps`` steps. The values are checked by :mod:`app.api.inputs`,
+as ``/infer``'s are. Outputs: ``outputs`` (FP32 ``[batch, steps, C]``) and ``hidden`` (FP32
 ``[batch, steps, H]``, the last GRU layer's merged states), rows zeroed past each length.
 Each row is computed as if alone, exactly as ``/infer`` computes it.
 """
@@ -14,12 +16,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from app.api.errors import ApiError
+from app.api.inputs import InvalidInput, checked_features, checked_ids
 from app.api.kserve.tensors import Tensor, invalid
-from app.api.routes import check_token_ids
 from app.runtime.runner import Result
 from app.runtime.service import ModelService
+from app.spec import ModelInput, TokenInput
 
-IDS, LENGTHS = "ids", "lengths"
+LENGTHS = "lengths"
 OUTPUTS, HIDDEN = "outputs", "hidden"
 OUTPUT_NAMES = [OUTPUTS, HIDDEN]  # all of them, in this order, when a request names none
 INDEX_DATATYPES = ("INT32", "INT64")
@@ -37,9 +40,11 @@ class TensorSpec:
         return {"name": self.name, "datatype": self.datatype, "shape": self.shape}
 
 
-def input_specs() -> list[TensorSpec]:
-    # ids also takes INT64; metadata names one datatype, the narrower one.
-    return [TensorSpec(IDS, "INT32", [-1, -1]), TensorSpec(LENGTHS, "INT32", [-1])]
+def input_specs(model_input: ModelInput) -> list[TensorSpec]:
+    # ids and lengths also take INT64; metadata names one datatype, the narrower one.
+    main = (TensorSpec(model_input.name, "INT32", [-1, -1]) if isinstance(model_input, TokenInput)
+            else TensorSpec(model_input.name, "FP32", [-1, -1, model_input.features]))
+    return [main, TensorSpec(LENGTHS, "INT32", [-1])]
 
 
 def output_specs(service: ModelService) -> list[TensorSpec]:
@@ -57,7 +62,7 @@ def model_name(service: ModelService) -> str:
 def model_metadata(service: ModelService) -> dict:
     return {"name": model_name(service), "versions": [VERSION],
             "platform": PLATFORMS.get(service.settings.engine, service.settings.engine),
-            "inputs": [t.as_dict() for t in input_specs()],
+            "inputs": [t.as_dict() for t in input_specs(service.model_input)],
             "outputs": [t.as_dict() for t in output_specs(service)]}
 
 
@@ -77,27 +82,40 @@ def check_ready(service: ModelService) -> None:
                        headers={"Retry-After": "1"})
 
 
-def sequences_from(inputs: list[Tensor], token_range: tuple[int, int], max_batch: int,
+def sequences_from(inputs: list[Tensor], model_input: ModelInput, max_batch: int,
                    max_len: int) -> tuple[list[np.ndarray], int]:
     """The unpadded sequences the input tensors carry, and ``steps`` (the padded width)."""
-    by_name = named(inputs, "input", (IDS, LENGTHS))
-    ids = by_name.get(IDS)
-    if ids is None:
-        raise invalid(f"input '{IDS}' is missing")
-    if ids.datatype not in INDEX_DATATYPES or ids.array.ndim != 2:
-        raise invalid(f"input '{IDS}' must be INT32 or INT64 of shape [batch, steps]; got "
-                      f"{ids.datatype} {ids.shape}")
-    batch, steps = ids.array.shape
+    name = model_input.name
+    by_name = named(inputs, "input", (name, LENGTHS))
+    tensor = by_name.get(name)
+    if tensor is None:
+        raise invalid(f"input '{name}' is missing")
+    expected = input_specs(model_input)[0]
+    datatypes = INDEX_DATATYPES if isinstance(model_input, TokenInput) else ("FP32",)
+    if tensor.datatype not in datatypes or tensor.array.ndim != len(expected.shape) or (
+            tensor.array.ndim == 3 and tensor.array.shape[2] != expected.shape[2]):
+        raise invalid(f"input '{name}' must be {' or '.join(datatypes)} of shape "
+                      f"{_shape_text(expected.shape)}; got {tensor.datatype} {tensor.shape}")
+    batch, steps = tensor.array.shape[:2]
     if not 1 <= batch <= max_batch or not 1 <= steps <= max_len:
-        raise invalid(f"input '{IDS}' has shape {ids.shape}; this deployment takes 1..{max_batch} "
+        raise invalid(f"input '{name}' has shape {tensor.shape}; this deployment takes 1..{max_batch} "
                       f"rows of 1..{max_len} steps")
-    lengths = row_lengths(by_name.get(LENGTHS), batch, steps)
-    rows = [row[:length] for row, length in zip(ids.array, lengths)]
-    check_token_ids(np.concatenate(rows), lengths, token_range, IDS)
-    return [row.astype(np.int32) for row in rows], steps
+    lengths = row_lengths(by_name.get(LENGTHS), batch, steps, name)
+    flat = np.concatenate([row[:length] for row, length in zip(tensor.array, lengths)]).astype(np.float64)
+    try:
+        if isinstance(model_input, TokenInput):
+            return checked_ids(flat, lengths, model_input.id_range, name), steps
+        return checked_features(flat, lengths, model_input, name), steps
+    except InvalidInput as exc:
+        raise invalid(exc.message) from None
 
 
-def row_lengths(tensor: Tensor | None, batch: int, steps: int) -> np.ndarray:
+def _shape_text(shape: list[int]) -> str:
+    names = ["batch", "steps"]
+    return "[" + ", ".join(names[i] if size < 0 else str(size) for i, size in enumerate(shape)) + "]"
+
+
+def row_lengths(tensor: Tensor | None, batch: int, steps: int, input_name: str) -> np.ndarray:
     if tensor is None:
         return np.full(batch, steps, dtype=np.int64)
     if tensor.datatype not in INDEX_DATATYPES or tensor.shape != [batch]:
@@ -107,7 +125,7 @@ def row_lengths(tensor: Tensor | None, batch: int, steps: int) -> np.ndarray:
     bad = np.flatnonzero((lengths < 1) | (lengths > steps))
     if bad.size:
         raise invalid(f"{LENGTHS}.{bad[0]}: length {lengths[bad[0]]} is not in 1..{steps} (the steps of "
-                      f"'{IDS}')")
+                      f"'{input_name}')")
     return lengths
 
 
