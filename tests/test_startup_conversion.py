@@ -176,6 +176,6 @@ def test_keras_engine_serves_the_saved_keras_model_itself(tmp_path: Path) -> Non
     model_path = tf1_dir(tmp_path / "model")
     meta, _, maps = serve_once({"MODEL_PATH": str(model_path), "MODEL_CACHE_DIR": str(tmp_path / "cache"),
                                 "ENGINE": "keras", "MAX_LEN": "16"})
-    assert meta["engine"] == "keras" and Path(meta["keras"]["path"]).is_file()
+    assert meta["engine"] == "keras-xla" and Path(meta["keras"]["path"]).is_file()
     assert meta["self_check"]["passed"] and meta["engine_vs_keras"]["passed"]
     assert "libtensorflow" in maps  # by choice: ENGINE=keras runs Keras in the server
