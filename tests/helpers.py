@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import cache
+from pathlib import Path
 
 import numpy as np
 
@@ -10,6 +11,7 @@ from app.runtime.buckets import length_buckets
 from app.runtime.engines import KerasEngine, OnnxRuntimeEngine
 from app.runtime.runner import Runner
 from app.spec import ModelSpec
+from tests.reference import NativeModel
 
 ENGINES = ("onnxruntime", "keras")
 
@@ -38,3 +40,12 @@ def tf_keras():
     import tf_keras as module
 
     return module
+
+
+def spec_of(model: NativeModel, directory: Path) -> ModelSpec:
+    """The spec the service reads from ``model`` written as a Keras 2 CuDNNGRU file."""
+    from app.formats.keras_h5 import read_keras_h5
+    from app.formats.manifest import Architecture
+    from tests.keras2_files import write_full_model
+
+    return read_keras_h5(write_full_model(directory / "model.h5", model), Architecture(), "model")
