@@ -1,12 +1,21 @@
-"""Run a spec through the project's own runner with either engine."""
+"""Run a spec through the project's own runner with either engine, or the whole app in process."""
 
 from __future__ import annotations
 
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 
 import numpy as np
 
+with warnings.catch_warnings():  # starlette suggests httpx2, which is not what we pin
+    warnings.simplefilter("ignore")
+    from starlette.testclient import TestClient
+
+from app.config import Settings
 from app.runtime.buckets import length_buckets
 from app.runtime.engines import KerasEngine, OnnxRuntimeEngine
 from app.runtime.runner import Runner
@@ -49,3 +58,19 @@ def spec_of(model: NativeModel, directory: Path) -> ModelSpec:
     from tests.keras2_files import write_full_model
 
     return read_keras_h5(write_full_model(directory / "model.h5", model), Architecture(), "model")
+
+
+@contextmanager
+def in_process(settings: Settings, ready: bool = True) -> Iterator[TestClient]:
+    """The app of ``create_app(settings)`` in this process (lifespan included), once the
+    model is ready (``ready``) or has failed its preparation."""
+    from app.main import create_app
+
+    with TestClient(create_app(settings)) as client:
+        deadline = time.monotonic() + 120
+        while client.get("/readyz").json()["stage"] not in ("ready", "failed"):
+            assert time.monotonic() < deadline, "the model never became ready"
+            time.sleep(0.02)
+        if ready:
+            assert client.get("/readyz").status_code == 200, client.get("/readyz").text
+        yield client
