@@ -1,0 +1,54 @@
+"""Input validation in process (fast enough to run on every mutant): every bad request of
+``test_api`` gets its JSON 4xx, messages point at the first bad token, and ids at both ends
+of the vocabulary are accepted."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from app.config import Settings
+from tests.helpers import TestClient, in_process
+from tests.test_api import BAD_REQUESTS
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[TestClient]:
+    with in_process(Settings(_env_file=None)) as client:  # type: ignore[call-arg]
+        yield client
+
+
+@pytest.mark.parametrize(("case", "body", "status", "kind"), BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])
+def test_bad_requests_get_a_json_4xx(client: TestClient, case: str, body: bytes, status: int,
+                                     kind: str) -> None:
+    response = client.post("/infer", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["type"] == kind and error["status"] == status and error["message"]
+    assert error["request_id"] == response.headers["x-request-id"]
+
+
+@pytest.mark.parametrize(("sequences", "message"), [
+    ([[1, 2], [3, 400]], "sequences.1.1: token id 400 is not an integer in [0, 96)"),
+    ([[-1]], "sequences.0.0: token id -1 is not an integer in [0, 96)"),
+    ([[5, 6, 7], [8], [9, 10, 96.0]], "sequences.2.2: token id 96 is not an integer in [0, 96)"),
+    ([[5, 2.5, 7, 1000]], "sequences.0.1: token id 2.5 is not an integer in [0, 96) (and 1 more)"),
+    ([[99], [1], [-3, 200]], "sequences.0.0: token id 99 is not an integer in [0, 96) (and 2 more)"),
+])
+def test_messages_point_at_the_first_bad_token(client: TestClient, sequences: list, message: str) -> None:
+    response = client.post("/infer", json={"sequences": sequences})
+    assert response.status_code == 422
+    assert response.json()["error"] == {"status": 422, "type": "invalid_token", "message": message,
+                                        "request_id": response.headers["x-request-id"]}
+
+
+def test_both_ends_of_the_vocabulary_and_integral_floats_are_served(client: TestClient) -> None:
+    body = client.post("/infer", json={"sequences": [[0, 95], [95.0, 0.0], [7]]}).json()
+    assert [len(o) for o in body["outputs"]] == [2, 2, 1] and "hidden" not in body
+    first = np.asarray(body["outputs"][0])
+    np.testing.assert_allclose(first.sum(axis=1), 1, atol=1e-5)  # softmax rows
+    with_hidden = client.post("/infer", json={"sequences": [[0, 95]], "return_hidden": True}).json()
+    assert np.asarray(with_hidden["hidden"][0]).shape == (2, 256)
+    np.testing.assert_allclose(with_hidden["outputs"][0], first, atol=1e-6)
