@@ -74,3 +74,20 @@ def in_process(settings: Settings, ready: bool = True) -> Iterator[TestClient]:
         if ready:
             assert client.get("/readyz").status_code == 200, client.get("/readyz").text
         yield client
+
+
+@cache
+def tf_keras_segmenter():
+    """The default model as tf_keras builds it from the Keras 2 weights-only file of the same
+    GPU-trained weights: tf_keras's own CuDNNGRU -> GRU converter, independent of ours."""
+    keras2 = tf_keras()
+    layers = keras2.layers
+    model = keras2.Sequential([
+        layers.InputLayer(input_shape=(None,)),
+        layers.Embedding(96, 32, name="embedding"),
+        *[layers.Bidirectional(layers.GRU(128, return_sequences=True, reset_after=True), name=f"bigru_{i}")
+          for i in range(2)],
+        layers.TimeDistributed(layers.Dense(2, activation="softmax"), name="tags"),
+    ])
+    model.load_weights(str(Path(__file__).resolve().parent / "fixtures" / "segmenter_weights.h5"))
+    return model

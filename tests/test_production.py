@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import Server
+from tests.helpers import max_diff
 
 
 @pytest.fixture(scope="module")
@@ -64,14 +65,15 @@ def test_metrics_separate_queueing_from_compute(small_server: Server) -> None:
     assert 'bigru_sequence_tokens_bucket{le="512.0"} ' in text
 
 
-def post_many(url: str, bodies: list[dict], timeout: float = 30) -> list[tuple[int, float]]:
-    async def run() -> list[tuple[int, float]]:
+def post_many(url: str, bodies: list[dict], timeout: float = 30) -> list[tuple[int, float, dict]]:
+    """Every body at once; (status, seconds, parsed answer) for each, in order."""
+    async def run() -> list[tuple[int, float, dict]]:
         limits = httpx.Limits(max_connections=len(bodies))
         async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as client:
-            async def one(body: dict) -> tuple[int, float]:
+            async def one(body: dict) -> tuple[int, float, dict]:
                 start = time.perf_counter()
                 response = await client.post("/infer", json=body)
-                return response.status_code, time.perf_counter() - start
+                return response.status_code, time.perf_counter() - start, response.json()
 
             return await asyncio.gather(*[one(b) for b in bodies])
 
@@ -79,22 +81,35 @@ def post_many(url: str, bodies: list[dict], timeout: float = 30) -> list[tuple[i
 
 
 def test_flood_gets_correct_200s_or_fast_503s(small_server: Server, gpu_reference: dict) -> None:
+    """Far more than MAX_QUEUE at once, of sequences whose GPU outputs we have: every 200
+    carries exactly the GPU's numbers for its own sequences, every other answer is a 503."""
     rng = np.random.default_rng(0)
-    bodies = [{"sequences": [rng.integers(2, 96, 300).tolist() for _ in range(4)]} for _ in range(150)]
+    picks = [rng.choice(len(gpu_reference["ids"]), 4, replace=False) for _ in range(150)]
+    bodies = [{"sequences": [gpu_reference["ids"][i].tolist() for i in pick]} for pick in picks]
+    refused_before = refused_as_full(small_server)
     results = post_many(small_server.url, bodies)
-    statuses = [status for status, _ in results]
+    statuses = [status for status, _, _ in results]
     assert set(statuses) <= {200, 503}, set(statuses)
     assert statuses.count(503) > 0 and statuses.count(200) > 0
-    rejected = [seconds for status, seconds in results if status == 503]
+    for (status, _, answer), pick in zip(results, picks):
+        if status == 200:
+            expected = [gpu_reference["probs_fp32"][i] for i in pick]
+            assert max_diff([np.asarray(o, np.float32) for o in answer["outputs"]], expected) <= 1e-4
+        else:
+            assert answer["error"]["type"] == "overloaded"
+    rejected = [seconds for status, seconds, _ in results if status == 503]
     assert max(rejected) < 5.0
-    assert float(np.percentile([seconds for _, seconds in results], 99)) < 10.0
+    assert float(np.percentile([seconds for _, seconds, _ in results], 99)) < 10.0
     assert httpx.get(small_server.url + "/readyz").status_code == 200
-    sequences = [s.tolist() for s in gpu_reference["ids"][:8]]
-    body = httpx.post(small_server.url + "/infer", json={"sequences": sequences}, timeout=30).json()
-    for got, expected in zip(body["outputs"], gpu_reference["probs_fp32"][:8]):
-        assert np.max(np.abs(np.asarray(got) - expected)) <= 1e-4
-    metrics = httpx.get(small_server.url + "/metrics").text
-    assert 'bigru_rejected_requests_total{reason="queue_full"}' in metrics
+    assert refused_as_full(small_server) - refused_before == statuses.count(503)
+
+
+def refused_as_full(server: Server) -> float:
+    """The ``bigru_rejected_requests_total{reason="queue_full"}`` counter."""
+    for line in httpx.get(server.url + "/metrics").text.splitlines():
+        if line.startswith('bigru_rejected_requests_total{reason="queue_full"}'):
+            return float(line.split()[-1])
+    return 0.0
 
 
 def test_overloaded_answer_says_when_to_retry(small_server: Server) -> None:
@@ -121,12 +136,50 @@ def test_deadline_gives_504_and_the_service_goes_on() -> None:
         server.stop()
 
 
+def metric(server: Server, name: str) -> float:
+    for line in httpx.get(server.url + "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"no {name} in /metrics")
+
+
+def test_queued_work_past_its_deadline_is_dropped_not_run() -> None:
+    """One worker busy with a long request; a short one queued behind it times out too. The
+    long one was already computing and finishes; the short one's work never reaches the
+    engine: the engine's own histogram counts only the sequences it ran."""
+    server = Server({"REQUEST_TIMEOUT_S": "0.3", "WORKERS": "1"})
+    try:
+        server.wait_until()
+
+        async def run() -> list[int]:
+            async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+                heavy = asyncio.ensure_future(client.post("/infer", json={"sequences": [[4] * 2048] * 64}))
+                await asyncio.sleep(0.15)  # the worker has taken the heavy job
+                light = await client.post("/infer", json={"sequences": [[5, 6, 7]]})
+                return [(await heavy).status_code, light.status_code]
+
+        assert asyncio.run(run()) == [504, 504]
+        deadline = time.monotonic() + 120
+        while metric(server, "bigru_engine_batch_sequences_count") < 1:  # the heavy call ends
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert len(httpx.post(server.url + "/infer", json={"sequences": [[8]]}).json()["outputs"]) == 1
+        assert metric(server, "bigru_engine_batch_sequences_count") == 2  # heavy, then the last one
+        assert metric(server, "bigru_engine_batch_sequences_sum") == 64 + 1  # not the light one's
+        assert metric(server, 'bigru_rejected_requests_total{reason="deadline"}') == 2
+    finally:
+        server.stop()
+
+
 def test_probes_and_metrics_stay_out_of_the_log(small_server: Server) -> None:
     for path in ("/healthz", "/readyz", "/metrics"):
         httpx.get(small_server.url + path)
     httpx.post(small_server.url + "/infer", json={"sequences": [[9]]}, headers={"X-Request-ID": "logged-1"})
-    time.sleep(0.2)
-    small_server.stop()
+    httpx.post(small_server.url + "/infer", json={"sequences": [[9]]}, headers={"X-Request-ID": "logged-2"})
+    deadline = time.monotonic() + 10  # the line is written once the response has gone out
+    while not any(r.get("request_id") == "logged-2" for r in small_server.log_records()):
+        assert time.monotonic() < deadline, small_server.output()
+        time.sleep(0.05)
     lines = [line for line in small_server.log_records() if line.get("message") == "request"]
     assert any(line["request_id"] == "logged-1" and line["status"] == 200 and "duration_ms" in line
                for line in lines)
