@@ -80,3 +80,9 @@ def test_rows_of_the_wrong_shape_are_a_model_error(parity_and_runner: tuple[Pari
     cut = [o[:, :1] for o in parity.outputs]
     with pytest.raises(ModelError, match=r"parity data has rows of shape \(\d+, 1\), the model gives"):
         run_self_check(replace(parity, outputs=cut), runner.run, 1e-4)
+
+
+def test_a_runner_that_loses_a_sequence_cannot_pass(parity_and_runner: tuple[ParityData, Runner]) -> None:
+    parity, runner = parity_and_runner
+    with pytest.raises(ValueError, match="zip"):
+        run_self_check(parity, lambda sequences: runner.run(sequences)[:-1], 1e-4)
