@@ -13,7 +13,7 @@ import pytest
 
 from app.cli import main
 from tests.conftest import DEFAULT_MODEL, ROOT, Server
-from tests.helpers import max_diff
+from tests.helpers import ENGINES, max_diff, outputs
 from tests.reference import activation, sigmoid
 
 REFERENCE = DEFAULT_MODEL / "segmenter.ref.npz"
@@ -70,6 +70,18 @@ def test_converted_directory_serves_gpu_outputs(converted: Path, gpu_reference: 
         assert max_diff(got, gpu_reference["probs_fp32"]) <= 1e-4
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_converted_keras3_file_reproduces_the_gpu_on_each_engine(converted: Path, gpu_reference: dict,
+                                                                 engine: str) -> None:
+    from app.formats import load_bundle
+
+    spec = load_bundle(converted).spec
+    assert spec.source.format == "keras3"
+    short = [i for i, n in enumerate(gpu_reference["lengths"]) if n <= 12]  # few shapes to compile
+    got = outputs(spec, [gpu_reference["ids"][i].tolist() for i in short], engine)
+    assert max_diff(got, [gpu_reference["probs_fp32"][i] for i in short]) <= 1e-4
 
 
 def test_verify_prints_max_diff_per_output(converted: Path, capsys: pytest.CaptureFixture[str]) -> None:
