@@ -43,8 +43,12 @@ def test_exported_graph_declares_its_inputs_and_outputs(tmp_path: Path) -> None:
 
     model = random_model(np.random.default_rng(0), vocab=25, width=5, units=3, layers=2, head=4)
     graph = build_onnx_model(spec_of(model, tmp_path))
-    assert [i.name for i in graph.graph.input] == ["ids", "lengths"]
-    assert [o.name for o in graph.graph.output] == ["outputs", "hidden"]
-    widths = [o.type.tensor_type.shape.dim[2].dim_value for o in graph.graph.output]
-    assert widths == [4, 6]
-    assert graph.opset_import[0].version == OPSET
+    def dims(value: object) -> list[str | int]:
+        return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]  # type: ignore[attr-defined]
+
+    # The documented interface of an exported model: ids (B, T), lengths (B,) -> (B, T, C), (B, T, H),
+    # with the same symbolic B and T throughout.
+    assert {i.name: dims(i) for i in graph.graph.input} == {"ids": ["batch", "steps"], "lengths": ["batch"]}
+    assert {o.name: dims(o) for o in graph.graph.output} == {"outputs": ["batch", "steps", 4],
+                                                             "hidden": ["batch", "steps", 6]}
+    assert graph.opset_import[0].version == OPSET and graph.producer_name == "bigru-serve"
