@@ -1,6 +1,7 @@
 # make run  : install if needed, serve the default model on http://127.0.0.1:8000
 # make test : install if needed, lint and run the whole suite
 # make bench: install if needed, run the latency/throughput benchmark (loopback only)
+# make mutation: install if needed, mutation-test the modules that decide correctness (slow)
 
 PYTHON ?= python3
 VENV   := .venv
@@ -9,7 +10,7 @@ TOOLS  := .venv-tools
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: install run test lint bench soak flood constraints clean
+.PHONY: install run test lint bench soak flood mutation constraints clean
 
 install: $(VENV)/.installed $(TOOLS)/.installed
 
@@ -31,7 +32,7 @@ run: $(VENV)/.installed
 	HOST=$(HOST) PORT=$(PORT) $(BIN)/python -m app serve
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff check app tests bench examples
+	$(BIN)/ruff check app tests bench examples mutation
 
 test: install lint
 	$(BIN)/pytest
@@ -46,6 +47,10 @@ soak: $(VENV)/.installed
 # Far more concurrent work than the queue holds: every answer a correct 200 or a fast 503.
 flood: $(VENV)/.installed
 	$(BIN)/python -m bench.flood
+
+# mutmut against each module's fast tests; prints the kill rate per module (target 90%).
+mutation: $(VENV)/.installed
+	$(BIN)/python -m mutation
 
 constraints: $(VENV)/.installed
 	{ sed -n '1,2p' constraints.txt; $(BIN)/pip freeze --exclude-editable | grep -v '^-e'; } > constraints.new

@@ -41,7 +41,8 @@ class Module:
 
 
 MODULES = {
-    "gru_layouts": Module("app/formats/gru_layouts.py", ("tests/test_layouts.py", "tests/test_layout_errors.py")),
+    "gru_layouts": Module("app/formats/gru_layouts.py",
+                          ("tests/test_layouts.py", "tests/test_layout_errors.py")),
     "spec": Module("app/spec.py", ("tests/test_spec.py", "tests/test_startup_failures.py"),
                    "not server and not self_check"),
     "onnx_graph": Module("app/lowering/onnx_graph.py", ("tests/test_onnx_graph.py",)),

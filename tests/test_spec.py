@@ -65,7 +65,7 @@ def test_shape_errors_name_the_layer(segmenter: ModelSpec) -> None:
     head = segmenter.head
     assert head is not None
     refused(replace(segmenter, embeddings=segmenter.embeddings[0]), r"embedding: expected a 2-D matrix")
-    refused(replace(segmenter, layers=()), "the model has no GRU layer")
+    refused(replace(segmenter, layers=()), r"^the model has no GRU layer$")
     refused(replace(segmenter, layers=(replace(first, merge_mode="max"), second)),
             r"bigru_0: unsupported merge_mode 'max'")
     narrow = replace(first.forward, kernel=first.forward.kernel[:31])
