@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -91,3 +92,29 @@ def tf_keras_segmenter():
     ])
     model.load_weights(str(Path(__file__).resolve().parent / "fixtures" / "segmenter_weights.h5"))
     return model
+
+
+class GatedEngine:
+    """The real engine, recording each call's sequences; while ``gate`` is clear, calls wait."""
+
+    def __init__(self, engine: OnnxRuntimeEngine) -> None:
+        self.engine = engine
+        self.name, self.parallel_calls = engine.name, engine.parallel_calls
+        self.gate = threading.Event()
+        self.gate.set()
+        self.calls: list[list[tuple[int, ...]]] = []  # per call: the real sequences it ran
+        self.shapes: list[tuple[int, int]] = []  # per call: the padded (batch, steps)
+        self.started = 0
+
+    def run(self, ids: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        self.started += 1
+        self.gate.wait(timeout=30)
+        self.calls.append([tuple(row[:n]) for row, n in zip(ids.tolist(), lengths.tolist())])
+        self.shapes.append(ids.shape)
+        return self.engine.run(ids, lengths)
+
+    def pad_shape(self, batch: int, steps: int) -> tuple[int, int]:
+        return self.engine.pad_shape(batch, steps)
+
+    def warm_shapes(self, max_batch: int, max_len: int) -> list[tuple[int, int]]:
+        return self.engine.warm_shapes(max_batch, max_len)

@@ -3,13 +3,12 @@ full queue refuses at once; work whose caller gave up (a deadline) is never comp
 every caller gets its own results, even among jobs of identical shape; and the metrics
 it feeds mean what their names say (time waiting in the queue vs time in the engine).
 
-The engine is the real ONNX Runtime engine behind a gate that records every call and can
-hold the engine busy, which is how "the engine is busy" happens in production."""
+The engine is the real ONNX Runtime engine behind a gate (``tests.helpers.GatedEngine``)
+that records every call and can hold the engine busy, as a long call does in production."""
 
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -22,35 +21,11 @@ from app.runtime.buckets import length_buckets
 from app.runtime.engines import OnnxRuntimeEngine
 from app.runtime.runner import Runner
 from app.spec import ModelSpec
-from tests.helpers import spec_of
+from tests.helpers import GatedEngine, spec_of
 from tests.reference import NativeModel, random_model
 
 T = TypeVar("T")
 VOCAB = 30
-
-
-class GatedEngine:
-    """The real engine, recording each call's sequences; while ``gate`` is clear, calls wait."""
-
-    def __init__(self, engine: OnnxRuntimeEngine) -> None:
-        self.engine = engine
-        self.name, self.parallel_calls = engine.name, engine.parallel_calls
-        self.gate = threading.Event()
-        self.gate.set()
-        self.calls: list[list[tuple[int, ...]]] = []  # per call: the real sequences it ran
-        self.started = 0
-
-    def run(self, ids: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        self.started += 1
-        self.gate.wait(timeout=30)
-        self.calls.append([tuple(row[:n]) for row, n in zip(ids.tolist(), lengths.tolist())])
-        return self.engine.run(ids, lengths)
-
-    def pad_shape(self, batch: int, steps: int) -> tuple[int, int]:
-        return self.engine.pad_shape(batch, steps)
-
-    def warm_shapes(self, max_batch: int, max_len: int) -> list[tuple[int, int]]:
-        return self.engine.warm_shapes(max_batch, max_len)
 
 
 @pytest.fixture(scope="module")
