@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from app.observability import Metrics
-from app.runtime.batcher import MicroBatcher, QueueFull
+from app.runtime.batcher import BatchStats, MicroBatcher, QueueFull
 from app.runtime.buckets import length_buckets
 from app.runtime.engines import OnnxRuntimeEngine
 from app.runtime.runner import Runner
@@ -46,12 +46,13 @@ async def eventually(condition: Callable[[], bool], timeout: float = 10.0) -> No
 
 
 def with_batcher(scenario: Callable[[MicroBatcher, GatedEngine], Awaitable[T]], spec: ModelSpec, *,
-                 workers: int = 1, max_queue: int = 64, max_batch_size: int = 8) -> T:
+                 workers: int = 1, max_queue: int = 64, max_batch_size: int = 8,
+                 max_delay_s: float = 0.0) -> T:
     """Runs ``scenario`` against a started batcher; always opens the gate and closes it."""
     async def main() -> T:
         engine = GatedEngine(OnnxRuntimeEngine(spec, threads=1))
         runner = Runner(engine, length_buckets(64), max_batch_size)  # type: ignore[arg-type]
-        batcher = MicroBatcher(runner, workers, max_batch_size, 0.0, max_queue)
+        batcher = MicroBatcher(runner, workers, max_batch_size, max_delay_s, max_queue)
         batcher.start()
         try:
             return await scenario(batcher, engine)
@@ -63,7 +64,7 @@ def with_batcher(scenario: Callable[[MicroBatcher, GatedEngine], Awaitable[T]], 
 
 
 def with_batcher_calls(scenario: Callable[[MicroBatcher, GatedEngine], Awaitable[None]], spec: ModelSpec,
-                       **options: int) -> list[list[tuple[int, ...]]]:
+                       **options: float) -> list[list[tuple[int, ...]]]:
     """Runs ``scenario`` and returns what the engine ran, call by call."""
     seen: list[list[list[tuple[int, ...]]]] = []
 
@@ -150,9 +151,10 @@ def test_metrics_tell_queue_wait_from_compute(model: tuple[NativeModel, ModelSpe
     of about HOLD), and the batch histogram one call of 1 and one of 2 sequences."""
     hold = 0.3
     metrics = Metrics()
+    calls: list[BatchStats] = []
 
     async def scenario(batcher: MicroBatcher, engine: GatedEngine) -> None:
-        batcher.on_batch.append(metrics.observe_batch)
+        batcher.on_batch += [metrics.observe_batch, calls.append]
         engine.gate.clear()
         first = asyncio.ensure_future(batcher.submit([tokens(40, 5)]))
         await eventually(lambda: engine.started == 1)
@@ -171,6 +173,7 @@ def test_metrics_tell_queue_wait_from_compute(model: tuple[NativeModel, ModelSpe
     assert hold * 0.9 <= value("bigru_engine_compute_seconds_sum") < 2 * hold
     assert value("bigru_engine_batch_sequences_count") == 2
     assert value("bigru_engine_batch_sequences_sum") == 3
+    assert [(stats.jobs, stats.sequences) for stats in calls] == [(1, 1), (2, 2)]
 
 
 def test_an_engine_failure_fails_its_callers_and_the_batcher_goes_on(
@@ -207,3 +210,58 @@ def test_close_finishes_every_queued_job(model: tuple[NativeModel, ModelSpec]) -
         assert all(job.done() and len(job.result()) == 1 for job in jobs)
 
     with_batcher(scenario, model[1])
+
+
+def test_a_lone_request_waits_up_to_max_delay_for_company(model: tuple[NativeModel, ModelSpec]) -> None:
+    async def scenario(batcher: MicroBatcher, engine: GatedEngine) -> None:
+        first = asyncio.ensure_future(batcher.submit([tokens(80, 5)]))
+        await asyncio.sleep(0.05)  # well inside MAX_QUEUE_DELAY_MS
+        await asyncio.gather(first, batcher.submit([tokens(81, 5)]))
+
+    calls = with_batcher_calls(scenario, model[1], max_delay_s=0.5)
+    assert [len(call) for call in calls] == [2]  # one engine call for both
+
+
+def test_a_full_batch_does_not_wait(model: tuple[NativeModel, ModelSpec]) -> None:
+    async def scenario(batcher: MicroBatcher, engine: GatedEngine) -> None:
+        full = [tokens(82, 5), tokens(83, 5)]  # max_batch_size sequences: nothing to wait for
+        assert len(await asyncio.wait_for(batcher.submit(full), timeout=2.0)) == 2
+
+    with_batcher(scenario, model[1], max_batch_size=2, max_delay_s=10.0)
+
+
+def test_a_worker_that_finds_the_queue_empty_keeps_working(model: tuple[NativeModel, ModelSpec]) -> None:
+    """With a delay, both idle workers wake for one job and one of them finds nothing: it
+    must go back to waiting, or the service would lose a worker for good."""
+    async def scenario(batcher: MicroBatcher, engine: GatedEngine) -> None:
+        await batcher.submit([tokens(84, 5)])
+        await asyncio.sleep(0.1)
+        engine.gate.clear()
+        jobs = [asyncio.ensure_future(batcher.submit([tokens(seed, 5)] * 2)) for seed in (85, 86)]
+        await eventually(lambda: engine.started == 3)  # both workers busy again
+        engine.gate.set()
+        await asyncio.gather(*jobs)
+
+    with_batcher(scenario, model[1], workers=2, max_batch_size=2, max_delay_s=0.05)
+
+
+def test_run_now_runs_without_queueing(model: tuple[NativeModel, ModelSpec]) -> None:
+    native, _ = model
+
+    async def scenario(batcher: MicroBatcher, engine: GatedEngine) -> None:
+        sequences = [tokens(87, 4), tokens(88, 9)]
+        results = await batcher.run_now(sequences)
+        assert batcher.pending == 0 and engine.calls
+        for sequence, (outputs, _) in zip(sequences, results):
+            np.testing.assert_allclose(outputs, native.outputs(sequence), rtol=0, atol=1e-5)
+
+    with_batcher(scenario, model[1])
+
+
+def test_a_batcher_never_started_closes(model: tuple[NativeModel, ModelSpec]) -> None:
+    """What shutdown does after a failed self-check: the batcher exists, its loops never ran."""
+    async def main() -> None:
+        runner = Runner(OnnxRuntimeEngine(model[1], threads=1), length_buckets(64), 8)
+        await asyncio.wait_for(MicroBatcher(runner, 2, 8, 0.0, 16).close(), timeout=5)
+
+    asyncio.run(main())
