@@ -51,7 +51,8 @@ MODULES = {
                      "not keras"),
     "batcher": Module("app/runtime/batcher.py", ("tests/test_batcher.py",)),
     "selfcheck": Module("app/runtime/selfcheck.py", ("tests/test_selfcheck.py",)),
-    "middleware": Module("app/api/middleware.py", ("tests/test_settings.py", "tests/test_validation.py")),
+    "middleware": Module("app/api/middleware.py",
+                         ("tests/test_envelope.py", "tests/test_settings.py", "tests/test_validation.py")),
     "routes": Module("app/api/routes.py", ("tests/test_validation.py", "tests/test_settings.py")),
 }
 COPIED = ("app", "tests", "models", "docs", "README.md")
