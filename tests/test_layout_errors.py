@@ -141,3 +141,10 @@ def test_torch_without_biases_means_zero_biases() -> None:
     x = np.random.default_rng(1).normal(0, 1, (6, WIDTH)).astype(np.float32)
     expected = run_direction(unbiased, x)
     np.testing.assert_allclose(keras_gru(weights, x), expected, atol=1e-6)  # type: ignore[arg-type]
+
+
+def test_keras_gru_weights_are_taken_as_they_are() -> None:
+    kernel, recurrent, bias = to_keras_gru(NATIVE)
+    weights = from_keras_gru(kernel, recurrent, bias, WHERE)
+    for got, given in zip((weights.kernel, weights.recurrent_kernel, weights.bias), (kernel, recurrent, bias)):
+        np.testing.assert_array_equal(got, given)
