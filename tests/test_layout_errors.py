@@ -146,5 +146,6 @@ def test_torch_without_biases_means_zero_biases() -> None:
 def test_keras_gru_weights_are_taken_as_they_are() -> None:
     kernel, recurrent, bias = to_keras_gru(NATIVE)
     weights = from_keras_gru(kernel, recurrent, bias, WHERE)
-    for got, given in zip((weights.kernel, weights.recurrent_kernel, weights.bias), (kernel, recurrent, bias)):
-        np.testing.assert_array_equal(got, given)
+    np.testing.assert_array_equal(weights.kernel, kernel)
+    np.testing.assert_array_equal(weights.recurrent_kernel, recurrent)
+    np.testing.assert_array_equal(weights.bias, bias)
