@@ -22,7 +22,6 @@ import shutil
 import subprocess
 import sys
 import time
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,7 +81,6 @@ def prepare(name: str, module: Module, fresh: bool) -> Path:
                             ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         else:
             shutil.copy2(source, target)
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     addopts = ["-p", "no:cacheprovider", "-q", "--timeout=300"]
     if module.deselect:
         addopts += ["-k", module.deselect]
@@ -94,8 +92,7 @@ def prepare(name: str, module: Module, fresh: bool) -> Path:
         "pytest_add_cli_args_test_selection": list(module.tests),
         "use_git_change_detection": False,
     }
-    text = (ROOT / "pyproject.toml").read_text().split("\n[tool.mutmut]")[0]
-    assert "tool" in project
+    text = (ROOT / "pyproject.toml").read_text()
     lines = [f"{key} = {toml_value(value)}" for key, value in settings.items()]
     (work / "pyproject.toml").write_text(text.rstrip() + "\n\n[tool.mutmut]\n" + "\n".join(lines) + "\n")
     return work
@@ -104,6 +101,8 @@ def prepare(name: str, module: Module, fresh: bool) -> Path:
 def toml_value(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
     if isinstance(value, list):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
