@@ -156,3 +156,24 @@ def test_a_parity_tolerance_too_tight_keeps_the_service_not_ready() -> None:
         check = client.get("/v1/model").json()["self_check"]
         assert check["passed"] is False and check["tolerance"] == 1e-12
         assert np.isfinite(check["max_abs_diff_outputs"]) and check["max_abs_diff_outputs"] > 1e-12
+
+
+def test_request_timeout_s_gives_504_and_counts_it() -> None:
+    with in_process(Settings(_env_file=None, request_timeout_s=1e-9)) as client:  # type: ignore[call-arg]
+        response = client.post("/infer", json={"sequences": [[3, 4]]})
+        assert response.status_code == 504
+        assert response.json()["error"] | {"request_id": None} == {
+            "status": 504, "type": "deadline_exceeded", "message": "no result within 1e-09 s",
+            "request_id": None}
+        assert 'bigru_rejected_requests_total{reason="deadline"} 1.0' in client.get("/metrics").text
+
+
+def test_max_queue_refuses_what_does_not_fit_with_503_and_retry_after() -> None:
+    with in_process(Settings(_env_file=None, max_queue=1)) as client:  # type: ignore[call-arg]
+        response = client.post("/infer", json={"sequences": [[3], [4]]})  # 2 sequences > MAX_QUEUE
+        assert response.status_code == 503 and response.headers["retry-after"] == "1"
+        assert response.json()["error"] | {"request_id": None} == {
+            "status": 503, "type": "overloaded", "message": "the queue is full; retry shortly",
+            "request_id": None}
+        assert 'bigru_rejected_requests_total{reason="queue_full"} 1.0' in client.get("/metrics").text
+        assert client.post("/infer", json={"sequences": [[3]]}).status_code == 200

@@ -36,6 +36,7 @@ def test_bad_requests_get_a_json_4xx(client: TestClient, case: str, body: bytes,
     ([[5, 6, 7], [8], [9, 10, 96.0]], "sequences.2.2: token id 96 is not an integer in [0, 96)"),
     ([[5, 2.5, 7, 1000]], "sequences.0.1: token id 2.5 is not an integer in [0, 96) (and 1 more)"),
     ([[99], [1], [-3, 200]], "sequences.0.0: token id 99 is not an integer in [0, 96) (and 2 more)"),
+    ([[1, 2], [400]], "sequences.1.0: token id 400 is not an integer in [0, 96)"),  # first of a row
 ])
 def test_messages_point_at_the_first_bad_token(client: TestClient, sequences: list, message: str) -> None:
     response = client.post("/infer", json={"sequences": sequences})
@@ -52,3 +53,25 @@ def test_both_ends_of_the_vocabulary_and_integral_floats_are_served(client: Test
     with_hidden = client.post("/infer", json={"sequences": [[0, 95]], "return_hidden": True}).json()
     assert np.asarray(with_hidden["hidden"][0]).shape == (2, 256)
     np.testing.assert_allclose(with_hidden["outputs"][0], first, atol=1e-6)
+
+
+def test_shape_errors_carry_details_with_locations(client: TestClient) -> None:
+    error = client.post("/infer", json={"sequences": [[1, "x"]]}).json()["error"]
+    assert error["type"] == "invalid_request" and error["details"][0]["loc"] == ["sequences", 0, 1]
+    assert "sequences.0.1" in error["message"]
+
+
+def test_answers_are_json(client: TestClient) -> None:
+    for response in (client.post("/infer", json={"sequences": [[1]]}), client.get("/v1/model"),
+                     client.get("/readyz"), client.get("/healthz")):
+        assert response.headers["content-type"] == "application/json"
+
+
+def test_openapi_publishes_the_models_token_range_and_error_answers(client: TestClient) -> None:
+    infer = client.get("/openapi.json").json()["paths"]["/infer"]["post"]
+    token = infer["requestBody"]["content"]["application/json"]["schema"]["properties"]["sequences"]
+    assert (token["items"]["items"]["minimum"], token["items"]["items"]["maximum"]) == (0, 95)
+    error = {"$ref": "#/components/schemas/ErrorResponse"}
+    errors = {code for code, answer in infer["responses"].items()
+              if answer["content"]["application/json"]["schema"] == error}
+    assert errors == {"400", "413", "422", "503", "504"}
