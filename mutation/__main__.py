@@ -12,6 +12,7 @@ with its reason). Exits 1 when a module is under TARGET.
     python -m mutation runner batcher       # some of them, by the short names below
     python -m mutation --fresh runner       # forget earlier results first
     python -m mutation --survivors runner   # also print the surviving mutants' diffs
+    python -m mutation --report             # the last results again, without running
 """
 
 from __future__ import annotations
@@ -113,11 +114,16 @@ def mutmut(work: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, cwd=work, capture_output=True, text=True)
 
 
-def run_module(name: str, module: Module, fresh: bool, survivors: bool) -> tuple[int, int, int, float]:
+def run_module(name: str, module: Module, fresh: bool, survivors: bool,
+               report: bool) -> tuple[int, int, int, float]:
     """Returns (killed, counted, equivalent, seconds)."""
-    work = prepare(name, module, fresh)
     started = time.monotonic()
-    run = mutmut(work, "run", "--max-children", str(CHILDREN))
+    if report:
+        work = WORK / name
+        run = subprocess.CompletedProcess([], 0, "", "")
+    else:
+        work = prepare(name, module, fresh)
+        run = mutmut(work, "run", "--max-children", str(CHILDREN))
     seconds = time.monotonic() - started
     results = mutmut(work, "results", "--all", "true")
     statuses = {m.group(1): m.group(2) for m in map(RESULT.match, results.stdout.splitlines()) if m}
@@ -142,12 +148,14 @@ def main() -> int:
     parser.add_argument("modules", nargs="*", choices=[[], *MODULES], metavar="module", default=[])
     parser.add_argument("--fresh", action="store_true", help="forget earlier results")
     parser.add_argument("--survivors", action="store_true", help="print the surviving mutants' diffs")
+    parser.add_argument("--report", action="store_true", help="print the last results, run nothing")
     options = parser.parse_args()
     rows = []
     for name in options.modules or MODULES:
-        print(f"{name}: mutating {MODULES[name].path} ...", flush=True)
+        verb = "results of" if options.report else "mutating"
+        print(f"{name}: {verb} {MODULES[name].path} ...", flush=True)
         killed, counted, equivalent, seconds = run_module(name, MODULES[name], options.fresh,
-                                                          options.survivors)
+                                                          options.survivors, options.report)
         rate = killed / counted if counted else 1.0
         rows.append((name, rate))
         print(f"{name}: {killed}/{counted} killed = {rate:.1%} ({equivalent} equivalent not counted, "
