@@ -67,8 +67,9 @@ def test_answers_are_json(client: TestClient) -> None:
         assert response.headers["content-type"] == "application/json"
 
 
-def test_openapi_publishes_the_models_token_range_and_error_answers(client: TestClient) -> None:
-    infer = client.get("/openapi.json").json()["paths"]["/infer"]["post"]
+def test_openapi_publishes_the_models_token_range_and_error_answers() -> None:
+    with in_process(Settings(_env_file=None)) as client:  # type: ignore[call-arg]
+        infer = client.get("/openapi.json").json()["paths"]["/infer"]["post"]
     token = infer["requestBody"]["content"]["application/json"]["schema"]["properties"]["sequences"]
     assert (token["items"]["items"]["minimum"], token["items"]["items"]["maximum"]) == (0, 95)
     error = {"$ref": "#/components/schemas/ErrorResponse"}
