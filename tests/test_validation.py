@@ -5,6 +5,7 @@ of the vocabulary are accepted."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -76,3 +77,19 @@ def test_openapi_publishes_the_models_token_range_and_error_answers() -> None:
     errors = {code for code, answer in infer["responses"].items()
               if answer["content"]["application/json"]["schema"] == error}
     assert errors == {"400", "413", "422", "503", "504"}
+
+
+def test_a_mask_zero_model_publishes_and_enforces_ids_from_one(tmp_path: Path) -> None:
+    from tests.keras2_files import model_config, write_full_model
+    from tests.reference import random_model
+
+    model = random_model(np.random.default_rng(0), vocab=10, width=5, units=3, layers=1)
+    config = model_config(model)
+    config["config"]["layers"][1]["config"]["mask_zero"] = True
+    path = write_full_model(tmp_path / "masked.h5", model, config=config)
+    with in_process(Settings(_env_file=None, model_path=path)) as client:  # type: ignore[call-arg]
+        schema = client.get("/openapi.json").json()["paths"]["/infer"]["post"]["requestBody"]
+        token = schema["content"]["application/json"]["schema"]["properties"]["sequences"]["items"]["items"]
+        assert (token["minimum"], token["maximum"]) == (1, 9)
+        refused = client.post("/infer", json={"sequences": [[3, 0]]}).json()["error"]
+        assert refused["message"] == "sequences.0.1: token id 0 is not an integer in [1, 10)"
