@@ -2,6 +2,7 @@
 # make test : install if needed, lint and run the whole suite
 # make bench: install if needed, run the benchmark against XLA Keras (loopback only; needs wrk)
 # make image-test: build the Dockerfile with podman and test the image as we deploy it
+# make mutation: install if needed, mutation-test the modules that decide correctness (slow)
 
 PYTHON ?= python3
 VENV   := .venv
@@ -12,7 +13,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 IMAGE  ?= localhost/bigru-serve:image-test
 
-.PHONY: install run test image-test lint bench startup soak flood peak-rss wire constraints proto clean
+.PHONY: install run test image-test lint bench startup soak flood peak-rss wire mutation constraints proto clean
 
 install: $(VENV)/.installed $(TOOLS)/.installed $(CLIENT)/.installed
 
@@ -46,7 +47,7 @@ run: $(VENV)/.installed
 	HOST=$(HOST) PORT=$(PORT) $(BIN)/python -m app serve
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff check app tests bench examples
+	$(BIN)/ruff check app tests bench examples mutation
 
 test: install lint
 	$(BIN)/pytest
@@ -84,6 +85,10 @@ peak-rss: $(VENV)/.installed
 # A 64 x 2048 answer with hidden states: bytes, time and server memory per wire format.
 wire: $(VENV)/.installed
 	$(BIN)/python -m bench.wire_cost
+
+# mutmut against each module's fast tests; prints the kill rate per module (target 90%).
+mutation: $(VENV)/.installed
+	$(BIN)/python -m mutation
 
 constraints: $(VENV)/.installed
 	{ sed -n '1,2p' constraints.txt; $(BIN)/pip freeze --exclude-editable | grep -v '^-e'; } > constraints.new

@@ -52,9 +52,10 @@ class Server:
     """A real uvicorn process on a free loopback port."""
 
     def __init__(self, env: dict[str, str] | None = None, serve: bool = False,
-                 argv: tuple[str, ...] = ()) -> None:
+                 argv: tuple[str, ...] = (), prefix: tuple[str, ...] = ()) -> None:
         """``serve``: run ``python -m app serve`` (draining shutdown) instead of plain uvicorn;
-        ``argv``: run these Python arguments instead (a wrapper around the service)."""
+        ``argv``: run these Python arguments instead (a wrapper around the service);
+        ``prefix``: a command that runs the Python process (a tracer)."""
         import subprocess
         import sys
         import threading
@@ -66,7 +67,7 @@ class Server:
                                  ["-m", "uvicorn", "app.main:app", "--host", "127.0.0.1",
                                   "--port", str(self.port), "--no-access-log"])
         self.process = subprocess.Popen(
-            [sys.executable, *command],
+            [*prefix, sys.executable, *command],
             cwd=ROOT, env={**os.environ, "HOST": "127.0.0.1", "PORT": str(self.port),
                           "GRPC_PORT": str(self.grpc_port), **(env or {})},
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import Server
-from tests.helpers import max_diff
+from tests.helpers import max_diff, tf_keras_segmenter
 
 GPU_TOLERANCE = 1e-4
 
@@ -77,6 +77,29 @@ def test_concurrent_mixed_length_requests_equal_sequential(server: Server) -> No
     rng = np.random.default_rng(0)
     requests = [[rng.integers(2, 96, rng.integers(1, 300)).tolist() for _ in range(rng.integers(1, 4))]
                 for _ in range(48)]
+    sequential = [as_arrays(infer(server, r)["outputs"]) for r in requests]
+    with ThreadPoolExecutor(16) as pool:
+        concurrent = list(pool.map(lambda r: as_arrays(infer(server, r)["outputs"]), requests))
+    for one, other in zip(sequential, concurrent):
+        assert max_diff(one, other) <= 1e-6
+
+
+def test_max_len_sequences_match_tf_keras_alone_and_batched(server: Server) -> None:
+    """Up to MAX_LEN (2048) tokens, past anything the GPU data covers: the service against
+    tf_keras running the same weights through its own converter."""
+    rng = np.random.default_rng(2048)
+    sequences = [rng.integers(2, 96, n).tolist() for n in (2048, 1500, 1025, 1)]
+    reference = tf_keras_segmenter()
+    expected = [reference.predict(np.asarray([s]), verbose=0)[0] for s in sequences]
+    alone = [as_arrays(infer(server, [s])["outputs"])[0] for s in sequences]
+    assert max_diff(alone, expected) <= GPU_TOLERANCE
+    batched = as_arrays(infer(server, sequences[::-1])["outputs"])[::-1]
+    assert max_diff(batched, alone) <= 1e-6
+
+
+def test_identical_shapes_sent_at_once_each_get_their_own_answer(server: Server) -> None:
+    rng = np.random.default_rng(1)
+    requests = [[rng.integers(2, 96, 50).tolist()] for _ in range(32)]
     sequential = [as_arrays(infer(server, r)["outputs"]) for r in requests]
     with ThreadPoolExecutor(16) as pool:
         concurrent = list(pool.map(lambda r: as_arrays(infer(server, r)["outputs"]), requests))

@@ -15,7 +15,7 @@ import pytest
 
 from app.cli import main
 from tests.conftest import DEFAULT_MODEL, ROOT, Server
-from tests.helpers import max_diff
+from tests.helpers import ENGINES, max_diff, outputs
 from tests.reference import npz_engine
 
 REFERENCE = DEFAULT_MODEL / "segmenter.ref.npz"
@@ -89,6 +89,18 @@ def test_a_damaged_converted_directory_is_refused(converted: Path, tmp_path: Pat
     server = Server({"MODEL_PATH": str(copy)})
     assert server.process.wait(timeout=120) == 3
     assert "vocab.json: sha256 differs from integrity.json (corrupted)" in server.output()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_converted_keras3_file_reproduces_the_gpu_on_each_engine(converted: Path, gpu_reference: dict,
+                                                                 engine: str) -> None:
+    from app.formats import load_bundle
+
+    spec = load_bundle(converted).spec
+    assert spec.source.format == "keras3"
+    short = [i for i, n in enumerate(gpu_reference["lengths"]) if n <= 12]  # few shapes to compile
+    got = outputs(spec, [gpu_reference["ids"][i].tolist() for i in short], engine)
+    assert max_diff(got, [gpu_reference["probs_fp32"][i] for i in short]) <= 1e-4
 
 
 def test_verify_prints_max_diff_per_output(converted: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -33,13 +33,15 @@ def test_legacy_full_models_match_expected(key: str, engine: str, legacy_expecte
     assert max_diff(got, expected) < 1e-5
 
 
-@pytest.mark.parametrize("key", ["A", "B", "C", "D"])
-def test_legacy_weights_only_files_with_architecture_match_expected(key: str, legacy_expected: dict) -> None:
+@pytest.mark.parametrize(("key", "engine"), [("A", "onnxruntime"), ("B", "onnxruntime"), ("C", "onnxruntime"),
+                                             ("D", "onnxruntime"), ("B", "keras"), ("C", "keras")])
+def test_legacy_weights_only_files_with_architecture_match_expected(key: str, engine: str,
+                                                                    legacy_expected: dict) -> None:
     directions = {"cu_dnngru": "forward", "cu_dnngru_1": "backward"} if key == "B" else {}
     architecture = Architecture(head_activation=LEGACY_HEADS[key], directions=directions)
     spec = read_keras_h5(legacy_file(key, "weights"), architecture, key)
     assert spec.source.format == "keras2-h5-weights"
-    got = outputs(spec, legacy_expected["sequences"], "onnxruntime")
+    got = outputs(spec, legacy_expected["sequences"], engine)
     assert max_diff(got, [np.asarray(e) for e in legacy_expected["expected"][key]]) < 1e-5
 
 
@@ -83,13 +85,14 @@ def test_generated_cudnngru_files_match_numpy_reference(
     assert max_diff(outputs(spec, sequences, engine), expected) < 1e-5
 
 
-def test_generated_keras_gru_file_needs_no_conversion(tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_generated_keras_gru_file_needs_no_conversion(tmp_path: Path, engine: str) -> None:
     rng = np.random.default_rng(11)
     model = random_model(rng, vocab=20, width=6, units=4, layers=2)
     spec = read_keras_h5(write_full_model(tmp_path / "g.h5", model, cell="GRU"), Architecture(), "g")
     assert spec.source.conversion.startswith("none")
     sequences = _sequences(rng, 20)
-    assert max_diff(outputs(spec, sequences, "onnxruntime"),
+    assert max_diff(outputs(spec, sequences, engine),
                     [model.outputs(np.asarray(s)) for s in sequences]) < 1e-5
 
 

@@ -53,14 +53,29 @@ def test_cudnngru_layout_matches_cudnn_equations(width: int, units: int) -> None
     np.testing.assert_allclose(keras_gru(weights, x), run_direction(native, x), atol=1e-6)
 
 
-def test_plain_transpose_would_be_wrong_when_width_differs_from_units() -> None:
-    """The reshape-vs-transpose trap the blog vector cannot catch."""
+def plain_transpose(kernel: np.ndarray, units: int) -> np.ndarray:
+    """The tempting conversion: transpose each gate's block (and, when the shape then no
+    longer fits, read it back in the Keras shape)."""
+    width = kernel.shape[0]
+    return np.hstack([kernel[:, g * units:(g + 1) * units].T.reshape(width, units) for g in range(3)])
+
+
+def test_plain_transpose_is_right_only_when_width_equals_units() -> None:
+    """The reshape-vs-transpose trap the blog vector (I == U == 2) cannot catch."""
     rng = np.random.default_rng(1)
+    square = random_native(rng, 4, 4)
+    kernel, recurrent, bias = to_cudnngru(square)
+    np.testing.assert_array_equal(from_cudnn_gru(kernel, recurrent, bias, "test").kernel,
+                                  plain_transpose(kernel, 4))
+
     native = random_native(rng, 6, 4)
+    x = rng.normal(0, 1, (9, 6)).astype(np.float32)
     kernel, recurrent, bias = to_cudnngru(native)
-    wrong = np.hstack([kernel[:, g * 4:(g + 1) * 4] for g in range(3)])  # left as is = "transposed"
-    good = from_cudnn_gru(kernel, recurrent, bias, "test").kernel
-    assert not np.allclose(wrong, good)
+    good = from_cudnn_gru(kernel, recurrent, bias, "test")
+    plain = GRUWeights(plain_transpose(kernel, 4), good.recurrent_kernel, good.bias)
+    assert plain.kernel.shape == good.kernel.shape
+    np.testing.assert_allclose(keras_gru(good, x), run_direction(native, x), atol=1e-6)
+    assert np.max(np.abs(keras_gru(plain, x) - run_direction(native, x))) > 0.05
 
 
 @pytest.mark.parametrize(("width", "units"), [(7, 3), (16, 16)])

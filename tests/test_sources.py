@@ -62,10 +62,12 @@ def torch_state(model: NativeModel, emb: str = "emb", gru: str = "gru", head: st
     return state
 
 
-@pytest.mark.parametrize(("layers", "bidirectional", "head"), [(1, True, 5), (2, True, 5), (2, False, 3),
-                                                               (2, True, None)])
-def test_torch_state_dicts_match_numpy_reference(tmp_path: Path, layers: int, bidirectional: bool,
-                                                 head: int | None) -> None:
+@pytest.mark.parametrize(("engine", "layers", "bidirectional", "head"), [
+    ("onnxruntime", 1, True, 5), ("onnxruntime", 2, True, 5), ("onnxruntime", 2, False, 3),
+    ("onnxruntime", 2, True, None), ("keras", 2, True, 5), ("keras", 2, True, None),
+])
+def test_torch_state_dicts_match_numpy_reference(tmp_path: Path, engine: str, layers: int,
+                                                 bidirectional: bool, head: int | None) -> None:
     rng = np.random.default_rng(layers * 7 + bidirectional)
     model = random_model(rng, vocab=30, width=6, units=4, layers=layers, bidirectional=bidirectional,
                          head=head, head_activation="sigmoid")
@@ -74,7 +76,7 @@ def test_torch_state_dicts_match_numpy_reference(tmp_path: Path, layers: int, bi
     spec = load_bundle(tmp_path).spec
     assert (not spec.dense) == (head is None)
     seqs = sequences(rng, 30)
-    assert max_diff(outputs(spec, seqs, "onnxruntime"), [model.outputs(np.asarray(s)) for s in seqs]) < 1e-5
+    assert max_diff(outputs(spec, seqs, engine), [model.outputs(np.asarray(s)) for s in seqs]) < 1e-5
 
 
 def test_torch_tensor_names_can_be_given(tmp_path: Path) -> None:
@@ -139,8 +141,12 @@ def write_tf1_checkpoint(prefix: Path, model: NativeModel, head_scope: str = "ou
     return Path(saver.save(None, str(prefix)))
 
 
-@pytest.mark.parametrize(("layers", "bidirectional"), [(1, False), (2, False), (1, True), (2, True)])
-def test_tf1_checkpoints_match_numpy_reference(tmp_path: Path, layers: int, bidirectional: bool) -> None:
+@pytest.mark.parametrize(("engine", "layers", "bidirectional"), [
+    ("onnxruntime", 1, False), ("onnxruntime", 2, False), ("onnxruntime", 1, True), ("onnxruntime", 2, True),
+    ("keras", 2, False), ("keras", 2, True),
+])
+def test_tf1_checkpoints_match_numpy_reference(tmp_path: Path, engine: str, layers: int,
+                                               bidirectional: bool) -> None:
     rng = np.random.default_rng(layers + 10 * bidirectional)
     model = random_model(rng, vocab=25, width=5, units=3, layers=layers, bidirectional=bidirectional)
     prefix = write_tf1_checkpoint(tmp_path / "model.ckpt", model)
@@ -149,7 +155,7 @@ def test_tf1_checkpoints_match_numpy_reference(tmp_path: Path, layers: int, bidi
     assert spec.source.format == "tf1-cudnngru-checkpoint" and len(spec.dense) == 1
     assert spec.source.path == str(prefix)
     seqs = sequences(rng, 25)
-    assert max_diff(outputs(spec, seqs, "onnxruntime"), [model.outputs(np.asarray(s)) for s in seqs]) < 1e-5
+    assert max_diff(outputs(spec, seqs, engine), [model.outputs(np.asarray(s)) for s in seqs]) < 1e-5
 
 
 def test_tf1_feature_model_with_a_dense_stack(tmp_path: Path) -> None:

@@ -145,9 +145,12 @@ def test_server_refuses_to_start_on_a_bad_file(tmp_path: Path) -> None:
         cwd=ROOT, env={"MODEL_PATH": str(path), "PATH": "/usr/bin:/bin"},
         capture_output=True, text=True, timeout=120,
     )
-    assert result.returncode != 0
-    assert f"cannot serve {path}" in result.stderr
-    assert "broken.h5" in result.stderr
+    assert result.returncode == 3
+    records = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    ours = [r for r in records if r["logger"] == "app" and r["level"] == "ERROR"]
+    assert len(ours) == 1, ours  # one line of ours names the file and the problem
+    assert ours[0]["message"].startswith(f"cannot serve {path}: {path}: not a readable HDF5 file")
+    assert records[-1]["message"] == "Application startup failed. Exiting."  # uvicorn's, after its traceback
 
 
 def test_server_refuses_to_start_on_an_unreadable_tf1_checkpoint(tmp_path: Path) -> None:

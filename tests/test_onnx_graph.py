@@ -1,0 +1,54 @@
+"""The ONNX graph the service runs, built from a spec, against the NumPy GRU: every head
+activation, no head, a unidirectional stack, every merge mode, hidden states included, and
+each sequence's own length honoured inside a right-padded batch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.helpers import max_diff, runner_for, spec_of
+from tests.reference import random_model
+
+LENGTHS = (1, 2, 5, 8, 13, 16)
+
+
+@pytest.mark.parametrize(("layers", "bidirectional", "merge_mode", "head", "activation"), [
+    (1, True, "concat", 3, "softmax"),
+    (2, True, "concat", 3, "sigmoid"),
+    (1, True, "sum", 4, "tanh"),
+    (2, True, "ave", 4, "relu"),
+    (1, True, "mul", 2, "linear"),
+    (2, False, "concat", 3, "softmax"),
+    (1, False, "concat", None, "linear"),
+    (2, True, "concat", None, "linear"),
+])
+def test_graph_matches_numpy_reference(tmp_path: Path, layers: int, bidirectional: bool, merge_mode: str,
+                                       head: int | None, activation: str) -> None:
+    rng = np.random.default_rng(layers * 100 + (head or 0) * 10 + len(merge_mode))
+    model = random_model(rng, vocab=25, width=5, units=3, layers=layers, bidirectional=bidirectional,
+                         merge_mode=merge_mode, head=head, head_activation=activation)
+    spec = spec_of(model, tmp_path)
+    assert spec.output_width == (head or spec.hidden_width)
+    sequences = [rng.integers(0, 25, n).astype(np.int32) for n in LENGTHS]
+    got = runner_for(spec, "onnxruntime", max_len=16, max_batch_size=len(LENGTHS)).run(sequences)
+    assert max_diff([o for o, _ in got], [model.outputs(s) for s in sequences]) < 1e-5
+    assert max_diff([h for _, h in got], [model.hidden(s) for s in sequences]) < 1e-5
+
+
+def test_exported_graph_declares_its_inputs_and_outputs(tmp_path: Path) -> None:
+    from app.lowering.onnx_graph import OPSET, build_onnx_model
+
+    model = random_model(np.random.default_rng(0), vocab=25, width=5, units=3, layers=2, head=4)
+    graph = build_onnx_model(spec_of(model, tmp_path))
+    def dims(value: object) -> list[str | int]:
+        return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]  # type: ignore[attr-defined]
+
+    # The documented interface of an exported model: ids (B, T), lengths (B,) -> (B, T, C), (B, T, H),
+    # with the same symbolic B and T throughout.
+    assert {i.name: dims(i) for i in graph.graph.input} == {"ids": ["batch", "steps"], "lengths": ["batch"]}
+    assert {o.name: dims(o) for o in graph.graph.output} == {"outputs": ["batch", "steps", 4],
+                                                             "hidden": ["batch", "steps", 6]}
+    assert graph.opset_import[0].version == OPSET and graph.producer_name == "bigru-serve"

@@ -1,0 +1,60 @@
+"""The runner's engine calls: sequences grouped by length bucket (so padding stays small),
+at most ``MAX_BATCH_SIZE`` per call, as few calls as that allows, every shape warmed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from app.runtime.buckets import bucket_of, length_buckets
+from app.runtime.engines import OnnxRuntimeEngine
+from app.runtime.runner import Runner
+from app.spec import ModelSpec
+from tests.helpers import GatedEngine, spec_of
+from tests.reference import NativeModel, random_model
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> tuple[NativeModel, ModelSpec]:
+    native = random_model(np.random.default_rng(17), vocab=20, width=4, units=3, layers=1)
+    return native, spec_of(native, tmp_path_factory.mktemp("runner"))
+
+
+def recording_runner(spec: ModelSpec, max_len: int, max_batch_size: int) -> tuple[Runner, GatedEngine]:
+    engine = GatedEngine(OnnxRuntimeEngine(spec, threads=1))
+    return Runner(engine, length_buckets(max_len), max_batch_size), engine  # type: ignore[arg-type]
+
+
+def test_calls_group_one_bucket_each_and_respect_the_batch_size(model: tuple[NativeModel, ModelSpec]) -> None:
+    native, spec = model
+    runner, engine = recording_runner(spec, max_len=64, max_batch_size=3)
+    rng = np.random.default_rng(0)
+    lengths = [30, 3, 7, 40, 5, 1, 33, 8, 2, 64, 6, 4, 31]  # bucket 8: 8 of them; 32: 2; 48: 2; 64: 1
+    sequences = [rng.integers(0, 20, n).astype(np.int32) for n in lengths]
+    results = runner.run(sequences)
+    for sequence, (outputs, _) in zip(sequences, results):
+        np.testing.assert_allclose(outputs, native.outputs(sequence), rtol=0, atol=1e-5)
+    buckets = length_buckets(64)
+    for call, (batch, steps) in zip(engine.calls, engine.shapes):
+        assert len(call) == batch <= 3
+        assert len({bucket_of(buckets, len(s)) for s in call}) == 1  # one bucket per call
+        assert steps == max(len(s) for s in call)  # padded to the longest, no further
+    assert len(engine.calls) == 3 + 1 + 1 + 1  # ceil(8 / 3) + 1 + 1 + 1: no call wasted
+
+
+def test_a_max_len_of_one(model: tuple[NativeModel, ModelSpec]) -> None:
+    native, spec = model
+    runner, engine = recording_runner(spec, max_len=1, max_batch_size=4)
+    sequences = [np.array([i], np.int32) for i in range(6)]
+    for sequence, (outputs, _) in zip(sequences, runner.run(sequences)):
+        np.testing.assert_allclose(outputs, native.outputs(sequence), rtol=0, atol=1e-5)
+    assert engine.shapes == [(4, 1), (2, 1)]
+
+
+def test_warm_up_runs_every_shape_the_engine_asks_for(model: tuple[NativeModel, ModelSpec]) -> None:
+    _, spec = model
+    runner, engine = recording_runner(spec, max_len=256, max_batch_size=8)
+    expected = engine.warm_shapes(8, 256)
+    assert runner.warm_up() == len(expected) == 3
+    assert engine.shapes == expected
+    assert [[len(s) for s in call] for call in engine.calls] == [[steps] * batch for batch, steps in expected]

@@ -1,0 +1,98 @@
+"""The canonical model description: what it tells about a model, and the shape errors it
+refuses with a message naming the layer."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from app.errors import ModelError
+from app.formats import load_bundle
+from app.spec import ModelSpec
+from tests.conftest import DEFAULT_MODEL
+from tests.helpers import spec_of
+from tests.reference import random_model
+
+
+@pytest.fixture(scope="module")
+def segmenter() -> ModelSpec:
+    return load_bundle(DEFAULT_MODEL).spec
+
+
+def test_the_default_model_is_described_as_it_is(segmenter: ModelSpec) -> None:
+    layer = {"type": "GRU", "units": 128, "bidirectional": True, "merge_mode": "concat", "output_width": 256}
+    assert segmenter.describe() == {
+        "embedding": {"vocab_size": 96, "width": 32, "mask_zero": False},
+        "recurrent": [{"name": "bigru_0", **layer}, {"name": "bigru_1", **layer}],
+        "head": {"name": "tags", "units": 2, "activation": "softmax", "use_bias": True},
+        "output_width": 2,
+        "hidden_width": 256,
+    }
+    assert (segmenter.vocab_size, segmenter.embedding_width) == (96, 32)
+    assert segmenter.validate() is segmenter
+
+
+def test_a_headless_unidirectional_stack_is_described(tmp_path: Path) -> None:
+    model = random_model(np.random.default_rng(0), vocab=12, width=5, units=3, layers=2,
+                         bidirectional=False, head=None)
+    spec = spec_of(model, tmp_path)
+    described = spec.describe()
+    assert described["head"] is None and described["output_width"] == described["hidden_width"] == 3
+    assert [(r["units"], r["bidirectional"], r["merge_mode"], r["output_width"])
+            for r in described["recurrent"]] == [(3, False, None, 3)] * 2
+    assert spec.layers[0].directions() == [spec.layers[0].forward]
+
+
+@pytest.mark.parametrize("merge_mode", ["sum", "ave", "mul"])
+def test_merged_directions_are_as_wide_as_one(tmp_path: Path, merge_mode: str) -> None:
+    model = random_model(np.random.default_rng(1), vocab=12, width=5, units=3, layers=2,
+                         merge_mode=merge_mode)
+    spec = spec_of(model, tmp_path)
+    assert [layer.output_width for layer in spec.layers] == [3, 3]
+    assert spec.layers[1].forward.input_width == 3
+
+
+def refused(spec: ModelSpec, message: str) -> None:
+    with pytest.raises(ModelError, match=message):
+        spec.validate()
+
+
+def test_shape_errors_name_the_layer(segmenter: ModelSpec) -> None:
+    first, second = segmenter.layers
+    head = segmenter.head
+    assert head is not None
+    refused(replace(segmenter, embeddings=segmenter.embeddings[0]), r"embedding: expected a 2-D matrix")
+    refused(replace(segmenter, layers=()), r"^the model has no GRU layer$")
+    refused(replace(segmenter, layers=(replace(first, merge_mode="max"), second)),
+            r"bigru_0: unsupported merge_mode 'max'")
+    narrow = replace(first.forward, kernel=first.forward.kernel[:31])
+    refused(replace(segmenter, layers=(replace(first, forward=narrow), second)),
+            r"bigru_0 \(forward\): kernel has shape \(31, 384\), expected \(32, 384\)")
+    square = replace(second.backward, recurrent_kernel=second.backward.recurrent_kernel[:, :383])
+    refused(replace(segmenter, layers=(first, replace(second, backward=square))),
+            r"bigru_1 \(backward\): recurrent_kernel has shape \(128, 383\)")
+    flat_bias = replace(first.backward, bias=first.backward.bias.reshape(-1))
+    refused(replace(segmenter, layers=(replace(first, backward=flat_bias), second)),
+            r"bigru_0 \(backward\): bias has shape \(768,\), expected \(2, 384\)")
+    refused(replace(segmenter, head=replace(head, kernel=head.kernel[:255])),
+            r"tags: kernel has shape \(255, 2\), expected \(256, units\)")
+    refused(replace(segmenter, head=replace(head, kernel=head.kernel[0])), r"tags: kernel has shape \(2,\)")
+    refused(replace(segmenter, head=replace(head, bias=head.bias[:1])),
+            r"tags: bias has shape \(1,\), expected \(2,\)")
+    refused(replace(segmenter, head=replace(head, activation="swish")),
+            r"tags: unsupported activation 'swish'")
+    assert replace(segmenter, head=replace(head, bias=None)).validate().head.bias is None
+
+
+def test_directions_of_different_widths_are_refused(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    wide = spec_of(random_model(rng, vocab=12, width=5, units=4, layers=1), tmp_path / "a")
+    narrow = spec_of(random_model(rng, vocab=12, width=5, units=3, layers=1), tmp_path / "b")
+    layer = replace(wide.layers[0], backward=narrow.layers[0].backward)
+    with pytest.raises(ModelError, match="forward and backward have different units"):
+        replace(wide, layers=(layer,)).validate()
