@@ -26,6 +26,11 @@ DOCUMENTED_DEFAULTS = {
     "1 (keras: CPU count)": None,  # unset: each engine picks (1 thread for onnxruntime, all for keras)
     "4 MiB": 4 * 1024 * 1024,
     "manifest, else 1e-4": None,  # unset: the manifest's tolerance, else DEFAULT_TOLERANCE
+    "64 MiB": 64 * 1024 * 1024,
+    "from the cgroup": None,  # unset: derived at start-up (app.runtime.admission.sized_budget)
+    # unset XDG_CACHE_HOME, as in this test's environment:
+    "$XDG_CACHE_HOME/bigru-serve`, else `/tmp/bigru-serve-cache` (the container: "
+    "`/var/cache/bigru-serve`)": Path("/tmp/bigru-serve-cache"),
 }
 
 
@@ -58,6 +63,7 @@ def test_every_documented_default_is_the_default(monkeypatch: pytest.MonkeyPatch
     assert len(rows) >= 20, rows  # the table was found and read
     for name, _ in rows:
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     settings = Settings(_env_file=None)  # type: ignore[call-arg]
     documented = set()
     for name, text in rows:

@@ -16,7 +16,7 @@ from app.formats import load_bundle
 from app.formats.keras_h5 import read_keras_h5
 from app.formats.manifest import Architecture
 from app.spec import GRU_ACTIVATIONS, FeatureInput, GRUVariant, ModelSpec
-from tests.helpers import ENGINES, max_diff, runner_for, tf_keras
+from tests.helpers import VARIANT_ENGINES, max_diff, runner_for, tf_keras
 from tests.keras2_files import write_full_model, write_weights_only
 from tests.keras2_taggers import Tagger, alone, as_keras_2_1, build, sequences
 from tests.reference import GRU_ACTIVATIONS as REFERENCE_ACTIVATIONS
@@ -67,7 +67,7 @@ def test_every_variant_is_covered() -> None:
     assert {t.inputs for t in TAGGERS} == {"tokens", "features"} and any(t.masking for t in TAGGERS)
 
 
-@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("engine", VARIANT_ENGINES)
 @pytest.mark.parametrize("tagger", TAGGERS, ids=[t.label for t in TAGGERS])
 def test_keras2_taggers_match_tf_keras(tagger: Tagger, engine: str, workdir: str) -> None:
     path, inputs, expected = saved(tagger, workdir)
@@ -86,7 +86,7 @@ def test_keras2_taggers_match_tf_keras(tagger: Tagger, engine: str, workdir: str
     assert max_diff(single, batched) <= 1e-6
 
 
-@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("engine", VARIANT_ENGINES)
 def test_keras_2_0_config_without_reset_after_means_false(tmp_path: Path, engine: str) -> None:
     """Keras <= 2.1 wrote no reset_after key (its GRU had only the reset-before form) and
     stored a Sequential's layers as a bare list. tf_keras assumes True and refuses the file;
@@ -130,7 +130,7 @@ def test_keras_3_hard_sigmoid_would_be_wrong(tmp_path: Path, monkeypatch: pytest
     assert max_diff(wrong, expected) > 100 * TOLERANCE
 
 
-@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("engine", VARIANT_ENGINES)
 @pytest.mark.parametrize("reset_after", [False, True])
 @pytest.mark.parametrize("recurrent_activation", GRU_ACTIVATIONS)
 def test_generated_gru_files_match_numpy_reference(
@@ -249,3 +249,17 @@ def test_exports_carry_the_variant_the_stack_and_the_input_kind(tmp_path: Path, 
     loaded = tf.saved_model.load(str(export(spec, "savedmodel", tmp_path / "sm")))
     got = [loaded.serve([tf.constant(s[None]), tf.ones((1, len(s)), tf.bool)])[0].numpy()[0] for s in inputs]
     assert max_diff(got, expected) <= TOLERANCE
+
+
+def test_the_openvino_engine_refuses_other_variants_by_name(workdir: str) -> None:
+    """``ENGINE=auto`` then serves such a model with ONNX Runtime (it skips a candidate that
+    cannot be built)."""
+    from app.errors import ModelError
+    from app.runtime.engine_choice import choose_engine
+    from app.runtime.engines import make_engine
+
+    path, _, _ = saved(next(t for t in TAGGERS if not t.reset_after), workdir)
+    spec = read_keras_h5(path, Architecture(), "tagger")
+    assert choose_engine("auto", spec, 1, [8], 4).engine.name == "onnxruntime"
+    with pytest.raises(ModelError, match=r"openvino engine runs cuDNN's GRU only, not .*reset_after=False"):
+        make_engine("openvino", spec, 1, [8])

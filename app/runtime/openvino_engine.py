@@ -8,6 +8,10 @@ Compiled once for dynamic shapes (no per-shape compilation on the request path),
 ``f32``: on CPUs with bfloat16 units OpenVINO would otherwise compute in bfloat16 and
 miss the GPU outputs by ~1e-2. An infer request is not thread-safe, so each engine thread
 gets its own.
+
+Only cuDNN's GRU (``reset_after=True``, sigmoid and tanh) is lowered to OpenVINO: its CPU
+plugin refuses most of the other activations Keras 2 GRUs carry (elu, softsign, ...), so a
+model with another variant is refused here and ``ENGINE=auto`` serves it with ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import threading
 
 import numpy as np
 
+from app.errors import ModelError
 from app.spec import ModelSpec
 
 
@@ -28,6 +33,9 @@ class OpenVinoEngine:
 
         from app.lowering.onnx_graph import build_onnx_model
 
+        others = [f"{layer.name} ({layer.variant})" for layer in spec.layers if not layer.variant.is_cudnn]
+        if others:
+            raise ModelError(f"the openvino engine runs cuDNN's GRU only, not {', '.join(others)}")
         self.input = spec.input
         core = openvino.Core()
         model = core.read_model(build_onnx_model(spec, backward="reversed").SerializeToString())
