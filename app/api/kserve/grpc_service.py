@@ -24,21 +24,24 @@ import grpc
 from grpc import aio
 
 from app import __version__
+from app.api.admitted import admit_and_start
 from app.api.errors import ApiError
 from app.api.kserve import EXTENSIONS, SERVER_NAME
 from app.api.kserve import grpc_predict_v2_pb2 as pb
 from app.api.kserve import grpc_predict_v2_pb2_grpc as pb_grpc
+from app.api.kserve.answers import AnswerPlan
 from app.api.kserve.signature import (
     OUTPUT_NAMES,
     VERSION,
     check_model,
     check_output_names,
     check_ready,
+    gathered_tensors,
     input_specs,
     model_metadata,
     model_name,
     output_specs,
-    output_tensors,
+    output_widths,
     sequences_from,
 )
 from app.api.kserve.tensors import (
@@ -49,7 +52,6 @@ from app.api.kserve.tensors import (
     tensor_from_values,
 )
 from app.api.middleware import REQUEST_ID
-from app.api.routes import run_within_limits
 from app.config import Settings
 from app.runtime.service import ModelService
 
@@ -138,13 +140,22 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         check_output_names(names)
         remaining = context.time_remaining()  # the caller's deadline, when it set one
         timeout = min(settings.request_timeout_s, math.inf if remaining is None else max(remaining, 0.001))
-        results = await run_within_limits(service, sequences, timeout, self.metrics)
-        tensors = output_tensors(results, steps, names)
+        plan = AnswerPlan(names, [True] * len(names), len(sequences), steps, output_widths(service))
+        admitted = await admit_and_start(service, sequences, plan.pricing(over_grpc=True),
+                                         request.ByteSize(), timeout, self.metrics)
+        del sequences
+        try:
+            tensors = await gathered_tensors(admitted.parts(), plan.batch, steps, plan.widths, names)
+        finally:
+            await admitted.finish()
         output = pb.ModelInferResponse.InferOutputTensor
+        contents = []
+        while tensors:  # each tensor's bytes replace it: not two copies of both at once
+            contents.append(bytes(as_little_endian_bytes(tensors.pop(0).array)))
         return pb.ModelInferResponse(
             model_name=model_name(service), model_version=VERSION, id=request.id,
-            outputs=[output(name=t.name, datatype=t.datatype, shape=t.shape) for t in tensors],
-            raw_output_contents=[bytes(as_little_endian_bytes(t.array)) for t in tensors])
+            outputs=[output(name=name, datatype="FP32", shape=plan.shape(name)) for name in names],
+            raw_output_contents=contents)
 
     def record(self, method: str, code: grpc.StatusCode, request_id: str, seconds: float,
                context: aio.ServicerContext) -> None:
