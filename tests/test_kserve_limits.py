@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+import time
 
 import grpc
 import httpx
@@ -122,6 +123,15 @@ def test_over_budget_v2_grpc_gets_resource_exhausted_with_advice(tight: Server) 
     assert "leave 'hidden' out" in caught.value.details()
     response = grpc_infer(tight, ids, ["outputs"])
     assert len(response.raw_output_contents[0]) == 4 * 2048 * 2 * 4
+    assert budget_freed(tight), "the message's share of the budget is freed once the call is over"
+
+
+def budget_freed(server: Server) -> bool:
+    for _ in range(50):
+        if "bigru_memory_budget_used_bytes 0.0" in httpx.get(server.url + "/metrics").text:
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def test_a_taken_budget_means_503_with_retry_after_over_v2(tight: Server) -> None:
@@ -139,6 +149,7 @@ def test_a_taken_budget_means_503_with_retry_after_over_v2(tight: Server) -> Non
         if response.status_code == 503:
             assert response.headers["retry-after"] == "1" and "retry" in response.json()["error"]
     assert len({r.content for r in responses if r.status_code == 200}) == 1
+    assert budget_freed(tight)
 
 
 # --- streamed answers: part by part, equal to /infer's ---------------------------------------

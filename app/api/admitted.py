@@ -58,12 +58,15 @@ class Admitted:
             yield results
 
     async def finish(self) -> None:
-        if self._finished:
-            return
-        self._finished = True
         self._first = None
         await self._rest.aclose()  # type: ignore[attr-defined]
-        self._budget.release(self._cost.total)
+        self.release()
+
+    def release(self) -> None:
+        """Free the budget (once read to the end, the parts hold nothing more)."""
+        if not self._finished:
+            self._finished = True
+            self._budget.release(self._cost.total)
 
 
 async def admit_and_start(service: ModelService, sequences: list[np.ndarray], pricing: Pricing,

@@ -100,12 +100,12 @@ async def http_answer(plan: AnswerPlan, header: dict[str, Any], admitted: Admitt
     """The answer for ``admitted`` (``header``: its model name, version and id), streamed;
     ``admitted`` is finished (the budget released) when it ends, however it ends."""
     if not any(plan.binary):
-        return StreamedAnswer(_json_document(plan, header, admitted.parts()), admitted.finish, send_timeout_s)
+        return StreamedAnswer(json_document(plan, header, admitted.parts()), admitted.finish, send_timeout_s)
     if plan.streamed:
         outputs = [{"name": name, "datatype": "FP32", "shape": plan.shape(name),
                     "parameters": {"binary_data_size": plan.size(name)}} for name in plan.names]
         head = orjson.dumps({**header, "outputs": outputs})
-        chunks = _binary_data(plan, head, admitted.parts())
+        chunks = binary_data(plan, head, admitted.parts())
         length = len(head) + sum(plan.size(name) for name in plan.names)
     else:
         try:
@@ -141,7 +141,7 @@ async def _rows(plan: AnswerPlan,
         yield 1, row
 
 
-async def _binary_data(plan: AnswerPlan, header: bytes,
+async def binary_data(plan: AnswerPlan, header: bytes,
                        parts: AsyncIterator[list[Result]]) -> AsyncIterator[bytes | memoryview]:
     yield header
     async for _, row in _rows(plan, parts):
@@ -160,7 +160,7 @@ def _row_bytes(row: np.ndarray, steps: int) -> Iterator[memoryview]:
         yield zeros[: min(CHUNK_BYTES, padding - start)]
 
 
-async def _json_document(plan: AnswerPlan, header: dict[str, Any],
+async def json_document(plan: AnswerPlan, header: dict[str, Any],
                          parts: AsyncIterator[list[Result]]) -> AsyncIterator[bytes]:
     opening = orjson.dumps({**header, "outputs": []})[:-2]  # up to the outputs' "["
     data, current = None, -1

@@ -146,16 +146,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         del sequences
         try:
             tensors = await gathered_tensors(admitted.parts(), plan.batch, steps, plan.widths, names)
-        finally:
+            response = infer_response(model_name(service), request.id, plan, tensors)
+        except BaseException:
             await admitted.finish()
-        output = pb.ModelInferResponse.InferOutputTensor
-        contents = []
-        while tensors:  # each tensor's bytes replace it: not two copies of both at once
-            contents.append(bytes(as_little_endian_bytes(tensors.pop(0).array)))
-        return pb.ModelInferResponse(
-            model_name=model_name(service), model_version=VERSION, id=request.id,
-            outputs=[output(name=name, datatype="FP32", shape=plan.shape(name)) for name in names],
-            raw_output_contents=contents)
+            raise
+        # grpcio serializes and sends the message once this returns: it keeps its share of the
+        # budget until the call is over.
+        loop = asyncio.get_running_loop()
+        context.add_done_callback(lambda _: loop.call_soon_threadsafe(admitted.release))
+        return response
 
     def record(self, method: str, code: grpc.StatusCode, request_id: str, seconds: float,
                context: aio.ServicerContext) -> None:
@@ -166,6 +165,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         log.info("grpc request", extra={
             "request_id": request_id, "method": method, "status": code.name,
             "duration_ms": round(seconds * 1000, 3), "client": context.peer()})
+
+
+def infer_response(model: str, request_id: str, plan: AnswerPlan,
+                   tensors: list[Tensor]) -> pb.ModelInferResponse:
+    """The answer message; each tensor's bytes replace it (not two copies of both at once)."""
+    contents = []
+    while tensors:
+        contents.append(bytes(as_little_endian_bytes(tensors.pop(0).array)))
+    output = pb.ModelInferResponse.InferOutputTensor
+    return pb.ModelInferResponse(
+        model_name=model, model_version=VERSION, id=request_id, raw_output_contents=contents,
+        outputs=[output(name=name, datatype="FP32", shape=plan.shape(name)) for name in plan.names])
 
 
 def inputs_of(request: pb.ModelInferRequest) -> list[Tensor]:
