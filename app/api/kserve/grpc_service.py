@@ -3,9 +3,12 @@ served by grpcio's asyncio server in the HTTP app's own process and event loop, 
 service, batcher and limits as ``/infer``.
 
 Inputs come as ``raw_input_contents`` (what tritonclient sends) or typed ``contents``; outputs
-always go as ``raw_output_contents``. Errors are status codes with the same messages as over
-HTTP: 400 -> INVALID_ARGUMENT, 404 -> NOT_FOUND, 503 -> UNAVAILABLE, 504 -> DEADLINE_EXCEEDED;
-messages past ``MAX_BODY_BYTES`` get RESOURCE_EXHAUSTED from grpcio itself. Each call takes the
+always go as ``raw_output_contents``. Requests are admitted by memory cost as ``/infer``'s are
+(:mod:`app.api.admitted`), priced as one message built whole. Errors are status codes with the
+same messages as over HTTP: 400 -> INVALID_ARGUMENT, 404 -> NOT_FOUND, 413 (an answer that could
+never fit in the memory budget) -> RESOURCE_EXHAUSTED, 503 (not ready, queue or budget taken) ->
+UNAVAILABLE, 504 -> DEADLINE_EXCEEDED; messages past ``MAX_BODY_BYTES`` get RESOURCE_EXHAUSTED
+from grpcio itself. Each call takes the
 caller's ``x-request-id`` metadata (or a new id) and sends it back as initial metadata.
 """
 

@@ -1,6 +1,7 @@
 """The Open Inference Protocol's HTTP routes under ``/v2``: validate, delegate to the same
-service, limits and batcher as ``/infer``, and answer in the protocol's JSON or with the binary
-tensor data extension. Errors leave as the protocol's ``{"error": "message"}``."""
+service, limits, memory admission and batcher as ``/infer``, and answer in the protocol's JSON
+or with the binary tensor data extension, streamed (:mod:`.answers`). Errors leave as the
+protocol's ``{"error": "message"}`` (with ``Retry-After`` on 503)."""
 
 from __future__ import annotations
 
