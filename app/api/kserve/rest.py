@@ -153,21 +153,23 @@ def build_kserve_router(settings: Settings) -> APIRouter:
         service = service_of(request)
         check_model(service, name, version)
         check_ready(service)
-        body = decompress(await request.body(), request.headers.get("content-encoding"),
-                          settings.max_body_bytes)
-        header, binary = split_body(body, request.headers.get("inference-header-content-length"))
-        inference = parse_body(header, InferenceRequest)
+        raw = await request.body()
+        body = decompress(raw, request.headers.get("content-encoding"), settings.max_body_bytes)
+        body_bytes = len(raw) + (len(body) if body is not raw else 0)  # both, when it was inflated
+        json_header, binary = split_body(body, request.headers.get("inference-header-content-length"))
+        inference = parse_body(json_header, InferenceRequest)
         assert isinstance(inference, InferenceRequest)
         sequences, steps = sequences_from(read_inputs(inference.inputs, binary), service.model_input,
                                           settings.max_batch, settings.max_len)
         names, binary_flags = chosen_outputs(inference)
-        plan = AnswerPlan.over_http(names, binary_flags, len(sequences), steps, output_widths(service))
-        admitted = await admit_and_start(service, sequences, plan.pricing(), len(body),
-                                         settings.request_timeout_s, service.metrics)
-        del sequences, body, binary
         header: dict[str, Any] = {"model_name": model_name(service), "model_version": VERSION}
         if inference.id is not None:
             header["id"] = inference.id
+        del raw, body, json_header, binary, inference  # the input arrays are all that is kept
+        plan = AnswerPlan.over_http(names, binary_flags, len(sequences), steps, output_widths(service))
+        admitted = await admit_and_start(service, sequences, plan.pricing(), body_bytes,
+                                         settings.request_timeout_s, service.metrics)
+        del sequences
         return await http_answer(plan, header, admitted, settings.send_timeout_s)
 
     return router
