@@ -133,43 +133,44 @@ def peak_rss(call: Call) -> dict:
 
 
 def encoders() -> dict[str, Callable[[], object]]:
-    """The server's own encoding of one such answer, in-process (engine results made up): what each
-    format costs the server's CPU, apart from the engine and the network."""
+    """The server's own encoding of one such answer, in-process (engine results made up, in
+    parts of 4 sequences as the engine gives them): what each format costs the server's CPU,
+    apart from the engine and the network."""
     import asyncio
 
-    from app.api.kserve import grpc_predict_v2_pb2 as pb
-    from app.api.kserve.rest import infer_response
-    from app.api.kserve.signature import output_tensors
-    from app.api.kserve.tensors import as_little_endian_bytes
-    from app.api.routes import json_response
+    from app.api.kserve.answers import AnswerPlan, binary_data, json_document
+    from app.api.kserve.grpc_service import infer_response
+    from app.api.kserve.signature import gathered_tensors
+    from app.api.streaming import infer_document
 
     rng = np.random.default_rng(1)
     results = [(rng.random((STEPS, 2), np.float32), rng.random((STEPS, 256), np.float32))
                for _ in range(BATCH)]
-    names = ["outputs", "hidden"]
+    widths = {"outputs": 2, "hidden": 256}
 
-    def v2_binary() -> object:
-        response = infer_response("segmenter", None, output_tensors(results, STEPS, names), [True, True])
+    async def parts():
+        for start in range(0, BATCH, 4):
+            yield results[start:start + 4]
 
+    def drained(chunks) -> int:
         async def drain() -> int:
-            return sum([len(chunk) async for chunk in response.body_iterator])
+            return sum([len(chunk) async for chunk in chunks])
         return asyncio.run(drain())
 
     def v2_grpc() -> object:
-        tensors = output_tensors(results, STEPS, names)
-        output = pb.ModelInferResponse.InferOutputTensor
-        return pb.ModelInferResponse(
-            model_name="segmenter", outputs=[output(name=t.name, datatype=t.datatype, shape=t.shape)
-                                             for t in tensors],
-            raw_output_contents=[bytes(as_little_endian_bytes(t.array)) for t in tensors]).SerializeToString()
+        plan = AnswerPlan(["outputs", "hidden"], [True, True], BATCH, STEPS, widths)
+        tensors = asyncio.run(gathered_tensors(parts(), BATCH, STEPS, widths, plan.names))
+        return infer_response("segmenter", "", plan, tensors).SerializeToString()
 
+    def plan(binary: bool) -> AnswerPlan:
+        return AnswerPlan.over_http(["outputs", "hidden"], [binary] * 2, BATCH, STEPS, widths)
+
+    header = {"model_name": "segmenter", "model_version": "1"}
     return {
-        "v2 HTTP binary": v2_binary,
+        "v2 HTTP binary": lambda: drained(binary_data(plan(True), b"{}", parts())),
         "v2 gRPC raw": v2_grpc,
-        "v2 HTTP JSON": lambda: infer_response("segmenter", None, output_tensors(results, STEPS, names),
-                                               [False, False]).body,
-        "/infer JSON": lambda: json_response({"model": "segmenter", "outputs": [o for o, _ in results],
-                                              "hidden": [h for _, h in results]}).body,
+        "v2 HTTP JSON": lambda: drained(json_document(plan(False), header, parts())),
+        "/infer JSON": lambda: drained(infer_document("segmenter", parts(), True)),
     }
 
 

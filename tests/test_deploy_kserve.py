@@ -104,3 +104,10 @@ def test_protocol_ports_and_probes_are_what_kserve_and_the_service_expect() -> N
     assert float(env["GRACE_PERIOD_S"]) + 5 <= predictor["terminationGracePeriodSeconds"]
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert any(m["mountPath"] == "/tmp" for m in container["volumeMounts"])
+
+
+def test_memory_limit_is_the_one_the_cgroup_tests_prove() -> None:
+    """v2 answers are admitted by memory cost like /infer's: the maximal v2 request is answered
+    (HTTP) or refused with advice (gRPC) inside a 512 MiB cgroup (tests/test_kserve_limits.py)."""
+    (container,) = load()["spec"]["predictor"]["containers"]
+    assert container["resources"]["limits"]["memory"] == "512Mi"

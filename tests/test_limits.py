@@ -18,9 +18,11 @@ import pytest
 import requests
 
 from app.runtime.admission import (
+    NOTHING_HELD,
     BudgetTaken,
     Cost,
     CostModel,
+    Held,
     MemoryBudget,
     NeverFits,
     cgroup_memory_limit,
@@ -90,11 +92,18 @@ def test_parts_hold_whole_sequences_within_the_token_cap() -> None:
 def test_price_grows_with_tokens_and_hidden_states() -> None:
     costs = CostModel(length_buckets(2048), output_width=2, hidden_width=256, state_floats=512,
                       max_batch_tokens=8192, max_batch_size=32)
-    small = costs.price([10], False, 100)
-    maximal = costs.price([2048] * 64, True, 400_000)
+    small = costs.price([10], costs.kept_outputs(False), 100)
+    maximal = costs.price([2048] * 64, costs.kept_outputs(True), 400_000)
     assert small.total < MiB < maximal.total < 48 * MiB  # streamed: a few parts at a time
-    assert costs.price([2048] * 64, False, 400_000).total < maximal.total
-    assert costs.price([2048] * 4, True, 0).total < costs.price([2048] * 12, True, 0).total
+    assert costs.price([2048] * 64, NOTHING_HELD, 400_000).total < maximal.total
+    assert costs.price([2048] * 4, costs.kept_outputs(True), 0).total < \
+        costs.price([2048] * 12, costs.kept_outputs(True), 0).total
+    # held per token of each row padded to `steps` (a v2 tensor), or per bucket-padded token
+    def extra(lengths: list[int], held: Held) -> int:
+        return costs.price(lengths, held, 0).total - costs.price(lengths, NOTHING_HELD, 0).total
+
+    assert extra([10, 2048], Held(1000, steps=2048)) == 1000 * 2 * 2048
+    assert extra([10], Held(1000)) == 1000 * 12  # 10 tokens, in the bucket of 12
     assert costs.engine_reserve(workers=2) == 2 * 8192 * 13 * 512
 
 

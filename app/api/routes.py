@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import numpy as np
 import orjson
@@ -14,20 +12,17 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 
+from app.api.admitted import Pricing, admit_and_start
 from app.api.errors import ApiError, summarize, validation_details
 from app.api.inputs import InvalidInput, input_arrays
 from app.api.schemas import ErrorResponse, InferResponse, make_infer_request
-from app.api.streaming import StreamedJSON, infer_document
+from app.api.streaming import StreamedAnswer, infer_document
 from app.config import Settings
 from app.observability import Metrics
-from app.runtime.admission import BudgetTaken, Cost, MemoryBudget, MiB, NeverFits
-from app.runtime.batcher import QueueFull
-from app.runtime.runner import Result
 from app.runtime.service import ModelService
 from app.spec import ModelInput, TokenInput
 
 JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
-T = TypeVar("T")
 
 
 # Dependencies are async so that FastAPI calls them in place: a sync one would take a
@@ -71,8 +66,6 @@ def build_router(settings: Settings) -> APIRouter:
         body_bytes, return_hidden = len(raw), body.return_hidden  # type: ignore[attr-defined]
         sequences = checked_inputs(body.sequences, service)  # type: ignore[attr-defined]
         del raw, body  # the input arrays are all that is kept
-        for sequence in sequences:
-            metrics.sequence_length.observe(len(sequence))
         return await answer_streamed(service, sequences, return_hidden, body_bytes, settings, metrics)
 
     @router.get("/healthz", summary="Liveness: the process is up")
@@ -105,91 +98,26 @@ def build_router(settings: Settings) -> APIRouter:
     return router
 
 
-async def run_within_limits(service: ModelService, sequences: list[np.ndarray], timeout_s: float,
-                            metrics: Metrics) -> list[Result]:
-    """The service's results, or 503 at once when its queue is full, or 504 past the deadline
-    (whole results, without memory admission: ``/infer`` itself uses :func:`answer_streamed`)."""
-    for sequence in sequences:
-        metrics.sequence_length.observe(len(sequence))
-    return await within_deadline(service.infer(sequences), timeout_s, timeout_s, metrics)
-
-
 # --- issue 8: admission by memory cost, answers streamed part by part -------------------------
 async def answer_streamed(service: ModelService, sequences: list[np.ndarray], return_hidden: bool,
                           body_bytes: int, settings: Settings, metrics: Metrics) -> Response:
-    """Admit the request by its memory cost (waiting for room up to the deadline), run it
-    part by part and stream the document; the deadline covers admission and the first part.
-
-    ``413`` when it could never fit, ``503`` when the budget (or queue) is taken, ``504``
-    past the deadline. A one-part answer without hidden states goes out in one piece."""
-    costs, budget, timeout_s = service.costs, service.budget, settings.request_timeout_s
-    assert costs is not None and budget is not None
-    lengths = [len(sequence) for sequence in sequences]
-    cost = costs.price(lengths, return_hidden, body_bytes)
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    try:
-        await budget.admit(cost, timeout_s)
-    except NeverFits:
-        metrics.rejected.labels("over_budget").inc()
-        lighter = costs.price(lengths, False, body_bytes) if return_hidden else cost
-        message = over_budget_message(cost, budget, lengths, return_hidden, lighter.total <= budget.total)
-        raise ApiError(413, "over_memory_budget", message) from None
-    except BudgetTaken:
-        metrics.rejected.labels("memory_budget").inc()
-        raise ApiError(503, "overloaded", "the memory budget is taken; retry shortly",
-                       headers={"Retry-After": "1"}) from None
-    parts_of = costs.parts(lengths)
-    parts = service.infer_parts([[sequences[i] for i in part] for part in parts_of])
+    """Admit the request (:func:`~app.api.admitted.admit_and_start`), run it part by part and
+    stream the document. A one-part answer without hidden states goes out in one piece."""
+    costs = service.costs
+    assert costs is not None
+    pricing = Pricing(costs.kept_outputs(return_hidden),
+                      costs.kept_outputs(False) if return_hidden else None, "drop return_hidden")
+    admitted = await admit_and_start(service, sequences, pricing, body_bytes,
+                                     settings.request_timeout_s, metrics)
     del sequences
-
-    async def finish() -> None:
-        await parts.aclose()
-        budget.release(cost.total)
-
-    try:
-        first = await within_deadline(anext(parts), deadline - asyncio.get_running_loop().time(),
-                                      timeout_s, metrics)
-    except BaseException:
-        await finish()
-        raise
-    document = infer_document(service.bundle.spec.name, _chain(first, parts),  # type: ignore[union-attr]
+    document = infer_document(service.bundle.spec.name, admitted.parts(),  # type: ignore[union-attr]
                               return_hidden)
-    if len(parts_of) > 1 or return_hidden:
-        return StreamedJSON(document, finish, settings.send_timeout_s)
+    if admitted.count > 1 or return_hidden:
+        return StreamedAnswer(document, admitted.finish, settings.send_timeout_s)
     try:
         return Response(b"".join([chunk async for chunk in document]), media_type="application/json")
     finally:
-        await finish()
-
-
-async def _chain(first: list[Result], rest: AsyncIterator[list[Result]]) -> AsyncIterator[list[Result]]:
-    yield first
-    del first
-    async for results in rest:
-        yield results
-
-
-async def within_deadline(work: Awaitable[T], remaining_s: float, timeout_s: float, metrics: Metrics) -> T:
-    """``work``'s result, or 503 at once when the queue is full, or 504 past the deadline."""
-    try:
-        return await asyncio.wait_for(work, max(remaining_s, 0))
-    except QueueFull:
-        metrics.rejected.labels("queue_full").inc()
-        raise ApiError(503, "overloaded", "the queue is full; retry shortly",
-                       headers={"Retry-After": "1"}) from None
-    except TimeoutError:
-        metrics.rejected.labels("deadline").inc()
-        raise ApiError(504, "deadline_exceeded", f"no result within {timeout_s:g} s") from None
-
-
-def over_budget_message(cost: Cost, budget: MemoryBudget, lengths: list[int], return_hidden: bool,
-                        fits_without_hidden: bool) -> str:
-    what = f"{len(lengths)} sequences, {sum(lengths)} tokens"
-    what += ", with hidden states" if return_hidden else ""
-    advice = "split it into smaller requests (fewer or shorter sequences)"
-    advice += " or drop return_hidden" if fits_without_hidden else ""
-    return (f"this request ({what}) needs about {cost.total / MiB:.0f} MiB to answer, more than the "
-            f"{budget.total / MiB:.0f} MiB one request may hold (MEMORY_BUDGET_BYTES): {advice}")
+        await admitted.finish()
 # --- end issue 8 ---------------------------------------------------------------------------
 
 

@@ -18,10 +18,10 @@ import orjson
 from starlette.responses import StreamingResponse
 from starlette.types import Message, Receive, Scope, Send
 
+from app.runtime.admission import JSON_BYTES_PER_FLOAT
 from app.runtime.runner import Result
 
 CHUNK_BYTES = 64 * 1024
-JSON_BYTES_PER_VALUE = 16  # "-1.2345678e-05," is 15 characters
 
 
 async def infer_document(model: str, parts: AsyncIterator[list[Result]],
@@ -48,26 +48,47 @@ async def infer_document(model: str, parts: AsyncIterator[list[Result]],
 
 class JSONList:
     """A JSON array of 2-D arrays, encoded a few rows at a time and handed out in chunks of
-    about ``CHUNK_BYTES``: small buffers, reused by the allocator, never a whole answer."""
+    about ``CHUNK_BYTES``: small buffers, reused by the allocator, never a whole answer.
 
-    def __init__(self) -> None:
+    Nested (``[[row, ...], ...]``, ``/infer``'s form), or ``flat``: every value in row-major
+    order, each array followed by zero rows up to ``steps`` when given (the Open Inference
+    Protocol's ``data`` of a ``[batch, steps, width]`` tensor)."""
+
+    def __init__(self, flat: bool = False) -> None:
         self.pending = bytearray(b"[")
-        self.empty = True
+        self.empty = True  # nothing yet at the current level: no comma before the next item
+        self.flat = flat
 
-    def extend(self, arrays: Iterable[np.ndarray]) -> Iterator[bytes]:
+    def extend(self, arrays: Iterable[np.ndarray], steps: int | None = None) -> Iterator[bytes]:
         for array in arrays:
+            if self.flat:
+                yield from self._values(array, steps)
+                continue
             self.pending += b"[" if self.empty else b",["
-            self.empty = False
-            rows = max(1, CHUNK_BYTES // (JSON_BYTES_PER_VALUE * max(array.shape[1], 1)))
-            for start in range(0, len(array), rows):
-                if start:
-                    self.pending += b","
-                encoded = orjson.dumps(array[start:start + rows], option=orjson.OPT_SERIALIZE_NUMPY)
-                self.pending += memoryview(encoded)[1:-1]  # the rows, without the outer brackets
-                if len(self.pending) >= CHUNK_BYTES:
-                    yield bytes(self.pending)
-                    self.pending = bytearray()
+            self.empty = True
+            yield from self._values(array, None)
             self.pending += b"]"
+            self.empty = False
+
+    def _values(self, array: np.ndarray, steps: int | None) -> Iterator[bytes]:
+        width = max(array.shape[1], 1)
+        rows = max(1, CHUNK_BYTES // (JSON_BYTES_PER_FLOAT * width))
+        for start in range(0, len(array), rows):
+            block = array[start:start + rows]
+            encoded = orjson.dumps(block.ravel() if self.flat else block, option=orjson.OPT_SERIALIZE_NUMPY)
+            yield from self._append(memoryview(encoded)[1:-1])  # without the outer brackets
+        zeros = (steps - len(array)) * array.shape[1] if steps else 0
+        for start in range(0, zeros, rows * width):
+            yield from self._append(b",".join([b"0.0"] * min(rows * width, zeros - start)))
+
+    def _append(self, encoded: bytes | memoryview) -> Iterator[bytes]:
+        if not self.empty:
+            self.pending += b","
+        self.pending += encoded
+        self.empty = False
+        if len(self.pending) >= CHUNK_BYTES:
+            yield bytes(self.pending)
+            self.pending = bytearray()
 
     def close(self) -> bytes:
         self.pending += b"]"
@@ -78,15 +99,16 @@ class ClientStalled(Exception):
     """The client took none of the answer for ``send_timeout_s``."""
 
 
-class StreamedJSON(StreamingResponse):
-    """A streamed ``application/json`` answer that always runs ``on_close`` (which releases
-    what the request holds), whether the answer completed, failed, the client left, or the
-    client stopped reading for ``send_timeout_s`` (:class:`ClientStalled`: the connection is
-    then closed, see :mod:`app.api.middleware`)."""
+class StreamedAnswer(StreamingResponse):
+    """A streamed answer (``application/json`` unless told) that always runs ``on_close``
+    (which releases what the request holds), whether the answer completed, failed, the client
+    left, or the client stopped reading for ``send_timeout_s`` (:class:`ClientStalled`: the
+    connection is then closed, see :mod:`app.api.middleware`)."""
 
-    def __init__(self, chunks: AsyncIterator[bytes], on_close: Callable[[], Awaitable[None]],
-                 send_timeout_s: float) -> None:
-        super().__init__(chunks, media_type="application/json")
+    def __init__(self, chunks: AsyncIterator[bytes | memoryview], on_close: Callable[[], Awaitable[None]],
+                 send_timeout_s: float, media_type: str = "application/json",
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(chunks, media_type=media_type, headers=headers)
         self.on_close = on_close
         self.send_timeout_s = send_timeout_s
 

@@ -1,5 +1,6 @@
-"""Memory admission: each ``/infer`` request is priced in bytes before it runs, and runs only
-while the requests in flight fit in a budget sized from the container.
+"""Memory admission: each request (``/infer``, and the Open Inference Protocol over HTTP and
+gRPC: :mod:`app.api.admitted`) is priced in bytes before it runs, and runs only while the
+requests in flight fit in a budget sized from the container.
 
 Where the memory of a replica goes (default model, measured with ``bench/peak_rss.py``):
 
@@ -18,8 +19,11 @@ Where the memory of a replica goes (default model, measured with ``bench/peak_rs
   - the results of the parts in flight (:func:`split_parts`: a request runs part by part,
     ``LOOKAHEAD`` parts at a time, and each part's results are released once sent):
     ``(output width + hidden width) x 4`` bytes per padded token;
-  - with ``return_hidden``, every sequence's output rows, kept for the end of the document
-    (the hidden states stream first): ``output width x 4`` bytes per padded token;
+  - what the answer holds until its end (:class:`Held`), in bytes per token: with
+    ``return_hidden``, every sequence's output rows, kept for the end of the document (the
+    hidden states stream first): ``output width x 4``; an answer built whole (a gRPC message,
+    a v2 JSON header that must precede binary data) holds every output float in each form it
+    takes at once (``WHOLE_MESSAGE_BYTES_PER_FLOAT``, ``JSON_BYTES_PER_FLOAT``);
   - the JSON being sent: chunks of about 64 KiB (``ENCODING_BYTES`` covers the one being
     built and the one in the socket's buffer).
 
@@ -50,6 +54,14 @@ ENGINE_BYTES_PER_STATE_FLOAT = 13
 INPUT_BYTES_PER_TOKEN = 64  # list slot + validated copy + float64 + int32, with slack
 ENCODING_BYTES = 4 * 64 * 1024  # app/api/streaming.py's chunk being built, and the one being sent
 LOOKAHEAD = 3  # parts of one request held at once: one being sent while two compute
+FLOAT_BYTES = 4  # a float32 result, or one value of a binary (raw little-endian) answer
+JSON_BYTES_PER_FLOAT = 16  # one value of a JSON answer: "-1.2345678e-05," is 15 characters
+# A unary gRPC answer is one message, built whole: the padded float32 tensor, its bytes for
+# raw_output_contents, the message's own copy of them and the serialized message: at most four
+# copies. Measured (bench/peak_rss.py --protocol grpc, 64 x 2048 with hidden, 33.8 M floats):
+# peak RSS 690 MiB, 432 MiB over the RSS at ready, engine buffers and parts in flight
+# included, i.e. under 13.4 bytes per float; priced at 16.
+WHOLE_MESSAGE_BYTES_PER_FLOAT = 4 * FLOAT_BYTES
 
 
 def cgroup_memory_limit(root: Path = Path("/sys/fs/cgroup"),
@@ -146,6 +158,19 @@ class Cost:
 
 
 @dataclass(frozen=True)
+class Held:
+    """What an answer holds until its end, beyond the parts in flight: ``bytes_per_token`` for
+    each token of each sequence; ``steps``: every sequence counts as ``steps`` tokens (a v2
+    tensor, each row padded to the widest), else as its own length rounded up to its bucket."""
+
+    bytes_per_token: float = 0
+    steps: int | None = None
+
+
+NOTHING_HELD = Held()
+
+
+@dataclass(frozen=True)
 class CostModel:
     buckets: list[int]
     output_width: int
@@ -165,14 +190,21 @@ class CostModel:
     def parts(self, lengths: Sequence[int]) -> list[range]:
         return split_parts(lengths, self.buckets, self.max_batch_tokens, self.max_batch_size)
 
-    def price(self, lengths: Sequence[int], return_hidden: bool, body_bytes: int) -> Cost:
+    def kept_outputs(self, return_hidden: bool) -> Held:
+        """``/infer``'s: with ``return_hidden`` the output rows wait for the hidden states."""
+        return Held(FLOAT_BYTES * self.output_width) if return_hidden else NOTHING_HELD
+
+    def price(self, lengths: Sequence[int], held: Held, body_bytes: int) -> Cost:
+        """The input, the results of ``LOOKAHEAD`` parts in flight, what the answer ``held``
+        until its end, and the chunks being encoded and sent."""
         padded = [bucket_of(self.buckets, length) for length in lengths]
         part_tokens = [sum(padded[i] for i in part) for part in self.parts(lengths)]
         in_flight = max(sum(part_tokens[i:i + LOOKAHEAD]) for i in range(len(part_tokens)))
-        result_bytes = 4 * (self.output_width + self.hidden_width)
+        result_bytes = FLOAT_BYTES * (self.output_width + self.hidden_width)
         input_bytes = body_bytes + INPUT_BYTES_PER_TOKEN * sum(lengths)
-        kept_outputs = 4 * self.output_width * sum(padded) if return_hidden else 0
-        return Cost(input_bytes, input_bytes + result_bytes * in_flight + kept_outputs + ENCODING_BYTES)
+        held_tokens = sum(padded) if held.steps is None else held.steps * len(lengths)
+        held_bytes = int(held.bytes_per_token * held_tokens)
+        return Cost(input_bytes, input_bytes + result_bytes * in_flight + held_bytes + ENCODING_BYTES)
 
 
 class NeverFits(Exception):

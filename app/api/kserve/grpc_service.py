@@ -3,9 +3,12 @@ served by grpcio's asyncio server in the HTTP app's own process and event loop, 
 service, batcher and limits as ``/infer``.
 
 Inputs come as ``raw_input_contents`` (what tritonclient sends) or typed ``contents``; outputs
-always go as ``raw_output_contents``. Errors are status codes with the same messages as over
-HTTP: 400 -> INVALID_ARGUMENT, 404 -> NOT_FOUND, 503 -> UNAVAILABLE, 504 -> DEADLINE_EXCEEDED;
-messages past ``MAX_BODY_BYTES`` get RESOURCE_EXHAUSTED from grpcio itself. Each call takes the
+always go as ``raw_output_contents``. Requests are admitted by memory cost as ``/infer``'s are
+(:mod:`app.api.admitted`), priced as one message built whole. Errors are status codes with the
+same messages as over HTTP: 400 -> INVALID_ARGUMENT, 404 -> NOT_FOUND, 413 (an answer that could
+never fit in the memory budget) -> RESOURCE_EXHAUSTED, 503 (not ready, queue or budget taken) ->
+UNAVAILABLE, 504 -> DEADLINE_EXCEEDED; messages past ``MAX_BODY_BYTES`` get RESOURCE_EXHAUSTED
+from grpcio itself. Each call takes the
 caller's ``x-request-id`` metadata (or a new id) and sends it back as initial metadata.
 """
 
@@ -24,21 +27,24 @@ import grpc
 from grpc import aio
 
 from app import __version__
+from app.api.admitted import admit_and_start
 from app.api.errors import ApiError
 from app.api.kserve import EXTENSIONS, SERVER_NAME
 from app.api.kserve import grpc_predict_v2_pb2 as pb
 from app.api.kserve import grpc_predict_v2_pb2_grpc as pb_grpc
+from app.api.kserve.answers import AnswerPlan
 from app.api.kserve.signature import (
     OUTPUT_NAMES,
     VERSION,
     check_model,
     check_output_names,
     check_ready,
+    gathered_tensors,
     input_specs,
     model_metadata,
     model_name,
     output_specs,
-    output_tensors,
+    output_widths,
     sequences_from,
 )
 from app.api.kserve.tensors import (
@@ -49,7 +55,6 @@ from app.api.kserve.tensors import (
     tensor_from_values,
 )
 from app.api.middleware import REQUEST_ID
-from app.api.routes import run_within_limits
 from app.config import Settings
 from app.runtime.service import ModelService
 
@@ -138,13 +143,21 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         check_output_names(names)
         remaining = context.time_remaining()  # the caller's deadline, when it set one
         timeout = min(settings.request_timeout_s, math.inf if remaining is None else max(remaining, 0.001))
-        results = await run_within_limits(service, sequences, timeout, self.metrics)
-        tensors = output_tensors(results, steps, names)
-        output = pb.ModelInferResponse.InferOutputTensor
-        return pb.ModelInferResponse(
-            model_name=model_name(service), model_version=VERSION, id=request.id,
-            outputs=[output(name=t.name, datatype=t.datatype, shape=t.shape) for t in tensors],
-            raw_output_contents=[bytes(as_little_endian_bytes(t.array)) for t in tensors])
+        plan = AnswerPlan(names, [True] * len(names), len(sequences), steps, output_widths(service))
+        admitted = await admit_and_start(service, sequences, plan.pricing(over_grpc=True),
+                                         request.ByteSize(), timeout, self.metrics)
+        del sequences
+        try:
+            tensors = await gathered_tensors(admitted.parts(), plan.batch, steps, plan.widths, names)
+            response = infer_response(model_name(service), request.id, plan, tensors)
+        except BaseException:
+            await admitted.finish()
+            raise
+        # grpcio serializes and sends the message once this returns: it keeps its share of the
+        # budget until the call is over.
+        loop = asyncio.get_running_loop()
+        context.add_done_callback(lambda _: loop.call_soon_threadsafe(admitted.release))
+        return response
 
     def record(self, method: str, code: grpc.StatusCode, request_id: str, seconds: float,
                context: aio.ServicerContext) -> None:
@@ -155,6 +168,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         log.info("grpc request", extra={
             "request_id": request_id, "method": method, "status": code.name,
             "duration_ms": round(seconds * 1000, 3), "client": context.peer()})
+
+
+def infer_response(model: str, request_id: str, plan: AnswerPlan,
+                   tensors: list[Tensor]) -> pb.ModelInferResponse:
+    """The answer message; each tensor's bytes replace it (not two copies of both at once)."""
+    contents = []
+    while tensors:
+        contents.append(bytes(as_little_endian_bytes(tensors.pop(0).array)))
+    output = pb.ModelInferResponse.InferOutputTensor
+    return pb.ModelInferResponse(
+        model_name=model, model_version=VERSION, id=request_id, raw_output_contents=contents,
+        outputs=[output(name=name, datatype="FP32", shape=plan.shape(name)) for name in plan.names])
 
 
 def inputs_of(request: pb.ModelInferRequest) -> list[Tensor]:

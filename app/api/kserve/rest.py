@@ -1,15 +1,15 @@
 """The Open Inference Protocol's HTTP routes under ``/v2``: validate, delegate to the same
-service, limits and batcher as ``/infer``, and answer in the protocol's JSON or with the binary
-tensor data extension. Errors leave as the protocol's ``{"error": "message"}``."""
+service, limits, memory admission and batcher as ``/infer``, and answer in the protocol's JSON
+or with the binary tensor data extension, streamed (:mod:`.answers`). Errors leave as the
+protocol's ``{"error": "message"}`` (with ``Retry-After`` on 503)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
-import orjson
 from fastapi import APIRouter, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 from fastapi.routing import APIRoute
 from pydantic import (
     BaseModel,
@@ -23,8 +23,10 @@ from pydantic import (
 )
 
 from app import __version__
+from app.api.admitted import admit_and_start
 from app.api.errors import ApiError, protocol_error_response
 from app.api.kserve import EXTENSIONS, PREFIX, SERVER_NAME
+from app.api.kserve.answers import AnswerPlan, http_answer
 from app.api.kserve.signature import (
     OUTPUT_NAMES,
     VERSION,
@@ -33,23 +35,21 @@ from app.api.kserve.signature import (
     check_ready,
     model_metadata,
     model_name,
-    output_tensors,
+    output_widths,
     sequences_from,
 )
 from app.api.kserve.tensors import (
     Tensor,
-    as_little_endian_bytes,
     decompress,
     invalid,
     split_body,
     tensor_from_bytes,
     tensor_from_values,
 )
-from app.api.routes import JSON_OPTIONS, json_response, parse_body, run_within_limits
+from app.api.routes import json_response, parse_body
 from app.config import Settings
 from app.runtime.service import ModelService
 
-SEND_CHUNK_BYTES = 1 << 20
 Parameter = StrictBool | StrictInt | StrictFloat | StrictStr
 
 
@@ -153,18 +153,24 @@ def build_kserve_router(settings: Settings) -> APIRouter:
         service = service_of(request)
         check_model(service, name, version)
         check_ready(service)
-        body = decompress(await request.body(), request.headers.get("content-encoding"),
-                          settings.max_body_bytes)
-        header, binary = split_body(body, request.headers.get("inference-header-content-length"))
-        inference = parse_body(header, InferenceRequest)
+        raw = await request.body()
+        body = decompress(raw, request.headers.get("content-encoding"), settings.max_body_bytes)
+        body_bytes = len(raw) + (len(body) if body is not raw else 0)  # both, when it was inflated
+        json_header, binary = split_body(body, request.headers.get("inference-header-content-length"))
+        inference = parse_body(json_header, InferenceRequest)
         assert isinstance(inference, InferenceRequest)
         sequences, steps = sequences_from(read_inputs(inference.inputs, binary), service.model_input,
                                           settings.max_batch, settings.max_len)
         names, binary_flags = chosen_outputs(inference)
-        results = await run_within_limits(service, sequences, settings.request_timeout_s,
-                                          service.metrics)
-        return infer_response(model_name(service), inference.id, output_tensors(results, steps, names),
-                              binary_flags)
+        header: dict[str, Any] = {"model_name": model_name(service), "model_version": VERSION}
+        if inference.id is not None:
+            header["id"] = inference.id
+        del raw, body, json_header, binary, inference  # the input arrays are all that is kept
+        plan = AnswerPlan.over_http(names, binary_flags, len(sequences), steps, output_widths(service))
+        admitted = await admit_and_start(service, sequences, plan.pricing(), body_bytes,
+                                         settings.request_timeout_s, service.metrics)
+        del sequences
+        return await http_answer(plan, header, admitted, settings.send_timeout_s)
 
     return router
 
@@ -205,32 +211,3 @@ def chosen_outputs(inference: InferenceRequest) -> tuple[list[str], list[bool]]:
         if "classification" in output.parameters or "class_count" in output.parameters:
             raise invalid(f"output '{output.name}': the classification extension is not supported")
     return names, [bool(output.parameters.get("binary_data", default)) for output in inference.outputs]
-
-
-def infer_response(name: str, request_id: str | None, tensors: list[Tensor],
-                   binary_flags: list[bool]) -> Response:
-    header: dict[str, Any] = {"model_name": name, "model_version": VERSION, "outputs": []}
-    if request_id is not None:
-        header["id"] = request_id
-    blobs = []
-    for tensor, binary in zip(tensors, binary_flags):
-        entry: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype, "shape": tensor.shape}
-        if binary:
-            blobs.append(as_little_endian_bytes(tensor.array))
-            entry["parameters"] = {"binary_data_size": blobs[-1].nbytes}
-        else:
-            entry["data"] = tensor.array.ravel()
-        header["outputs"].append(entry)
-    encoded = orjson.dumps(header, option=JSON_OPTIONS)
-    if not blobs:
-        return Response(encoded, media_type="application/json")
-
-    async def chunks() -> AsyncIterator[bytes | memoryview]:
-        yield encoded
-        for blob in blobs:  # views of the tensors, never joined; slices keep the send buffer small
-            for start in range(0, blob.nbytes, SEND_CHUNK_BYTES):
-                yield blob[start:start + SEND_CHUNK_BYTES]
-
-    length = len(encoded) + sum(blob.nbytes for blob in blobs)
-    return StreamingResponse(chunks(), media_type="application/octet-stream", headers={
-        "Content-Length": str(length), "Inference-Header-Content-Length": str(len(encoded))})

@@ -11,6 +11,7 @@ Each row is computed as if alone, exactly as ``/infer`` computes it.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +26,7 @@ from app.spec import ModelInput, TokenInput
 LENGTHS = "lengths"
 OUTPUTS, HIDDEN = "outputs", "hidden"
 OUTPUT_NAMES = [OUTPUTS, HIDDEN]  # all of them, in this order, when a request names none
+RESULT_INDEX = {OUTPUTS: 0, HIDDEN: 1}  # where each is in a runner's Result
 INDEX_DATATYPES = ("INT32", "INT64")
 VERSION = "1"  # one model, one version
 PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "keras": "tensorflow_keras"}
@@ -148,14 +150,24 @@ def check_output_names(names: list[str]) -> None:
             raise invalid(f"output '{name}' is requested twice")
 
 
-def output_tensors(results: list[Result], steps: int, names: list[str]) -> list[Tensor]:
-    """The named outputs as ``[batch, steps, width]`` FP32 tensors, zero past each row's length."""
-    tensors = []
-    for name in names:
-        part = 0 if name == OUTPUTS else 1
-        width = results[0][part].shape[1]
-        padded = np.zeros((len(results), steps, width), dtype=np.float32)
-        for row, result in enumerate(results):
-            padded[row, : len(result[part])] = result[part]
-        tensors.append(Tensor(name, "FP32", padded))
-    return tensors
+def output_widths(service: ModelService) -> dict[str, int]:
+    return {spec.name: spec.shape[2] for spec in output_specs(service)}
+
+
+async def gathered_tensors(parts: AsyncIterator[list[Result]], batch: int, steps: int,
+                           widths: dict[str, int], names: list[str]) -> list[Tensor]:
+    """The named outputs as ``[batch, steps, width]`` FP32 tensors, zero past each row's
+    length, filled part by part as the parts come (in sequence order): only the parts in
+    flight exist beside them."""
+    arrays = {name: np.zeros((batch, steps, widths[name]), dtype=np.float32) for name in names}
+    row = 0
+    async for results in parts:
+        for result in results:
+            for name, array in arrays.items():
+                values = result[RESULT_INDEX[name]]
+                array[row, : len(values)] = values
+            row += 1
+        del results
+    if row != batch:
+        raise RuntimeError(f"the parts held {row} rows for a batch of {batch}")
+    return [Tensor(name, "FP32", arrays[name]) for name in names]

@@ -1,0 +1,131 @@
+"""One admission for every protocol (``/infer``, v2 over HTTP, v2 over gRPC): price the request
+by what its answer will hold, wait for room in the memory budget (or refuse), run it part by
+part, release the budget when the answer is done.
+
+Outcomes are :class:`~app.api.errors.ApiError`; each protocol maps the status to its own form:
+``413`` (the request can never fit: the message names the limit and says how to split it or
+drop the hidden states), ``503`` with Retry-After (the budget or the queue is taken), ``504``
+(no first part within the deadline). gRPC maps them to RESOURCE_EXHAUSTED, UNAVAILABLE and
+DEADLINE_EXCEEDED (:mod:`app.api.kserve.grpc_service`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import numpy as np
+
+from app.api.errors import ApiError
+from app.observability import Metrics
+from app.runtime.admission import BudgetTaken, Cost, Held, MemoryBudget, MiB, NeverFits
+from app.runtime.batcher import QueueFull
+from app.runtime.runner import Result
+from app.runtime.service import ModelService
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Pricing:
+    """What an answer holds (``held``), what it would hold without the hidden states
+    (``without_hidden``, None when it has none), and how the protocol names dropping them."""
+
+    held: Held
+    without_hidden: Held | None
+    drop_hidden: str  # e.g. "drop return_hidden"
+
+
+class Admitted:
+    """An admitted request: ``parts`` gives every part's results in sequence order (the first
+    one already computed); :meth:`finish` (idempotent) drops what is left and frees the budget."""
+
+    def __init__(self, parts: AsyncIterator[list[Result]], count: int, budget: MemoryBudget,
+                 cost: Cost) -> None:
+        self._rest, self.count = parts, count
+        self._budget, self._cost = budget, cost
+        self._first: list[Result] | None = None
+        self._finished = False
+
+    async def parts(self) -> AsyncIterator[list[Result]]:
+        first, self._first = self._first, None
+        assert first is not None, "the parts are read once"
+        yield first
+        del first
+        async for results in self._rest:
+            yield results
+
+    async def finish(self) -> None:
+        self._first = None
+        await self._rest.aclose()  # type: ignore[attr-defined]
+        self.release()
+
+    def release(self) -> None:
+        """Free the budget (once read to the end, the parts hold nothing more)."""
+        if not self._finished:
+            self._finished = True
+            self._budget.release(self._cost.total)
+
+
+async def admit_and_start(service: ModelService, sequences: list[np.ndarray], pricing: Pricing,
+                          body_bytes: int, timeout_s: float, metrics: Metrics) -> Admitted:
+    """Admit the request by its memory cost (waiting for room up to ``timeout_s``), start it
+    part by part and wait for its first part; the deadline covers admission and that part."""
+    costs, budget = service.costs, service.budget
+    assert costs is not None and budget is not None
+    lengths = [len(sequence) for sequence in sequences]
+    for length in lengths:
+        metrics.sequence_length.observe(length)
+    cost = costs.price(lengths, pricing.held, body_bytes)
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    try:
+        await budget.admit(cost, timeout_s)
+    except NeverFits:
+        metrics.rejected.labels("over_budget").inc()
+        lighter = pricing.without_hidden
+        fits_lighter = lighter is not None and costs.price(lengths, lighter, body_bytes).total <= budget.total
+        advice = pricing.drop_hidden if fits_lighter else ""
+        raise ApiError(413, "over_memory_budget",
+                       over_budget_message(cost, budget, lengths, lighter is not None, advice)) from None
+    except BudgetTaken:
+        metrics.rejected.labels("memory_budget").inc()
+        raise ApiError(503, "overloaded", "the memory budget is taken; retry shortly",
+                       headers={"Retry-After": "1"}) from None
+    parts_of = costs.parts(lengths)
+    admitted = Admitted(service.infer_parts([[sequences[i] for i in part] for part in parts_of]),
+                        len(parts_of), budget, cost)
+    try:
+        admitted._first = await within_deadline(anext(admitted._rest),
+                                                deadline - asyncio.get_running_loop().time(),
+                                                timeout_s, metrics)
+    except BaseException:
+        await admitted.finish()
+        raise
+    return admitted
+
+
+async def within_deadline(work: Awaitable[T], remaining_s: float, timeout_s: float, metrics: Metrics) -> T:
+    """``work``'s result, or 503 at once when the queue is full, or 504 past the deadline."""
+    try:
+        return await asyncio.wait_for(work, max(remaining_s, 0))
+    except QueueFull:
+        metrics.rejected.labels("queue_full").inc()
+        raise ApiError(503, "overloaded", "the queue is full; retry shortly",
+                       headers={"Retry-After": "1"}) from None
+    except TimeoutError:
+        metrics.rejected.labels("deadline").inc()
+        raise ApiError(504, "deadline_exceeded", f"no result within {timeout_s:g} s") from None
+
+
+def over_budget_message(cost: Cost, budget: MemoryBudget, lengths: list[int], with_hidden: bool,
+                        drop_hidden: str) -> str:
+    """What was asked, what it needs, the limit, and what to do (``drop_hidden``: the
+    protocol's words for dropping the hidden states, when that alone would make it fit)."""
+    what = f"{len(lengths)} sequences, {sum(lengths)} tokens"
+    what += ", with hidden states" if with_hidden else ""
+    advice = "split it into smaller requests (fewer or shorter sequences)"
+    advice += f" or {drop_hidden}" if drop_hidden else ""
+    return (f"this request ({what}) needs about {cost.total / MiB:.0f} MiB to answer, more than the "
+            f"{budget.total / MiB:.0f} MiB one request may hold (MEMORY_BUDGET_BYTES): {advice}")
