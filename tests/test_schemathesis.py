@@ -36,7 +36,9 @@ def test_api_never_answers_5xx(api_server: Server, mode: GenerationMode) -> None
         response = case.call(base_url=api_server.url, timeout=30)
         statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
         assert response.status_code < 500, f"{case.method} {case.path}: {response.text}"
-        if mode is GenerationMode.POSITIVE:
+        # The Open Inference Protocol's tensors carry shapes and names a JSON Schema cannot tie
+        # together (and its model name is a path parameter): only "never a 5xx" holds there.
+        if mode is GenerationMode.POSITIVE and not case.path.startswith("/v2"):
             assert response.status_code == 200, f"{case.method} {case.path} {case.body}: {response.text}"
             case.validate_response(response)
             if case.path == "/infer":
