@@ -54,6 +54,10 @@ MODULES = {
     "middleware": Module("app/api/middleware.py",
                          ("tests/test_envelope.py", "tests/test_settings.py", "tests/test_validation.py")),
     "routes": Module("app/api/routes.py", ("tests/test_validation.py", "tests/test_settings.py")),
+    "inputs": Module("app/api/inputs.py", ("tests/test_inputs.py", "tests/test_validation.py")),
+    "admission": Module("app/runtime/admission.py", ("tests/test_limits.py",),
+                        "cgroup_limit or cgroup_v1 or parts_hold or price or budget_ or sized "
+                        "or configured or rss"),
 }
 COPIED = ("app", "tests", "models", "docs", "README.md")
 RESULT = re.compile(r"^\s+(\S+__mutmut_\d+): (.+)$")

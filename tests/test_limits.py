@@ -24,6 +24,8 @@ from app.runtime.admission import (
     MemoryBudget,
     NeverFits,
     cgroup_memory_limit,
+    process_rss,
+    sized_budget,
     split_parts,
 )
 from app.runtime.buckets import length_buckets
@@ -116,6 +118,81 @@ def test_budget_admits_in_order_and_bounds_the_wait() -> None:
         assert budget.used == 20 and budget.waiting == 0
 
     asyncio.run(scenario())
+
+
+def test_price_is_the_documented_sum() -> None:
+    """Input (body + 64 B per token) + the results of the LOOKAHEAD=3 parts in flight
+    ((output + hidden width) x 4 B per padded token) + with return_hidden the kept outputs
+    (output width x 4 B per padded token) + 256 KiB of JSON being encoded."""
+    costs = CostModel(length_buckets(2048), output_width=2, hidden_width=256, state_floats=512,
+                      max_batch_tokens=1024, max_batch_size=32)
+    lengths = [1000, 1000, 1000, 10]  # padded 1024, 1024, 1024, 12: four parts of one
+    input_bytes = 500 + 64 * 3010
+    plain = costs.price(lengths, False, 500)
+    assert plain == Cost(input_bytes, input_bytes + 4 * 258 * 3 * 1024 + 4 * 64 * 1024)
+    hidden = costs.price(lengths, True, 500)
+    assert hidden.total - plain.total == 4 * 2 * (3 * 1024 + 12) and hidden.input == input_bytes
+    assert costs.engine_bytes_per_token == 13 * 512 and costs.engine_reserve(3) == 3 * 1024 * 13 * 512
+    assert [list(p) for p in costs.parts(lengths)] == [[0], [1], [2], [3]]
+
+
+def test_budget_is_fifo_fills_to_the_byte_and_forgets_who_left() -> None:
+    async def scenario() -> None:
+        budget = MemoryBudget(80, "test")  # 70 for requests, 10 of waiting room
+        assert budget.describe() == {"memory_budget_bytes": 80, "memory_budget_from": "test",
+                                     "largest_request_cost_bytes": 70, "waiting_room_bytes": 10}
+        await budget.admit(Cost(1, 70), 1)  # exactly the budget
+        big = asyncio.create_task(budget.admit(Cost(4, 50), 5))
+        leaving = asyncio.create_task(budget.admit(Cost(3, 40), 5))
+        await asyncio.sleep(0.01)
+        assert budget.waiting == 7
+        budget.release(30)  # 40 free: the head of the line (50) does not fit, nobody jumps it
+        await asyncio.sleep(0.01)
+        assert not big.done() and not leaving.done() and budget.used == 40
+        leaving.cancel()
+        await asyncio.sleep(0.01)
+        assert budget.waiting == 4 and budget.used == 40
+        budget.release(40)
+        await asyncio.wait_for(big, 1)
+        assert budget.used == 50 and budget.waiting == 0
+        await asyncio.wait_for(budget.admit(Cost(2, 20), 5), 1)  # nobody in line, fits to the byte
+        assert budget.used == 70 and budget.waiting == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_configured_budget_is_taken_as_it_is() -> None:
+    budget, workers = sized_budget(800, workers=3, per_call=10)
+    assert (budget.total, budget.waiting_room, workers) == (700, 100, 3)
+    assert budget.derivation == "MEMORY_BUDGET_BYTES"
+    assert sized_budget(-5, 1, 1)[0].total == 0
+
+
+def test_a_budget_sized_from_a_cgroup_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """limit - RSS at ready - headroom (10%, at least 32 MiB) - the engine calls, which take at
+    most half of what is left; no limit: the default."""
+    from app.runtime import admission
+
+    monkeypatch.setattr(admission, "process_rss", lambda: 100 * MiB)
+    monkeypatch.setattr(admission, "cgroup_memory_limit", lambda: 1000 * MiB)
+    budget, workers = sized_budget(None, workers=8, per_call=100 * MiB)
+    available = 1000 * MiB - 100 * MiB - 100 * MiB  # 800 MiB: half of it holds 4 calls
+    assert workers == 4 and budget.total + budget.waiting_room == available - 4 * 100 * MiB
+    assert budget.derivation == ("cgroup limit 1000 MiB - RSS at ready 100 MiB - headroom 100 MiB - "
+                                 "4 engine calls 400 MiB")
+    monkeypatch.setattr(admission, "cgroup_memory_limit", lambda: 300 * MiB)
+    budget, workers = sized_budget(None, workers=8, per_call=100 * MiB)  # headroom 32 MiB, 168 left
+    assert workers == 1 and budget.total + budget.waiting_room == 68 * MiB  # at least one call
+    monkeypatch.setattr(admission, "cgroup_memory_limit", lambda: None)
+    budget, workers = sized_budget(None, workers=8, per_call=100 * MiB)
+    assert (budget.total + budget.waiting_room, workers) == (admission.DEFAULT_BUDGET, 8)
+    assert budget.derivation == "default (no cgroup memory limit)"
+
+
+def test_process_rss_is_the_kernels_count() -> None:
+    status = Path("/proc/self/status").read_text()
+    vm_rss = next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmRSS:"))
+    assert abs(process_rss() - vm_rss) < 4 * MiB
 
 
 # --- memory admission over HTTP -------------------------------------------------------------

@@ -83,7 +83,8 @@ def test_shape_errors_name_the_layer(segmenter: ModelSpec) -> None:
             r"bigru_0 \(backward\): bias has shape \(768,\), expected \(2, 384\)")
     refused(replace(segmenter, dense=(replace(head, kernel=head.kernel[:255]),)),
             r"tags: kernel has shape \(255, 2\), expected \(256, units\)")
-    refused(replace(segmenter, dense=(replace(head, kernel=head.kernel[0]),)), r"tags: kernel has shape \(2,\)")
+    refused(replace(segmenter, dense=(replace(head, kernel=head.kernel[0]),)),
+            r"tags: kernel has shape \(2,\)")
     refused(replace(segmenter, dense=(replace(head, bias=head.bias[:1]),)),
             r"tags: bias has shape \(1,\), expected \(2,\)")
     refused(replace(segmenter, dense=(replace(head, activation="swish"),)),
@@ -100,6 +101,33 @@ def test_shape_errors_name_the_layer(segmenter: ModelSpec) -> None:
     forward = replace(first.forward, bias=one_row.bias)
     plain = replace(first, forward=forward, backward=one_row, variant=GRUVariant(reset_after=False))
     assert replace(segmenter, layers=(plain, second)).validate().layers[0].variant.reset_after is False
+
+
+def test_inputs_describe_sample_and_pad_themselves() -> None:
+    tokens = TokenInput(np.zeros((7, 3), np.float32), mask_zero=True)
+    assert tokens.describe() == {"kind": "tokens", "vocab_size": 7, "width": 3, "mask_zero": True}
+    ids = tokens.sample(np.random.default_rng(0), 500)
+    assert ids.dtype == np.int32 and ids.shape == (500,) and (ids.min(), ids.max()) == (1, 6)
+    assert tokens.blank(2, 5).dtype == np.int32 and tokens.blank(2, 5).shape == (2, 5)
+    assert not tokens.blank(2, 5).any()
+    features = FeatureInput(1, mask_value=0.0)
+    assert features.validate() is None  # one feature per step is a model
+    assert features.describe() == {"kind": "features", "features": 1, "mask_value": 0.0}
+    steps = FeatureInput(4).sample(np.random.default_rng(0), 6)
+    assert steps.dtype == np.float32 and steps.shape == (6, 4) and steps.std() > 0.3
+    blank = FeatureInput(4).blank(2, 5)
+    assert blank.dtype == np.float32 and blank.shape == (2, 5, 4) and not blank.any()
+
+
+def test_a_dense_stack_checks_each_width_against_the_one_before(segmenter: ModelSpec) -> None:
+    (head,) = segmenter.dense
+    wide = replace(head, name="wide", kernel=np.zeros((256, 16), np.float32), bias=None, activation="relu")
+    narrow = replace(head, kernel=np.zeros((16, 2), np.float32))
+    assert replace(segmenter, dense=(wide, narrow)).validate().output_width == 2
+    refused(replace(segmenter, dense=(wide, head)),
+            r"^tags: kernel has shape \(256, 2\), expected \(16, units\)$")
+    refused(replace(segmenter, dense=(replace(head, activation="gelu"),)),
+            r"^tags: unsupported activation 'gelu' \(supported: linear, softmax, sigmoid, tanh, relu\)$")
 
 
 def test_directions_of_different_widths_are_refused(tmp_path: Path) -> None:
