@@ -195,6 +195,47 @@ def test_process_rss_is_the_kernels_count() -> None:
     assert abs(process_rss() - vm_rss) < 4 * MiB
 
 
+MAPPED_BLOCKS_AFTER = """
+import ctypes, sys
+from app.runtime.admission import return_freed_memory
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+                 "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+
+def mapped(size):
+    before = libc.mallinfo2().hblks
+    block = libc.malloc(size)
+    own = libc.mallinfo2().hblks - before
+    libc.free(block)
+    return own
+
+libc.free(libc.malloc(8 << 20))  # glibc now serves blocks up to 8 MiB from the heap
+return_freed_memory()
+print(mapped(256 << 10), mapped(100 << 10))
+"""
+
+
+@pytest.mark.parametrize(("environment", "expected"),
+                         [({}, "1 0"), ({"MALLOC_MMAP_THRESHOLD_": "16777216"}, "0 0")])
+def test_freed_blocks_of_128_kib_or_more_go_back_to_the_system(environment: dict, expected: str) -> None:
+    """After return_freed_memory, a 256 KiB block gets its own mapping (returned when freed)
+    even after glibc's threshold rose; an operator's MALLOC_MMAP_THRESHOLD_ is left alone."""
+    import os
+    import sys
+
+    env = {key: value for key, value in os.environ.items() if key != "MALLOC_MMAP_THRESHOLD_"}
+    shown = subprocess.run([sys.executable, "-c", MAPPED_BLOCKS_AFTER], env=env | environment,
+                           capture_output=True, text=True, check=True)
+    assert shown.stdout.split() == expected.split()
+
+
 # --- memory admission over HTTP -------------------------------------------------------------
 
 def test_a_request_that_can_never_fit_gets_413_naming_the_limit(tight: Server) -> None:
