@@ -54,7 +54,7 @@ MODULES = {
     "middleware": Module("app/api/middleware.py",
                          ("tests/test_envelope.py", "tests/test_settings.py", "tests/test_validation.py")),
     "routes": Module("app/api/routes.py", ("tests/test_validation.py", "tests/test_settings.py")),
-    "inputs": Module("app/api/inputs.py", ("tests/test_inputs.py", "tests/test_validation.py")),
+    "inputs": Module("app/api/inputs.py", ("tests/test_inputs.py",)),
     "admission": Module("app/runtime/admission.py", ("tests/test_limits.py",),
                         "cgroup_limit or cgroup_v1 or parts_hold or price or budget_admits "
                         "or budget_is_fifo or budget_sized or configured_budget or rss or go_back"),
