@@ -97,3 +97,31 @@ def test_feature_values_are_finite_float32_and_not_the_mask() -> None:
     assert float(np.finfo(np.float32).max) == FLOAT32_MAX
     edge = feature_arrays([[[FLOAT32_MAX, -FLOAT32_MAX]]], FeatureInput(2))
     assert np.isfinite(edge[0]).all()
+
+
+def test_every_refusal_names_its_kind_and_the_default_field() -> None:
+    """The kind becomes the error's ``type`` in the answer (invalid_token / invalid_features)."""
+    cases = [
+        (lambda: input_arrays([[9]], TokenInput(np.zeros((5, 2), np.float32))), "invalid_token",
+         "sequences.0.0: token id 9"),
+        (lambda: token_arrays([[10**400]], (0, 9)), "invalid_token", "token ids must be in"),
+        (lambda: feature_arrays([[[1]]], FeatureInput(2)), "invalid_features", "sequences.0.0: 1 features"),
+        (lambda: feature_arrays([[[10**400, 1]]], FeatureInput(2)), "invalid_features", "feature values"),
+        (lambda: feature_arrays([[[1, 2]], [[np.nan, 1]]], FeatureInput(2), field="f"), "invalid_features",
+         "f.1.0.0: nan"),
+        (lambda: checked_features(np.ones((2, 2)), np.array([1, 1]), FeatureInput(2, mask_value=1.0)),
+         "invalid_features", "sequences.0.0: every feature"),
+        (lambda: checked_features(np.array([[np.inf]]), np.array([1]), FeatureInput(1)),
+         "invalid_features", "sequences.0.0.0: inf"),
+        (lambda: checked_ids(np.array([5.0]), np.array([1]), (0, 5)), "invalid_token", "sequences.0.0: "),
+    ]
+    for refuse, kind, start in cases:
+        with pytest.raises(InvalidInput) as caught:
+            refuse()
+        assert caught.value.kind == kind and caught.value.message.startswith(start), caught.value.message
+
+
+def test_features_split_back_into_each_sequence() -> None:
+    flat = np.arange(12, dtype=np.float64).reshape(6, 2)
+    parts = checked_features(flat, np.array([1, 2, 3]), FeatureInput(2))
+    assert [p.shape for p in parts] == [(1, 2), (2, 2), (3, 2)] and parts[2][0].tolist() == [6.0, 7.0]
