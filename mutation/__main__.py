@@ -56,8 +56,9 @@ MODULES = {
     "routes": Module("app/api/routes.py", ("tests/test_validation.py", "tests/test_settings.py")),
     "inputs": Module("app/api/inputs.py", ("tests/test_inputs.py",)),
     "admission": Module("app/runtime/admission.py", ("tests/test_limits.py",),
-                        "cgroup_limit or cgroup_v1 or parts_hold or price or budget_admits "
-                        "or budget_is_fifo or budget_sized or configured_budget or rss"),
+                        "cgroup_limit or cgroup_v1 or cgroup_paths or parts_hold or price "
+                        "or budget_admits or budget_is_fifo or line_moves or budget_sized "
+                        "or configured_budget or rss"),
 }
 COPIED = ("app", "tests", "models", "docs", "README.md")
 RESULT = re.compile(r"^\s+(\S+__mutmut_\d+): (.+)$")

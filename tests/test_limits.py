@@ -80,6 +80,23 @@ def test_cgroup_v1_and_no_limit(tmp_path: Path) -> None:
     assert cgroup_memory_limit(tmp_path, tmp_path / "absent") is None
 
 
+def test_cgroup_paths_with_colons_missing_files_and_joined_controllers(tmp_path: Path) -> None:
+    """Paths may hold ':' (cri-containerd), the root cgroup has no memory.max, and v1 lists
+    controllers joined by commas; only the memory controller's hierarchy counts."""
+    membership = tmp_path / "cgroup"
+    membership.write_text("0::/kubepods/cri-containerd:abcX\n")
+    (tmp_path / "kubepods" / "cri-containerd:abcX").mkdir(parents=True)
+    (tmp_path / "kubepods" / "cri-containerd:abcX" / "memory.max").write_text(f"{300 * MiB}\n")
+    assert cgroup_memory_limit(tmp_path, membership) == 300 * MiB
+    v1 = tmp_path / "v1"
+    (v1 / "memory" / "pod").mkdir(parents=True)
+    (v1 / "memory" / "other").mkdir(parents=True)
+    (v1 / "memory" / "pod" / "memory.limit_in_bytes").write_text(f"{700 * MiB}\n")
+    (v1 / "memory" / "other" / "memory.limit_in_bytes").write_text(f"{100 * MiB}\n")
+    membership.write_text("5:cpu,cpuacct:/other\n4:hugetlb,memory:/pod\n")
+    assert cgroup_memory_limit(v1, membership) == 700 * MiB
+
+
 def test_parts_hold_whole_sequences_within_the_token_cap() -> None:
     buckets = length_buckets(2048)
     lengths = [2048] * 5 + [3, 700, 700, 1, 2048]
@@ -87,6 +104,7 @@ def test_parts_hold_whole_sequences_within_the_token_cap() -> None:
     assert [list(part) for part in parts] == [[0, 1], [2, 3], [4, 5, 6, 7, 8], [9]]
     assert [list(p) for p in split_parts([9000], [*buckets, 9000], 4096, 32)] == [[0]]  # alone
     assert len(split_parts([1] * 70, buckets, 8192, 32)) == 3
+    assert [len(part) for part in split_parts([1] * 5, buckets, 8192, 2)] == [2, 2, 1]
 
 
 def test_price_grows_with_tokens_and_hidden_states() -> None:
@@ -157,6 +175,33 @@ def test_budget_is_fifo_fills_to_the_byte_and_forgets_who_left() -> None:
         assert budget.used == 50 and budget.waiting == 0
         await asyncio.wait_for(budget.admit(Cost(2, 20), 5), 1)  # nobody in line, fits to the byte
         assert budget.used == 70 and budget.waiting == 0
+
+    asyncio.run(scenario())
+
+
+def test_the_line_moves_past_who_left_and_fills_to_the_byte() -> None:
+    async def scenario() -> None:
+        budget = MemoryBudget(81, "test")  # 71 for requests, 10 of waiting room (whole bytes)
+        assert (budget.total, budget.waiting_room) == (71, 10) and isinstance(budget.waiting_room, int)
+        await budget.admit(Cost(1, 61), 1)
+        head = asyncio.create_task(budget.admit(Cost(5, 71), 5))
+        await asyncio.sleep(0.01)
+        behind = asyncio.create_task(budget.admit(Cost(5, 10), 5))  # 5 + 5 fill the room exactly
+        await asyncio.sleep(0.01)
+        assert budget.waiting == 10 and not behind.done()
+        with pytest.raises(BudgetTaken):  # refused at once: the room is full
+            await asyncio.wait_for(budget.admit(Cost(1, 1), 5), 0.5)
+        head.cancel()
+        await asyncio.sleep(0.01)
+        await asyncio.wait_for(behind, 1)  # 61 + 10 = 71: fits to the byte
+        assert budget.used == 71 and budget.waiting == 0
+        budget.release(71)
+        await budget.admit(Cost(6, 6), 1)
+        blocker = asyncio.create_task(budget.admit(Cost(4, 70), 5))
+        await asyncio.sleep(0.01)
+        with pytest.raises(BudgetTaken):  # 4 waiting + 7 > 10, though 7 - 4 would not be
+            await asyncio.wait_for(budget.admit(Cost(7, 1), 5), 0.5)
+        blocker.cancel()
 
     asyncio.run(scenario())
 
