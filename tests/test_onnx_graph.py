@@ -36,6 +36,27 @@ def test_graph_matches_numpy_reference(tmp_path: Path, layers: int, bidirectiona
     got = runner_for(spec, "onnxruntime", max_len=16, max_batch_size=len(LENGTHS)).run(sequences)
     assert max_diff([o for o, _ in got], [model.outputs(s) for s in sequences]) < 1e-5
     assert max_diff([h for _, h in got], [model.hidden(s) for s in sequences]) < 1e-5
+    reversed_outputs, reversed_hidden = run_reversed_graph(spec, sequences)
+    assert max_diff(reversed_outputs, [model.outputs(s) for s in sequences]) < 1e-5
+    assert max_diff(reversed_hidden, [model.hidden(s) for s in sequences]) < 1e-5
+
+
+def run_reversed_graph(spec, sequences: list[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The graph OpenVINO is given (forward-only GRU ops, the backward one on each sequence
+    reversed within its length), run by ONNX Runtime on one padded batch."""
+    import onnxruntime as ort
+
+    from app.lowering.onnx_graph import build_onnx_model
+
+    lengths = np.array([len(s) for s in sequences], np.int32)
+    ids = np.zeros((len(sequences), lengths.max()), np.int32)
+    for row, sequence in enumerate(sequences):
+        ids[row, :len(sequence)] = sequence
+    graph = build_onnx_model(spec, "reversed").SerializeToString()
+    outputs, hidden = ort.InferenceSession(graph, providers=["CPUExecutionProvider"]).run(
+        ["outputs", "hidden"], {"ids": ids, "lengths": lengths})
+    return ([outputs[row, :n] for row, n in enumerate(lengths)],
+            [hidden[row, :n] for row, n in enumerate(lengths)])
 
 
 def test_exported_graph_declares_its_inputs_and_outputs(tmp_path: Path) -> None:
