@@ -41,6 +41,29 @@ def test_graph_matches_numpy_reference(tmp_path: Path, layers: int, bidirectiona
     assert max_diff(reversed_hidden, [model.hidden(s) for s in sequences]) < 1e-5
 
 
+@pytest.mark.parametrize(("reset_after", "recurrent_activation", "activation", "bidirectional"), [
+    (False, "hard_sigmoid", "softsign", True),
+    (True, "tanh", "relu", False),
+])
+def test_keras2_gru_variants_lower_with_their_equations(
+        tmp_path: Path, reset_after: bool, recurrent_activation: str, activation: str,
+        bidirectional: bool) -> None:
+    from app.formats.keras_h5 import read_keras_h5
+    from app.formats.manifest import Architecture
+    from tests.keras2_files import write_full_model
+    from tests.reference import Variant
+
+    rng = np.random.default_rng(7)
+    model = random_model(rng, vocab=20, width=5, units=4, layers=2, bidirectional=bidirectional,
+                         variant=Variant(reset_after, recurrent_activation, activation), scale=0.3)
+    spec = read_keras_h5(write_full_model(tmp_path / "m.h5", model, cell="GRU"), Architecture(), "m")
+    sequences = [rng.integers(0, 20, n).astype(np.int32) for n in LENGTHS]
+    expected = [model.outputs(s) for s in sequences]
+    got = runner_for(spec, "onnxruntime", max_len=16, max_batch_size=len(LENGTHS)).run(sequences)
+    assert max_diff([o for o, _ in got], expected) < 1e-5
+    assert max_diff(run_reversed_graph(spec, sequences)[0], expected) < 1e-5
+
+
 def run_reversed_graph(spec, sequences: list[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """The graph OpenVINO is given (forward-only GRU ops, the backward one on each sequence
     reversed within its length), run by ONNX Runtime on one padded batch."""
