@@ -42,8 +42,9 @@ def test_graph_matches_numpy_reference(tmp_path: Path, layers: int, bidirectiona
 
 
 @pytest.mark.parametrize(("reset_after", "recurrent_activation", "activation", "bidirectional"), [
-    (False, "hard_sigmoid", "softsign", True),
-    (True, "tanh", "relu", False),
+    (False, "hard_sigmoid", "tanh", True),  # Keras 2's default GRU
+    (True, "sigmoid", "linear", False),
+    (True, "elu", "softsign", True),
 ])
 def test_keras2_gru_variants_lower_with_their_equations(
         tmp_path: Path, reset_after: bool, recurrent_activation: str, activation: str,
@@ -55,7 +56,8 @@ def test_keras2_gru_variants_lower_with_their_equations(
 
     rng = np.random.default_rng(7)
     model = random_model(rng, vocab=20, width=5, units=4, layers=2, bidirectional=bidirectional,
-                         variant=Variant(reset_after, recurrent_activation, activation), scale=0.3)
+                         variant=Variant(reset_after, recurrent_activation, activation),
+                         stack=((6, "tanh"), (7, "linear")), scale=0.3)
     spec = read_keras_h5(write_full_model(tmp_path / "m.h5", model, cell="GRU"), Architecture(), "m")
     sequences = [rng.integers(0, 20, n).astype(np.int32) for n in LENGTHS]
     expected = [model.outputs(s) for s in sequences]
