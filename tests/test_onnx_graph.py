@@ -77,7 +77,11 @@ def run_reversed_graph(spec, sequences: list[np.ndarray]) -> tuple[list[np.ndarr
     padded = spec.input.blank(len(sequences), int(lengths.max()))
     for row, sequence in enumerate(sequences):
         padded[row, :len(sequence)] = sequence
-    graph = build_onnx_model(spec, "reversed").SerializeToString()
+    model = build_onnx_model(spec, "reversed")
+    grus = [node for node in model.graph.node if node.op_type == "GRU"]
+    assert all(len(node.input) == 4 for node in grus)  # plain forward GRUs, no sequence_lens
+    assert any(node.op_type == "ReverseSequence" for node in model.graph.node) == spec.layers[0].bidirectional
+    graph = model.SerializeToString()
     outputs, hidden = ort.InferenceSession(graph, providers=["CPUExecutionProvider"]).run(
         ["outputs", "hidden"], {spec.input.name: padded, "lengths": lengths})
     return ([outputs[row, :n] for row, n in enumerate(lengths)],
