@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -118,7 +119,10 @@ def toml_value(value: object) -> str:
 
 def mutmut(work: Path, *args: str) -> subprocess.CompletedProcess[str]:
     command = [str(Path(sys.executable).parent / "mutmut"), *args]
-    return subprocess.run(command, cwd=work, capture_output=True, text=True)
+    # mutmut forks a worker per mutant from the process that ran the tests; a gRPC server
+    # started there (the app in process) makes those forks crash (SIGSEGV), so none runs.
+    environment = os.environ | {"GRPC_PORT": "0"}
+    return subprocess.run(command, cwd=work, capture_output=True, text=True, env=environment)
 
 
 def forget_survivors(work: Path) -> None:
