@@ -265,3 +265,67 @@ def test_a_batcher_never_started_closes(model: tuple[NativeModel, ModelSpec]) ->
         await asyncio.wait_for(MicroBatcher(runner, 2, 8, 0.0, 16).close(), timeout=5)
 
     asyncio.run(main())
+
+
+def test_a_streamed_request_gets_each_parts_results_in_order_and_a_dropped_stream_stops(
+    model: tuple[NativeModel, ModelSpec],
+) -> None:
+    """Parts are computed in order, at most LOOKAHEAD (3) at once; the queue bound applies to
+    the first part; a consumer that stops (a client gone) leaves its later parts unrun."""
+    native = model[0]
+    parts = [[tokens(200 + i, 3 + i), tokens(300 + i, 2)] for i in range(5)]
+
+    async def scenario(batcher: MicroBatcher, engine: GatedEngine) -> None:
+        with pytest.raises(QueueFull):
+            await asyncio.wait_for(batcher.stream([[tokens(1, 2)] * 5]).__anext__(), 1.0)
+        whole = [results async for results in batcher.stream([[tokens(1, 2)] * 4])]  # exactly the bound
+        assert [len(results) for results in whole] == [4]
+        got = [results async for results in batcher.stream(parts)]
+        assert len(got) == len(parts)
+        for part, results in zip(parts, got):
+            assert len(results) == len(part)
+            for sequence, (outputs, _) in zip(part, results):
+                np.testing.assert_allclose(outputs, native.outputs(sequence), atol=1e-5)
+        engine.gate.clear()
+        stream = batcher.stream(parts)
+        first = asyncio.ensure_future(stream.__anext__())
+        await eventually(lambda: engine.started >= 1)
+        engine.gate.set()
+        await first
+        await eventually(lambda: batcher.pending == 0)
+        await stream.aclose()  # parts 0-2 were taken (the first and its lookahead), not 3 and 4
+        await asyncio.sleep(0.05)
+
+    calls = with_batcher_calls(scenario, model[1], max_queue=4)
+    ran = [sequence for call in calls for sequence in call]
+    streamed_twice = [tuple(parts[i][0].tolist()) for i in range(5)]
+    assert [ran.count(s) for s in streamed_twice] == [2, 2, 2, 1, 1]
+    assert sum(len(call) for call in calls) == 4 + 10 + 6  # nothing else ran
+
+
+def test_one_engine_call_takes_jobs_up_to_max_batch_tokens(model: tuple[NativeModel, ModelSpec]) -> None:
+    """Waiting jobs are combined into one call up to MAX_BATCH_TOKENS tokens, exactly at the
+    bound; the rest waits for the next call."""
+    jobs_per_call: list[int] = []
+
+    async def main() -> None:
+        engine = GatedEngine(OnnxRuntimeEngine(model[1], threads=1))
+        runner = Runner(engine, length_buckets(64), 8, max_batch_tokens=20)  # type: ignore[arg-type]
+        batcher = MicroBatcher(runner, 1, 8, 0.0, 64)
+        batcher.on_batch.append(lambda stats: jobs_per_call.append(stats.jobs))
+        batcher.start()
+        try:
+            engine.gate.clear()
+            first = asyncio.ensure_future(batcher.submit([tokens(1, 3)]))
+            await eventually(lambda: engine.started == 1)
+            waiting = [asyncio.ensure_future(batcher.submit([tokens(i, 5)])) for i in range(2, 7)]
+            await eventually(lambda: batcher.pending == 5)
+            engine.gate.set()
+            results = await asyncio.gather(first, *waiting)
+            assert [len(r) for r in results] == [1] * 6
+        finally:
+            engine.gate.set()
+            await batcher.close()
+
+    asyncio.run(main())
+    assert jobs_per_call == [1, 4, 1]  # 4 x 5 = 20 tokens: exactly the bound

@@ -133,8 +133,9 @@ def call_asgi(client: TestClient, headers: list[tuple[bytes, bytes]], chunks: li
 def test_the_body_limit_adds_up_every_chunk() -> None:
     with in_process(Settings(_env_file=None, max_body_bytes=1024)) as client:  # type: ignore[call-arg]
         body = b'{"sequences": [[999]]}'  # read whole, then refused: 422
-        assert call_asgi(client, [], [body, b" " * 500, b" " * 502]) == 422  # 1024 bytes in all
-        assert call_asgi(client, [], [body, b" " * 500, b" " * 503]) == 413  # 1025
+        chunked = [(b"transfer-encoding", b"chunked")]  # how a server hands over a chunked upload
+        assert call_asgi(client, chunked, [body, b" " * 500, b" " * 502]) == 422  # 1024 bytes in all
+        assert call_asgi(client, chunked, [body, b" " * 500, b" " * 503]) == 413  # 1025
 
 
 def test_a_declared_length_past_the_limit_is_refused_before_reading() -> None:

@@ -78,8 +78,6 @@ REFUSED = [
     (cudnn(kernel=zeros(45)), "kernel has shape (45,), expected (I, 9)"),
     (cudnn(bias=zeros(17)), "bias has shape (17,), expected (18,)"),
     (keras(recurrent_kernel=zeros(3, 3)), "recurrent_kernel has shape (3, 3), expected (U, 3U)"),
-    (keras(bias=zeros(9)), "bias has shape (9,), the layout of GRU(reset_after=False); that is a "
-                           "different model from cuDNN's GRU and is not supported"),
     (keras(bias=zeros(2, 8)), "bias has shape (2, 8), expected (2, 9)"),
     (keras2(recurrent_kernel=zeros(4, 9)), "recurrent_kernel has shape (4, 9), expected (U, 3U)"),
     (keras2(kernel=zeros(5, 8)), "kernel has shape (5, 8), expected (I, 9)"),  # read as CuDNNGRU
@@ -115,7 +113,7 @@ def test_a_one_dimensional_tf1_hidden_kernel_is_refused() -> None:
 def test_layouts_given_float64_give_float32() -> None:
     kernel, recurrent, bias = (np.asfortranarray(a.astype(np.float64)) for a in to_cudnngru(NATIVE))
     converted = from_cudnn_gru(kernel, recurrent, bias, WHERE)
-    copied = from_keras_gru(*(a.astype(np.float64) for a in to_keras_gru(NATIVE)), WHERE)
+    copied, _ = from_keras_gru(*(a.astype(np.float64) for a in to_keras_gru(NATIVE)), WHERE)
     torch_weights = from_torch_gru(*(a.astype(np.float64) for a in to_torch(NATIVE).values()), WHERE)
     tf1_weights = from_tf1_canonical(*(a.astype(np.float64) for a in to_tf1_canonical(NATIVE).values()),
                                      WHERE)
@@ -125,10 +123,22 @@ def test_layouts_given_float64_give_float32() -> None:
 
 
 def test_keras2_files_name_the_conversion_they_needed() -> None:
-    _, applied = keras2()()  # type: ignore[misc]
-    assert applied == "cudnn-gru->keras-gru"
-    _, applied = from_keras2_file(*to_keras_gru(NATIVE), WHERE)
-    assert applied == "none (already reset_after=True)"
+    read = keras2()()
+    assert (read.conversion, read.reset_after, read.cudnn) == ("cudnn-gru->keras-gru", True, True)  # type: ignore[attr-defined]
+    read = from_keras2_file(*to_keras_gru(NATIVE), WHERE)
+    assert (read.conversion, read.reset_after, read.cudnn) == ("none (Keras GRU layout)", True, False)
+
+
+def test_a_one_row_bias_is_read_as_reset_after_false() -> None:
+    """GRU(reset_after=False) stores one bias row ``(3U,)``: it goes to row 0, row 1 is zeros,
+    and the layout is reported as reset_after=False (its equations differ from cuDNN's)."""
+    kernel, recurrent, _ = to_keras_gru(NATIVE)
+    bias = np.arange(9, dtype=np.float32) + 1
+    for read in (from_keras2_file(kernel, recurrent, bias, WHERE),):
+        assert (read.reset_after, read.cudnn) == (False, False)
+        np.testing.assert_array_equal(read.weights.bias, np.stack([bias, np.zeros(9, np.float32)]))
+    weights, reset_after = from_keras_gru(kernel, recurrent, bias, WHERE)
+    assert reset_after is False and weights.bias.shape == (2, 9) and not weights.bias[1].any()
 
 
 def test_torch_without_biases_means_zero_biases() -> None:
@@ -145,7 +155,8 @@ def test_torch_without_biases_means_zero_biases() -> None:
 
 def test_keras_gru_weights_are_taken_as_they_are() -> None:
     kernel, recurrent, bias = to_keras_gru(NATIVE)
-    weights = from_keras_gru(kernel, recurrent, bias, WHERE)
+    weights, reset_after = from_keras_gru(kernel, recurrent, bias, WHERE)
+    assert reset_after is True
     np.testing.assert_array_equal(weights.kernel, kernel)
     np.testing.assert_array_equal(weights.recurrent_kernel, recurrent)
     np.testing.assert_array_equal(weights.bias, bias)

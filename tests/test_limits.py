@@ -26,6 +26,8 @@ from app.runtime.admission import (
     MemoryBudget,
     NeverFits,
     cgroup_memory_limit,
+    process_rss,
+    sized_budget,
     split_parts,
 )
 from app.runtime.buckets import length_buckets
@@ -80,6 +82,23 @@ def test_cgroup_v1_and_no_limit(tmp_path: Path) -> None:
     assert cgroup_memory_limit(tmp_path, tmp_path / "absent") is None
 
 
+def test_cgroup_paths_with_colons_missing_files_and_joined_controllers(tmp_path: Path) -> None:
+    """Paths may hold ':' (cri-containerd), the root cgroup has no memory.max, and v1 lists
+    controllers joined by commas; only the memory controller's hierarchy counts."""
+    membership = tmp_path / "cgroup"
+    membership.write_text("0::/kubepods/cri-containerd:abcX\n")
+    (tmp_path / "kubepods" / "cri-containerd:abcX").mkdir(parents=True)
+    (tmp_path / "kubepods" / "cri-containerd:abcX" / "memory.max").write_text(f"{300 * MiB}\n")
+    assert cgroup_memory_limit(tmp_path, membership) == 300 * MiB
+    v1 = tmp_path / "v1"
+    (v1 / "memory" / "pod").mkdir(parents=True)
+    (v1 / "memory" / "other").mkdir(parents=True)
+    (v1 / "memory" / "pod" / "memory.limit_in_bytes").write_text(f"{700 * MiB}\n")
+    (v1 / "memory" / "other" / "memory.limit_in_bytes").write_text(f"{100 * MiB}\n")
+    membership.write_text("5:cpu,cpuacct:/other\n4:hugetlb,memory:/pod\n")
+    assert cgroup_memory_limit(v1, membership) == 700 * MiB
+
+
 def test_parts_hold_whole_sequences_within_the_token_cap() -> None:
     buckets = length_buckets(2048)
     lengths = [2048] * 5 + [3, 700, 700, 1, 2048]
@@ -87,6 +106,7 @@ def test_parts_hold_whole_sequences_within_the_token_cap() -> None:
     assert [list(part) for part in parts] == [[0, 1], [2, 3], [4, 5, 6, 7, 8], [9]]
     assert [list(p) for p in split_parts([9000], [*buckets, 9000], 4096, 32)] == [[0]]  # alone
     assert len(split_parts([1] * 70, buckets, 8192, 32)) == 3
+    assert [len(part) for part in split_parts([1] * 5, buckets, 8192, 2)] == [2, 2, 1]
 
 
 def test_price_grows_with_tokens_and_hidden_states() -> None:
@@ -125,6 +145,149 @@ def test_budget_admits_in_order_and_bounds_the_wait() -> None:
         assert budget.used == 20 and budget.waiting == 0
 
     asyncio.run(scenario())
+
+
+def test_price_is_the_documented_sum() -> None:
+    """Input (body + 64 B per token) + the results of the LOOKAHEAD=3 parts in flight
+    ((output + hidden width) x 4 B per padded token) + with return_hidden the kept outputs
+    (output width x 4 B per padded token) + 256 KiB of JSON being encoded."""
+    costs = CostModel(length_buckets(2048), output_width=2, hidden_width=256, state_floats=512,
+                      max_batch_tokens=1024, max_batch_size=32)
+    lengths = [1000, 1000, 1000, 10]  # padded 1024, 1024, 1024, 12: four parts of one
+    input_bytes = 500 + 64 * 3010
+    plain = costs.price(lengths, False, 500)
+    assert plain == Cost(input_bytes, input_bytes + 4 * 258 * 3 * 1024 + 4 * 64 * 1024)
+    hidden = costs.price(lengths, True, 500)
+    assert hidden.total - plain.total == 4 * 2 * (3 * 1024 + 12) and hidden.input == input_bytes
+    assert costs.engine_bytes_per_token == 13 * 512 and costs.engine_reserve(3) == 3 * 1024 * 13 * 512
+    assert [list(p) for p in costs.parts(lengths)] == [[0], [1], [2], [3]]
+
+
+def test_budget_is_fifo_fills_to_the_byte_and_forgets_who_left() -> None:
+    async def scenario() -> None:
+        budget = MemoryBudget(80, "test")  # 70 for requests, 10 of waiting room
+        assert budget.describe() == {"memory_budget_bytes": 80, "memory_budget_from": "test",
+                                     "largest_request_cost_bytes": 70, "waiting_room_bytes": 10}
+        await budget.admit(Cost(1, 70), 1)  # exactly the budget
+        big = asyncio.create_task(budget.admit(Cost(4, 50), 5))
+        leaving = asyncio.create_task(budget.admit(Cost(3, 40), 5))
+        await asyncio.sleep(0.01)
+        assert budget.waiting == 7
+        budget.release(30)  # 40 free: the head of the line (50) does not fit, nobody jumps it
+        await asyncio.sleep(0.01)
+        assert not big.done() and not leaving.done() and budget.used == 40
+        leaving.cancel()
+        await asyncio.sleep(0.01)
+        assert budget.waiting == 4 and budget.used == 40
+        budget.release(40)
+        await asyncio.wait_for(big, 1)
+        assert budget.used == 50 and budget.waiting == 0
+        await asyncio.wait_for(budget.admit(Cost(2, 20), 5), 1)  # nobody in line, fits to the byte
+        assert budget.used == 70 and budget.waiting == 0
+
+    asyncio.run(scenario())
+
+
+def test_the_line_moves_past_who_left_and_fills_to_the_byte() -> None:
+    async def scenario() -> None:
+        budget = MemoryBudget(81, "test")  # 71 for requests, 10 of waiting room (whole bytes)
+        assert (budget.total, budget.waiting_room) == (71, 10) and isinstance(budget.waiting_room, int)
+        await budget.admit(Cost(1, 61), 1)
+        head = asyncio.create_task(budget.admit(Cost(5, 71), 5))
+        await asyncio.sleep(0.01)
+        behind = asyncio.create_task(budget.admit(Cost(5, 10), 5))  # 5 + 5 fill the room exactly
+        await asyncio.sleep(0.01)
+        assert budget.waiting == 10 and not behind.done()
+        with pytest.raises(BudgetTaken):  # refused at once: the room is full
+            await asyncio.wait_for(budget.admit(Cost(1, 1), 5), 0.5)
+        head.cancel()
+        await asyncio.sleep(0.01)
+        await asyncio.wait_for(behind, 1)  # 61 + 10 = 71: fits to the byte
+        assert budget.used == 71 and budget.waiting == 0
+        budget.release(71)
+        await budget.admit(Cost(6, 6), 1)
+        blocker = asyncio.create_task(budget.admit(Cost(4, 70), 5))
+        await asyncio.sleep(0.01)
+        with pytest.raises(BudgetTaken):  # 4 waiting + 7 > 10, though 7 - 4 would not be
+            await asyncio.wait_for(budget.admit(Cost(7, 1), 5), 0.5)
+        blocker.cancel()
+
+    asyncio.run(scenario())
+
+
+def test_a_configured_budget_is_taken_as_it_is() -> None:
+    budget, workers = sized_budget(800, workers=3, per_call=10)
+    assert (budget.total, budget.waiting_room, workers) == (700, 100, 3)
+    assert budget.derivation == "MEMORY_BUDGET_BYTES"
+    assert sized_budget(-5, 1, 1)[0].total == 0
+
+
+def test_a_budget_sized_from_a_cgroup_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """limit - RSS at ready - headroom (10%, at least 32 MiB) - the engine calls, which take at
+    most half of what is left; no limit: the default."""
+    from app.runtime import admission
+
+    monkeypatch.setattr(admission, "process_rss", lambda: 100 * MiB)
+    monkeypatch.setattr(admission, "cgroup_memory_limit", lambda: 1000 * MiB)
+    budget, workers = sized_budget(None, workers=8, per_call=100 * MiB)
+    available = 1000 * MiB - 100 * MiB - 100 * MiB  # 800 MiB: half of it holds 4 calls
+    assert workers == 4 and budget.total + budget.waiting_room == available - 4 * 100 * MiB
+    assert budget.derivation == ("cgroup limit 1000 MiB - RSS at ready 100 MiB - headroom 100 MiB - "
+                                 "4 engine calls 400 MiB")
+    monkeypatch.setattr(admission, "cgroup_memory_limit", lambda: 300 * MiB)
+    budget, workers = sized_budget(None, workers=8, per_call=100 * MiB)  # headroom 32 MiB, 168 left
+    assert workers == 1 and budget.total + budget.waiting_room == 68 * MiB  # at least one call
+    monkeypatch.setattr(admission, "cgroup_memory_limit", lambda: None)
+    budget, workers = sized_budget(None, workers=8, per_call=100 * MiB)
+    assert (budget.total + budget.waiting_room, workers) == (admission.DEFAULT_BUDGET, 8)
+    assert budget.derivation == "default (no cgroup memory limit)"
+
+
+def test_process_rss_is_the_kernels_count() -> None:
+    status = Path("/proc/self/status").read_text()
+    vm_rss = next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmRSS:"))
+    assert abs(process_rss() - vm_rss) < 4 * MiB
+
+
+MAPPED_BLOCKS_AFTER = """
+import ctypes, sys
+from app.runtime.admission import return_freed_memory
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+                 "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+
+def mapped(size):
+    before = libc.mallinfo2().hblks
+    block = libc.malloc(size)
+    own = libc.mallinfo2().hblks - before
+    libc.free(block)
+    return own
+
+libc.free(libc.malloc(8 << 20))  # glibc now serves blocks up to 8 MiB from the heap
+return_freed_memory()
+print(mapped(256 << 10), mapped(100 << 10))
+"""
+
+
+@pytest.mark.parametrize(("environment", "expected"),
+                         [({}, "1 0"), ({"MALLOC_MMAP_THRESHOLD_": "16777216"}, "0 0")])
+def test_freed_blocks_of_128_kib_or_more_go_back_to_the_system(environment: dict, expected: str) -> None:
+    """After return_freed_memory, a 256 KiB block gets its own mapping (returned when freed)
+    even after glibc's threshold rose; an operator's MALLOC_MMAP_THRESHOLD_ is left alone."""
+    import os
+    import sys
+
+    env = {key: value for key, value in os.environ.items() if key != "MALLOC_MMAP_THRESHOLD_"}
+    shown = subprocess.run([sys.executable, "-c", MAPPED_BLOCKS_AFTER], env=env | environment,
+                           capture_output=True, text=True, check=True)
+    assert shown.stdout.split() == expected.split()
 
 
 # --- memory admission over HTTP -------------------------------------------------------------

@@ -58,3 +58,20 @@ def test_warm_up_runs_every_shape_the_engine_asks_for(model: tuple[NativeModel, 
     assert runner.warm_up() == len(expected) == 3
     assert engine.shapes == expected
     assert [[len(s) for s in call] for call in engine.calls] == [[steps] * batch for batch, steps in expected]
+
+
+def test_calls_hold_at_most_max_batch_tokens_padded_tokens(model: tuple[NativeModel, ModelSpec]) -> None:
+    """MAX_BATCH_TOKENS bounds each call's padded tokens (sequences x bucket), exactly at the
+    bound; a sequence longer than the bound still runs, alone."""
+    native, spec = model
+    engine = GatedEngine(OnnxRuntimeEngine(spec, threads=1))
+    runner = Runner(engine, length_buckets(64), 8, max_batch_tokens=24)  # type: ignore[arg-type]
+    rng = np.random.default_rng(1)
+    lengths = [8, 7, 8, 6, 8, 40, 44]  # bucket 8: five (24 tokens = 3 of them); bucket 48: two
+    sequences = [rng.integers(0, 20, n).astype(np.int32) for n in lengths]
+    for sequence, (outputs, _) in zip(sequences, runner.run(sequences)):
+        np.testing.assert_allclose(outputs, native.outputs(sequence), rtol=0, atol=1e-5)
+    assert [len(call) for call in engine.calls] == [3, 2, 1, 1]
+    unbounded = GatedEngine(OnnxRuntimeEngine(spec, threads=1))
+    Runner(unbounded, length_buckets(64), 8).run(sequences)  # type: ignore[arg-type]
+    assert [len(call) for call in unbounded.calls] == [5, 2]
