@@ -155,9 +155,9 @@ def test_price_is_the_documented_sum() -> None:
                       max_batch_tokens=1024, max_batch_size=32)
     lengths = [1000, 1000, 1000, 10]  # padded 1024, 1024, 1024, 12: four parts of one
     input_bytes = 500 + 64 * 3010
-    plain = costs.price(lengths, False, 500)
+    plain = costs.price(lengths, NOTHING_HELD, 500)
     assert plain == Cost(input_bytes, input_bytes + 4 * 258 * 3 * 1024 + 4 * 64 * 1024)
-    hidden = costs.price(lengths, True, 500)
+    hidden = costs.price(lengths, costs.kept_outputs(True), 500)
     assert hidden.total - plain.total == 4 * 2 * (3 * 1024 + 12) and hidden.input == input_bytes
     assert costs.engine_bytes_per_token == 13 * 512 and costs.engine_reserve(3) == 3 * 1024 * 13 * 512
     assert [list(p) for p in costs.parts(lengths)] == [[0], [1], [2], [3]]
