@@ -40,7 +40,7 @@ from app.runtime.buckets import length_buckets
 from app.runtime.engine_choice import EngineChoice, choose_engine
 from app.runtime.runner import Result, Runner
 from app.runtime.selfcheck import DEFAULT_TOLERANCE, SelfCheck, run_self_check
-from app.spec import ModelInput, TokenInput
+from app.spec import ModelInput
 
 log = logging.getLogger("app.service")
 
@@ -131,13 +131,6 @@ class ModelService:
         """What a request carries per step: token ids or feature vectors (see app.api.inputs)."""
         assert self.bundle is not None
         return self.bundle.spec.input
-
-    @property
-    def token_range(self) -> tuple[int, int]:
-        """Ids a request may carry, for a model taking tokens (``TokenInput.id_range``)."""
-        model_input = self.model_input
-        assert isinstance(model_input, TokenInput), "this model takes feature vectors"
-        return model_input.id_range
 
     @property
     def accepting(self) -> bool:
