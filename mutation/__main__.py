@@ -55,7 +55,7 @@ MODULES = {
     "batcher": Module("app/runtime/batcher.py", ("tests/test_batcher.py",)),
     "selfcheck": Module("app/runtime/selfcheck.py", ("tests/test_selfcheck.py",)),
     "middleware": Module("app/api/middleware.py",
-                         ("tests/test_envelope.py", "tests/test_settings.py", "tests/test_validation.py")),
+                         ("tests/test_envelope_asgi.py",)),
     "routes": Module("app/api/routes.py", ("tests/test_validation.py", "tests/test_settings.py")),
     "inputs": Module("app/api/inputs.py", ("tests/test_inputs.py",)),
     "admission": Module("app/runtime/admission.py", ("tests/test_limits.py",),
@@ -121,7 +121,8 @@ def mutmut(work: Path, *args: str) -> subprocess.CompletedProcess[str]:
     command = [str(Path(sys.executable).parent / "mutmut"), *args]
     # mutmut forks a worker per mutant from the process that ran the tests; a gRPC server
     # started there (the app in process) makes those forks crash (SIGSEGV), so none runs.
-    environment = os.environ | {"GRPC_PORT": "0"}
+    # Conversions are kept across the per-mutant test sessions: each would redo them.
+    environment = os.environ | {"GRPC_PORT": "0", "TEST_MODEL_CACHE_DIR": str(work / "model-cache")}
     return subprocess.run(command, cwd=work, capture_output=True, text=True, env=environment)
 
 

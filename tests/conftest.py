@@ -17,8 +17,10 @@ DEFAULT_MODEL = ROOT / "models" / "segmenter"
 
 @pytest.fixture(scope="session", autouse=True)
 def conversion_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One MODEL_CACHE_DIR for the session's servers: the default model converts once."""
-    path = tmp_path_factory.mktemp("model-cache")
+    """One MODEL_CACHE_DIR for the session's servers: the default model converts once.
+    ``TEST_MODEL_CACHE_DIR`` keeps it across sessions (``make mutation`` runs one per mutant)."""
+    kept = os.environ.get("TEST_MODEL_CACHE_DIR")
+    path = Path(kept) if kept else tmp_path_factory.mktemp("model-cache")
     os.environ["MODEL_CACHE_DIR"] = str(path)
     return path
 

@@ -1,9 +1,10 @@
-"""The request envelope, in process: request ids, metrics by route template and status, one
-access-log line per request (none for probes and scrapes), and odd Content-Length headers."""
+"""The request envelope around the service itself, in process: metrics by the service's route
+templates and status, one access-log line per request (none for probes and scrapes), and odd
+Content-Length headers. The envelope's own rules (body limits in size and time, draining,
+request ids) are tested without a model in ``test_envelope_asgi.py``."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Iterator
 
@@ -46,28 +47,6 @@ def sample(client: TestClient, line_start: str) -> float:
     return 0.0
 
 
-@pytest.mark.parametrize(("given", "kept"), [
-    ("trace-42", True),
-    ("a.b:c_d-e", True),
-    ("x" * 128, True),
-    ("x" * 129, False),
-    ("a\tb", False),
-    ("", False),
-])
-def test_sane_request_ids_are_kept_others_replaced(client: TestClient, given: str, kept: bool) -> None:
-    response = client.get("/healthz", headers={"X-Request-ID": given})
-    returned = response.headers["x-request-id"]
-    if kept:
-        assert returned == given
-    else:
-        assert returned != given and len(returned) == 32 and int(returned, 16) >= 0
-
-
-def test_a_request_without_an_id_gets_a_fresh_one_each_time(client: TestClient) -> None:
-    first, second = (client.get("/healthz").headers["x-request-id"] for _ in range(2))
-    assert first != second and len(first) == len(second) == 32
-
-
 def test_metrics_count_by_route_template_method_and_status(client: TestClient) -> None:
     ok = 'bigru_http_requests_total{method="POST",route="/infer",status="200"}'
     bad = 'bigru_http_requests_total{method="POST",route="/infer",status="422"}'
@@ -103,43 +82,3 @@ def test_a_garbled_content_length_is_not_a_crash(client: TestClient, length: str
     response = client.post("/infer", content=b'{"sequences": [[1]]}',
                            headers={"content-type": "application/json", "content-length": length})
     assert response.status_code < 500
-
-
-def call_asgi(client: TestClient, headers: list[tuple[bytes, bytes]], chunks: list[bytes]) -> int:
-    """POST /infer straight through the app's ASGI interface, the body in separate messages
-    (as a server hands a chunked upload over); returns the status. (Bodies here never reach
-    the batcher, which lives on the test client's event loop.)"""
-    async def run() -> int:
-        pending = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1}
-                   for i, c in enumerate(chunks)]
-        sent: list[dict] = []
-
-        async def receive() -> dict:
-            return pending.pop(0) if pending else {"type": "http.disconnect"}
-
-        async def send(message: dict) -> None:
-            sent.append(message)
-
-        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-                 "scheme": "http", "path": "/infer", "raw_path": b"/infer", "query_string": b"",
-                 "root_path": "", "headers": [(b"content-type", b"application/json"), *headers],
-                 "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 80), "state": {}}
-        await client.app(scope, receive, send)  # type: ignore[arg-type]
-        return next(m["status"] for m in sent if m["type"] == "http.response.start")
-
-    return asyncio.run(run())
-
-
-def test_the_body_limit_adds_up_every_chunk() -> None:
-    with in_process(Settings(_env_file=None, max_body_bytes=1024)) as client:  # type: ignore[call-arg]
-        body = b'{"sequences": [[999]]}'  # read whole, then refused: 422
-        chunked = [(b"transfer-encoding", b"chunked")]  # how a server hands over a chunked upload
-        assert call_asgi(client, chunked, [body, b" " * 500, b" " * 502]) == 422  # 1024 bytes in all
-        assert call_asgi(client, chunked, [body, b" " * 500, b" " * 503]) == 413  # 1025
-
-
-def test_a_declared_length_past_the_limit_is_refused_before_reading() -> None:
-    with in_process(Settings(_env_file=None, max_body_bytes=1024)) as client:  # type: ignore[call-arg]
-        body = b'{"sequences": [[999]]}'
-        assert call_asgi(client, [(b"content-length", b"1025")], [body]) == 413
-        assert call_asgi(client, [(b"content-length", str(len(body)).encode())], [body]) == 422
