@@ -62,7 +62,7 @@ def test_model_metadata_and_openapi_say_feature_vectors(served: Served) -> None:
     step = body["properties"]["sequences"]["items"]["items"]
     assert step["type"] == "array" and step["items"]["type"] == "number"
     assert step["minItems"] == step["maxItems"] == 5
-    assert "features" in body["description"]
+    assert body["description"] == "sequences of steps, each a vector of 5 numbers, not all equal to 0"
 
 
 BAD = [

@@ -27,6 +27,7 @@ from app.runtime.admission import (
     NeverFits,
     cgroup_memory_limit,
     process_rss,
+    return_freed_memory,
     sized_budget,
     split_parts,
 )
@@ -155,7 +156,7 @@ def test_price_is_the_documented_sum() -> None:
                       max_batch_tokens=1024, max_batch_size=32)
     lengths = [1000, 1000, 1000, 10]  # padded 1024, 1024, 1024, 12: four parts of one
     input_bytes = 500 + 64 * 3010
-    plain = costs.price(lengths, NOTHING_HELD, 500)
+    plain = costs.price(lengths, costs.kept_outputs(False), 500)
     assert plain == Cost(input_bytes, input_bytes + 4 * 258 * 3 * 1024 + 4 * 64 * 1024)
     hidden = costs.price(lengths, costs.kept_outputs(True), 500)
     assert hidden.total - plain.total == 4 * 2 * (3 * 1024 + 12) and hidden.input == input_bytes
@@ -284,6 +285,7 @@ def test_freed_blocks_of_128_kib_or_more_go_back_to_the_system(environment: dict
     import os
     import sys
 
+    return_freed_memory()  # as create_app does; here so that `make mutation` maps this test to it
     env = {key: value for key, value in os.environ.items() if key != "MALLOC_MMAP_THRESHOLD_"}
     shown = subprocess.run([sys.executable, "-c", MAPPED_BLOCKS_AFTER], env=env | environment,
                            capture_output=True, text=True, check=True)

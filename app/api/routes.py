@@ -22,8 +22,6 @@ from app.observability import Metrics
 from app.runtime.service import ModelService
 from app.spec import ModelInput, TokenInput
 
-JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
-
 
 # Dependencies are async so that FastAPI calls them in place: a sync one would take a
 # thread-pool round trip on every request.
@@ -39,9 +37,9 @@ Service = Annotated[ModelService, Depends(get_service)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 
 
-def json_response(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(orjson.dumps(content, option=JSON_OPTIONS), status_code=status,
-                    headers=headers, media_type="application/json")
+def json_response(content: Any, status: int = 200) -> Response:
+    """Plain data (answers carrying arrays are streamed: app.api.streaming)."""
+    return Response(orjson.dumps(content), status_code=status, media_type="application/json")
 
 
 def build_router(settings: Settings) -> APIRouter:
@@ -207,5 +205,15 @@ def request_schema(settings: Settings, model_input: ModelInput) -> dict[str, Any
         step["minimum"], step["maximum"] = model_input.id_range[0], model_input.id_range[1] - 1
     else:
         step["minItems"] = step["maxItems"] = model_input.features
-    schema["description"] = f"a model taking {model_input.kind}: {model_input.describe()}"
+    schema["description"] = input_in_words(model_input)
     return schema
+
+
+def input_in_words(model_input: ModelInput) -> str:
+    if isinstance(model_input, TokenInput):
+        low, high = model_input.id_range
+        return f"sequences of token ids: integers in [{low}, {high})"
+    text = f"sequences of steps, each a vector of {model_input.features} numbers"
+    if model_input.mask_value is not None:  # the model's Masking: such a step is padding to it
+        text += f", not all equal to {model_input.mask_value:g}"
+    return text
