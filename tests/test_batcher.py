@@ -245,19 +245,6 @@ def test_a_worker_that_finds_the_queue_empty_keeps_working(model: tuple[NativeMo
     with_batcher(scenario, model[1], workers=2, max_batch_size=2, max_delay_s=0.05)
 
 
-def test_run_now_runs_without_queueing(model: tuple[NativeModel, ModelSpec]) -> None:
-    native, _ = model
-
-    async def scenario(batcher: MicroBatcher, engine: GatedEngine) -> None:
-        sequences = [tokens(87, 4), tokens(88, 9)]
-        results = await batcher.run_now(sequences)
-        assert batcher.pending == 0 and engine.calls
-        for sequence, (outputs, _) in zip(sequences, results):
-            np.testing.assert_allclose(outputs, native.outputs(sequence), rtol=0, atol=1e-5)
-
-    with_batcher(scenario, model[1])
-
-
 def test_a_batcher_never_started_closes(model: tuple[NativeModel, ModelSpec]) -> None:
     """What shutdown does after a failed self-check: the batcher exists, its loops never ran."""
     async def main() -> None:

@@ -116,10 +116,6 @@ class MicroBatcher:
         self._wakeup.set()
         return job.future
 
-    async def run_now(self, sequences: list[np.ndarray]) -> list[Result]:
-        """Run on the engine thread without queueing (start-up work, before serving)."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self.runner.run, sequences)
-
     async def close(self) -> None:
         """Finish every queued job, then stop the worker."""
         while self._queue or self._idle < self.workers:
