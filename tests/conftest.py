@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +25,29 @@ def conversion_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = Path(kept) if kept else tmp_path_factory.mktemp("model-cache")
     os.environ["MODEL_CACHE_DIR"] = str(path)
     return path
+
+
+class Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture
+def access_log() -> Iterator[list[logging.LogRecord]]:
+    """The ``app.access`` log's records during the test, at the level the service logs it."""
+    handler, logger = Records(), logging.getLogger("app.access")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield handler.records
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 @pytest.fixture(scope="session")

@@ -20,26 +20,6 @@ def client() -> Iterator[TestClient]:
         yield client
 
 
-class Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
-@pytest.fixture
-def access_log() -> Iterator[list[logging.LogRecord]]:
-    handler = Records()
-    logger = logging.getLogger("app.access")
-    logger.addHandler(handler)
-    try:
-        yield handler.records
-    finally:
-        logger.removeHandler(handler)
-
-
 def sample(client: TestClient, line_start: str) -> float:
     for line in client.get("/metrics").text.splitlines():
         if line.startswith(line_start + " "):

@@ -9,7 +9,6 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
@@ -147,28 +146,6 @@ def envelope() -> Envelope:
 
 def sized(n: int) -> dict[str, str]:
     return {"content-length": str(n)}
-
-
-class Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
-@pytest.fixture
-def access_log() -> Iterator[list[logging.LogRecord]]:
-    handler, logger = Records(), logging.getLogger("app.access")
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)  # as the service's logging configuration sets it
-    try:
-        yield handler.records
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
 
 
 # -- the body's size -------------------------------------------------------------------------
