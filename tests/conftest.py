@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -98,7 +99,9 @@ class Server:
             cwd=ROOT, env={**os.environ, "HOST": "127.0.0.1", "PORT": str(self.port),
                           "GRPC_PORT": str(self.grpc_port), **(env or {})},
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True,  # its own process group: stop() leaves nothing of it running
         )
+        self.prefixed = bool(prefix)
         # Read the log as it comes: a full pipe would block the server.
         self._lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -141,13 +144,40 @@ class Server:
         return [r for r in self.log_records() if str(r.get("message", "")).startswith(message_prefix)]
 
     def stop(self) -> str:
+        """SIGTERM to the server (under a prefix: to what the prefix runs, so that a tracer
+        records the shutdown too and is not left detached from a server that runs on), then,
+        past 20 s, SIGKILL to whatever is left of the process group."""
+        import signal
+        import time
+
         if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except Exception:
-                self.process.kill()
+            targets = [pid for pid in self._group() if pid != self.process.pid] if self.prefixed else []
+            for pid in targets or [self.process.pid]:
+                _signal(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        while (self.process.poll() is None or self._group()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for pid in self._group():
+            _signal(pid, signal.SIGKILL)
+        self.process.wait(timeout=10)
         return self.output()
+
+    def _group(self) -> list[int]:
+        """The live processes of the server's process group."""
+        members = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                state, _, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+            except (OSError, IndexError):
+                continue  # gone meanwhile
+            if int(group) == self.process.pid and state != "Z":
+                members.append(int(stat.parent.name))
+        return members
+
+
+def _signal(pid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):  # gone meanwhile
+        os.kill(pid, signum)
 
 
 @pytest.fixture(scope="session")
