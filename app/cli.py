@@ -16,7 +16,7 @@ from app.convert.directory import KERAS_FILE
 from app.errors import ModelError
 from app.formats import ModelBundle, ParityData, load_bundle, read_parity
 from app.formats.manifest import MANIFEST_NAME, Parity
-from app.runtime.selfcheck import DEFAULT_TOLERANCE, SelfCheck, run_self_check
+from app.runtime.selfcheck import SelfCheck, run_self_check, tolerance_for
 
 
 @contextmanager
@@ -223,7 +223,7 @@ def verify(bundle: ModelBundle, reference: ParityData | None, engine: str, toler
         print("no parity data: pass --reference FILE.npz (ids or features, lengths, outputs[, hidden])",
               file=sys.stderr)
         return 2
-    tolerance = tolerance or parity.tolerance or DEFAULT_TOLERANCE
+    tolerance = tolerance_for(tolerance, parity)
     with step(f"running {len(parity.sequences)} sequences on {engine}"):
         check = _run_check(bundle, parity, engine, tolerance)
     print_check(check)

@@ -81,6 +81,11 @@ class Settings(BaseSettings):
                                  "still serving, so load balancers stop sending first")
     log_format: Literal["json", "text"] = "json"
 
+    @property
+    def shutdown_grace_s(self) -> float:
+        """What is left of GRACE_PERIOD_S for work in flight once the drain delay is over."""
+        return max(self.grace_period_s - self.drain_delay_s, 1.0)
+
     parity_tolerance: float | None = Field(
         None, gt=0, description="max abs difference allowed by the start-up self-check "
         "(default: the model's manifest, else 1e-4; use ~1e-2 for TF32 references)")

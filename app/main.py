@@ -40,7 +40,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         service = ModelService(settings, metrics)
         app.state.service = service
         grpc_server = await _start_grpc(service, settings)
-        grace = max(settings.grace_period_s - settings.drain_delay_s, 1.0)
+        grace = settings.shutdown_grace_s
         # New calls refused, calls in flight finish within the grace. app.server stops it as soon
         # as HTTP stops accepting; plain uvicorn here, once HTTP has finished.
         app.state.stop_grpc = (lambda: grpc_server.stop(grace)) if grpc_server else None

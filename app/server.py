@@ -61,6 +61,6 @@ def run() -> None:
         forwarded_allow_ips=settings.forwarded_allow_ips,
         access_log=False,
         log_config=None,  # create_app configured logging
-        timeout_graceful_shutdown=max(settings.grace_period_s - settings.drain_delay_s, 1.0),
+        timeout_graceful_shutdown=settings.shutdown_grace_s,
     )
     DrainingServer(config, app, settings.drain_delay_s).run()

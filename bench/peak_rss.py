@@ -31,19 +31,12 @@ import httpx
 import numpy as np
 import orjson
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
+from bench.server import RESULTS, ROOT, rss_bytes
+
 MiB = 2**20
 SUCCESS = {0, 200}  # gRPC OK, HTTP 200
 # over budget, or the budget taken: HTTP's, and gRPC's RESOURCE_EXHAUSTED and UNAVAILABLE
 CLEAR_ERRORS = {413, 503, 8, 14}
-
-
-def rss_bytes(pid: int, field: str = "VmRSS") -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def parse_size(text: str) -> int:

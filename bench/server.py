@@ -70,6 +70,14 @@ def stop(process: subprocess.Popen) -> None:
         process.wait()
 
 
+def rss_bytes(pid: int, field: str = "VmRSS") -> int:
+    """A memory line of ``/proc/<pid>/status`` (``VmRSS``, ``VmHWM``, ...) in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process, all its threads (``/proc/<pid>/stat``)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()

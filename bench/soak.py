@@ -14,22 +14,14 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
 from bench.loadgen import Connection
-from bench.server import HOST, PORT, RESULTS, start_server
+from bench.server import HOST, PORT, RESULTS, rss_bytes, start_server
 
 CLIENTS = 8
 INVALID = [b'{"sequences": [[1, 999]]}', b'{"sequences": []}', b"not json", b'{"sequences": [["a"]]}']
-
-
-def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def valid_body(rng: np.random.Generator) -> bytes:

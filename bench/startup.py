@@ -21,9 +21,8 @@ from pathlib import Path
 
 import httpx
 
-from bench.__main__ import HOST, RESULTS, ROOT
+from bench.server import HOST, PORT, RESULTS, ROOT
 
-PORT = 8766
 SAMPLE_S = 0.02
 
 

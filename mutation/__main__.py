@@ -128,11 +128,16 @@ def mutmut(work: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, cwd=work, capture_output=True, text=True, env=environment)
 
 
+def mutant_statuses(work: Path) -> dict[str, str]:
+    """Each mutant's last result (killed, survived, timeout, not checked, ...)."""
+    results = mutmut(work, "results", "--all", "true")
+    return {m.group(1): m.group(2) for m in map(RESULT.match, results.stdout.splitlines()) if m}
+
+
 def forget_survivors(work: Path) -> None:
     """Make mutmut retest every mutant not yet killed, and re-map which tests call what
     (new tests may reach functions no test reached)."""
-    results = mutmut(work, "results", "--all", "true")
-    statuses = {m.group(1): m.group(2) for m in map(RESULT.match, results.stdout.splitlines()) if m}
+    statuses = mutant_statuses(work)
     for meta_path in (work / "mutants").rglob("*.meta"):
         meta = json.loads(meta_path.read_text())
         codes = meta["exit_code_by_key"]
@@ -154,12 +159,11 @@ def run_module(name: str, module: Module, fresh: bool, survivors: bool,
         work = prepare(name, module, fresh)
         if retest and (work / "mutants").exists():
             forget_survivors(work)
-            for test in ("tests",):  # mutmut copies the tests only when it creates mutants/
-                shutil.copytree(work / test, work / "mutants" / test, dirs_exist_ok=True)
+            # mutmut copies the tests only when it creates mutants/
+            shutil.copytree(work / "tests", work / "mutants" / "tests", dirs_exist_ok=True)
         run = mutmut(work, "run", "--max-children", str(CHILDREN))
     seconds = time.monotonic() - started
-    results = mutmut(work, "results", "--all", "true")
-    statuses = {m.group(1): m.group(2) for m in map(RESULT.match, results.stdout.splitlines()) if m}
+    statuses = mutant_statuses(work)
     if not statuses:
         print(run.stdout[-3000:], run.stderr[-3000:], sep="\n")
         raise SystemExit(f"{name}: mutmut produced no results")

@@ -143,6 +143,18 @@ class Server:
         """The JSON log records whose message starts with ``message_prefix``."""
         return [r for r in self.log_records() if str(r.get("message", "")).startswith(message_prefix)]
 
+    def metric(self, sample: str, default: float | None = None) -> float:
+        """One sample of ``/metrics``, named as exposed (labels included); ``default`` when
+        it is absent, else its absence fails the test."""
+        import httpx
+
+        for line in httpx.get(self.url + "/metrics", timeout=10).text.splitlines():
+            if line.startswith(sample + " "):
+                return float(line.split()[-1])
+        if default is None:
+            raise AssertionError(f"no {sample} in /metrics")
+        return default
+
     def stop(self) -> str:
         """SIGTERM to the server (under a prefix: to what the prefix runs, so that a tracer
         records the shutdown too and is not left detached from a server that runs on), then,

@@ -20,7 +20,7 @@ from app.api.kserve import grpc_predict_v2_pb2 as pb
 from app.api.kserve import grpc_predict_v2_pb2_grpc as pb_grpc
 from tests.conftest import DEFAULT_MODEL, ROOT, Server
 from tests.helpers import max_diff
-from tests.test_limits import make_cgroup
+from tests.test_limits import make_cgroup, serve_in_cgroup
 
 MiB = 2**20
 MODEL = "segmenter"
@@ -128,7 +128,7 @@ def test_over_budget_v2_grpc_gets_resource_exhausted_with_advice(tight: Server) 
 
 def budget_freed(server: Server) -> bool:
     for _ in range(50):
-        if "bigru_memory_budget_used_bytes 0.0" in httpx.get(server.url + "/metrics").text:
+        if server.metric("bigru_memory_budget_used_bytes") == 0:
             return True
         time.sleep(0.1)
     return False
@@ -220,10 +220,7 @@ def test_tritonclient_decodes_answers_streamed_in_many_parts(parts_server: Serve
 @pytest.fixture(scope="module")
 def in_512_mib():
     cgroup = make_cgroup(512 * MiB)
-    launch = ("import os, sys; open(os.environ['CGROUP_PROCS'], 'w').write(str(os.getpid())); "
-              "os.execv(sys.executable, [sys.executable, '-m', 'app', 'serve'])")
-    server = Server({"DRAIN_DELAY_S": "0", "CGROUP_PROCS": str(cgroup.path / "cgroup.procs")},
-                    argv=("-c", launch))
+    server = serve_in_cgroup(cgroup, {"DRAIN_DELAY_S": "0"})
     try:
         server.wait_until()
         yield server

@@ -497,12 +497,16 @@ def make_cgroup(limit: int):
         pytest.skip(f"no writable memory cgroup here ({exc}): `make peak-rss` as root checks this")
 
 
-def test_in_a_512_mib_cgroup_the_budget_is_derived_and_the_maximal_request_survives() -> None:
-    cgroup = make_cgroup(512 * MiB)
+def serve_in_cgroup(cgroup, env: dict[str, str]) -> Server:
+    """``python -m app serve`` started inside ``cgroup`` (it moves itself in, then execs)."""
     launch = ("import os, sys; open(os.environ['CGROUP_PROCS'], 'w').write(str(os.getpid())); "
               "os.execv(sys.executable, [sys.executable, '-m', 'app', 'serve'])")
-    procs = str(cgroup.path / "cgroup.procs")
-    server = Server({"WORKERS": "16", "DRAIN_DELAY_S": "0", "CGROUP_PROCS": procs}, argv=("-c", launch))
+    return Server(env | {"CGROUP_PROCS": str(cgroup.path / "cgroup.procs")}, argv=("-c", launch))
+
+
+def test_in_a_512_mib_cgroup_the_budget_is_derived_and_the_maximal_request_survives() -> None:
+    cgroup = make_cgroup(512 * MiB)
+    server = serve_in_cgroup(cgroup, {"WORKERS": "16", "DRAIN_DELAY_S": "0"})
     try:
         server.wait_until()
         limits = httpx.get(server.url + "/v1/model").json()["limits"]

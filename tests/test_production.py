@@ -111,11 +111,9 @@ def test_flood_gets_correct_200s_or_fast_503s(small_server: Server, gpu_referenc
 
 
 def refused_as_full(server: Server) -> float:
-    """The ``bigru_rejected_requests_total{reason="queue_full"}`` counter."""
-    for line in httpx.get(server.url + "/metrics").text.splitlines():
-        if line.startswith('bigru_rejected_requests_total{reason="queue_full"}'):
-            return float(line.split()[-1])
-    return 0.0
+    """The ``bigru_rejected_requests_total{reason="queue_full"}`` counter (absent until the
+    first refusal)."""
+    return server.metric('bigru_rejected_requests_total{reason="queue_full"}', 0.0)
 
 
 def test_overloaded_answer_says_when_to_retry(small_server: Server) -> None:
@@ -142,13 +140,6 @@ def test_deadline_gives_504_and_the_service_goes_on() -> None:
         server.stop()
 
 
-def metric(server: Server, name: str) -> float:
-    for line in httpx.get(server.url + "/metrics").text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[-1])
-    raise AssertionError(f"no {name} in /metrics")
-
-
 def test_queued_work_past_its_deadline_is_dropped_not_run() -> None:
     """One worker busy with a long request; a short one queued behind it times out too. The
     long one was already computing and finishes; the short one's work never reaches the
@@ -168,13 +159,13 @@ def test_queued_work_past_its_deadline_is_dropped_not_run() -> None:
 
         assert asyncio.run(run()) == [504, 504]
         deadline = time.monotonic() + 120
-        while metric(server, "bigru_engine_batch_sequences_count") < 1:  # the heavy call ends
+        while server.metric("bigru_engine_batch_sequences_count") < 1:  # the heavy call ends
             assert time.monotonic() < deadline
             time.sleep(0.1)
         assert len(httpx.post(server.url + "/infer", json={"sequences": [[8]]}).json()["outputs"]) == 1
-        assert metric(server, "bigru_engine_batch_sequences_count") == 2  # heavy, then the last one
-        assert metric(server, "bigru_engine_batch_sequences_sum") == 64 + 1  # not the light one's
-        assert metric(server, 'bigru_rejected_requests_total{reason="deadline"}') == 2
+        assert server.metric("bigru_engine_batch_sequences_count") == 2  # heavy, then the last one
+        assert server.metric("bigru_engine_batch_sequences_sum") == 64 + 1  # not the light one's
+        assert server.metric('bigru_rejected_requests_total{reason="deadline"}') == 2
     finally:
         server.stop()
 

@@ -11,7 +11,7 @@ import pytest
 from app.errors import ModelError
 from app.formats import ParityData, load_bundle
 from app.runtime.runner import Runner
-from app.runtime.selfcheck import DEFAULT_TOLERANCE, run_self_check
+from app.runtime.selfcheck import DEFAULT_TOLERANCE, run_self_check, tolerance_for
 from tests.conftest import DEFAULT_MODEL
 from tests.helpers import runner_for
 
@@ -86,3 +86,14 @@ def test_a_runner_that_loses_a_sequence_cannot_pass(parity_and_runner: tuple[Par
     parity, runner = parity_and_runner
     with pytest.raises(ValueError, match="zip"):
         run_self_check(parity, lambda sequences: runner.run(sequences)[:-1], 1e-4)
+
+
+def test_the_tolerance_is_the_chosen_one_else_the_parity_datas_else_the_default() -> None:
+    def parity(tolerance: float | None) -> ParityData:
+        return ParityData("parity.npz", [], [], None, tolerance)
+
+    assert tolerance_for(5e-4, parity(1e-3)) == 5e-4
+    assert tolerance_for(None, parity(1e-3)) == 1e-3
+    assert tolerance_for(None, parity(None)) == DEFAULT_TOLERANCE == 1e-4
+    assert tolerance_for(None, None) == DEFAULT_TOLERANCE
+    assert tolerance_for(2e-6, None) == 2e-6

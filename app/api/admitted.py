@@ -28,6 +28,13 @@ from app.runtime.service import ModelService
 T = TypeVar("T")
 
 
+def check_ready(service: ModelService) -> None:
+    """Before anything else: 503 with Retry-After until the model is ready."""
+    if not service.accepting:
+        raise ApiError(503, "not_ready", f"model not ready ({service.status.stage})",
+                       headers={"Retry-After": "1"})
+
+
 @dataclass(frozen=True)
 class Pricing:
     """What an answer holds (``held``), what it would hold without the hidden states

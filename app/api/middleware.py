@@ -21,6 +21,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Iterable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -112,7 +113,8 @@ class RequestEnvelope:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = _request_id(scope)
+        request_id = request_id_from(value.decode("latin-1") for name, value in scope["headers"]
+                                     if name == b"x-request-id")
         scope.setdefault("state", {})["request_id"] = request_id
         id_header = (b"x-request-id", request_id.encode())
         status = 500
@@ -166,12 +168,11 @@ class RequestEnvelope:
         })
 
 
-def _request_id(scope: Scope) -> str:
-    for name, value in scope["headers"]:
-        if name == b"x-request-id":
-            text = value.decode("latin-1")
-            if REQUEST_ID.match(text):
-                return text
+def request_id_from(given: Iterable[str]) -> str:
+    """The first sane id the caller gave (HTTP header or gRPC metadata), else a fresh one."""
+    for text in given:
+        if REQUEST_ID.match(text):
+            return text
     return uuid.uuid4().hex
 
 

@@ -12,7 +12,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 
-from app.api.admitted import Pricing, admit_and_start
+from app.api.admitted import Pricing, admit_and_start, check_ready
 from app.api.errors import ApiError, summarize, validation_details
 from app.api.inputs import InvalidInput, input_arrays
 from app.api.schemas import ErrorResponse, InferResponse, make_infer_request
@@ -56,9 +56,7 @@ def build_router(settings: Settings) -> APIRouter:
         summary="Per-step outputs for unpadded, variable-length sequences",
     )
     async def infer(request: Request, service: Service, metrics: MetricsDep) -> Response:
-        if not service.accepting:
-            raise ApiError(503, "not_ready", f"model not ready ({service.status.stage})",
-                           headers={"Retry-After": "1"})
+        check_ready(service)
         raw = await request.body()
         body = parse_body(raw, request_models[service.model_input.kind])
         body_bytes, return_hidden = len(raw), body.return_hidden  # type: ignore[attr-defined]

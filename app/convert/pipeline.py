@@ -35,7 +35,7 @@ from app.convert.directory import (
 from app.errors import ModelError
 from app.formats import ModelBundle, ParityData, load_bundle, write_parity
 from app.formats.manifest import MANIFEST_NAME
-from app.runtime.selfcheck import DEFAULT_TOLERANCE, SelfCheck, run_self_check
+from app.runtime.selfcheck import SelfCheck, run_self_check, tolerance_for
 
 KERAS_OUTPUTS_TOLERANCE = 1e-5  # serving engine vs the Keras model: same float32 equations
 
@@ -71,7 +71,7 @@ def convert_model(source: Path, out: Path, progress: Progress, tolerance: float 
         sequences = bundle.parity.sequences if bundle.parity else probe_sequences(bundle.spec)
         results = run_saved_model(out / KERAS_FILE, bundle.spec.input, sequences)
         check = None if bundle.parity is None else run_self_check(
-            bundle.parity, lambda _: results, tolerance or bundle.parity.tolerance or DEFAULT_TOLERANCE)
+            bundle.parity, lambda _: results, tolerance_for(tolerance, bundle.parity))
     with progress.step("writing", f"writing {out}"):
         keras_outputs = ParityData(str(out / KERAS_OUTPUTS_FILE), sequences, [o for o, _ in results],
                                    [h for _, h in results], KERAS_OUTPUTS_TOLERANCE)

@@ -14,6 +14,12 @@ from app.runtime.runner import Result
 DEFAULT_TOLERANCE = 1e-4
 
 
+def tolerance_for(chosen: float | None, parity: ParityData | None) -> float:
+    """The one chosen (PARITY_TOLERANCE, --tolerance), else the parity data's own, else
+    DEFAULT_TOLERANCE."""
+    return chosen or (parity.tolerance if parity else None) or DEFAULT_TOLERANCE
+
+
 @dataclass(frozen=True)
 class SelfCheck:
     sequences: int

@@ -39,7 +39,7 @@ from app.runtime.batcher import MicroBatcher
 from app.runtime.buckets import length_buckets
 from app.runtime.engine_choice import EngineChoice, choose_engine
 from app.runtime.runner import Result, Runner
-from app.runtime.selfcheck import DEFAULT_TOLERANCE, SelfCheck, run_self_check
+from app.runtime.selfcheck import SelfCheck, run_self_check, tolerance_for
 from app.spec import ModelInput
 
 log = logging.getLogger("app.service")
@@ -146,8 +146,7 @@ class ModelService:
     async def _prepare(self) -> None:
         assert self.bundle is not None
         settings, bundle, spec = self.settings, self.bundle, self.bundle.spec
-        tolerance = (settings.parity_tolerance or (bundle.parity and bundle.parity.tolerance)
-                     or DEFAULT_TOLERANCE)
+        tolerance = tolerance_for(settings.parity_tolerance, bundle.parity)
         if bundle.keras is not None and bundle.keras.check is not None:
             self.status.stage = "self-check"
             self.keras_check = SelfCheck(**bundle.keras.check.model_dump(), tolerance=tolerance)
@@ -211,10 +210,6 @@ class ModelService:
                  extra={"self_check": check.as_dict()})
         _require(check, what)
         return check
-
-    async def infer(self, sequences: list[np.ndarray]) -> list[Result]:
-        assert self.batcher is not None
-        return await self.batcher.submit(sequences)
 
     def infer_parts(self, parts: list[list[np.ndarray]]) -> AsyncIterator[list[Result]]:
         """Results part by part (see :meth:`MicroBatcher.stream`)."""

@@ -19,7 +19,6 @@ import functools
 import logging
 import math
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -27,7 +26,7 @@ import grpc
 from grpc import aio
 
 from app import __version__
-from app.api.admitted import admit_and_start
+from app.api.admitted import admit_and_start, check_ready
 from app.api.errors import ApiError
 from app.api.kserve import EXTENSIONS, SERVER_NAME
 from app.api.kserve import grpc_predict_v2_pb2 as pb
@@ -38,7 +37,6 @@ from app.api.kserve.signature import (
     VERSION,
     check_model,
     check_output_names,
-    check_ready,
     gathered_tensors,
     input_specs,
     model_metadata,
@@ -54,7 +52,7 @@ from app.api.kserve.tensors import (
     tensor_from_bytes,
     tensor_from_values,
 )
-from app.api.middleware import REQUEST_ID
+from app.api.middleware import request_id_from
 from app.config import Settings
 from app.runtime.service import ModelService
 
@@ -204,10 +202,8 @@ def typed_tensor(item: pb.ModelInferRequest.InferInputTensor) -> Tensor:
 
 
 def _request_id(context: aio.ServicerContext) -> str:
-    for key, value in context.invocation_metadata() or ():
-        if key == "x-request-id" and isinstance(value, str) and REQUEST_ID.match(value):
-            return value
-    return uuid.uuid4().hex
+    return request_id_from(value for key, value in context.invocation_metadata() or ()
+                           if key == "x-request-id" and isinstance(value, str))
 
 
 async def start_grpc_server(service: ModelService, settings: Settings) -> aio.Server:

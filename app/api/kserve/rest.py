@@ -23,7 +23,7 @@ from pydantic import (
 )
 
 from app import __version__
-from app.api.admitted import admit_and_start
+from app.api.admitted import admit_and_start, check_ready
 from app.api.errors import ApiError, protocol_error_response
 from app.api.kserve import EXTENSIONS, PREFIX, SERVER_NAME
 from app.api.kserve.answers import AnswerPlan, http_answer
@@ -32,7 +32,6 @@ from app.api.kserve.signature import (
     VERSION,
     check_model,
     check_output_names,
-    check_ready,
     model_metadata,
     model_name,
     output_widths,

@@ -78,12 +78,6 @@ def check_model(service: ModelService, name: str, version: str = "") -> None:
                        f"(it has '{VERSION}')")
 
 
-def check_ready(service: ModelService) -> None:
-    if not service.accepting:
-        raise ApiError(503, "not_ready", f"model not ready ({service.status.stage})",
-                       headers={"Retry-After": "1"})
-
-
 def sequences_from(inputs: list[Tensor], model_input: ModelInput, max_batch: int,
                    max_len: int) -> tuple[list[np.ndarray], int]:
     """The unpadded sequences the input tensors carry, and ``steps`` (the padded width)."""
