@@ -69,12 +69,17 @@ def test_deployment_probes_resources_and_hardening() -> None:
     assert hpa["spec"]["scaleTargetRef"]["name"] == load("deployment.yaml")["metadata"]["name"]
 
 
-def test_compose_converts_once_before_the_servers_start() -> None:
+def compose_services() -> dict:
+    """docker-compose.yml's services as docker-compose itself resolves them (scaled profile)."""
     compose = ROOT / ".venv-tools" / "bin" / "docker-compose"
     result = subprocess.run([str(compose), "--profile", "scaled", "config"], cwd=ROOT,
                             capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stderr
-    services = yaml.safe_load(result.stdout)["services"]
+    return yaml.safe_load(result.stdout)["services"]
+
+
+def test_compose_converts_once_before_the_servers_start() -> None:
+    services = compose_services()
     assert services["convert"]["command"] == ["python", "-m", "app", "convert"]
     assert services["convert"]["restart"] == "no"
     for name in ("bigru", "bigru-replica"):
@@ -84,11 +89,7 @@ def test_compose_converts_once_before_the_servers_start() -> None:
 
 
 def test_compose_scaled_profile_puts_replicas_behind_nginx() -> None:
-    compose = ROOT / ".venv-tools" / "bin" / "docker-compose"
-    result = subprocess.run([str(compose), "--profile", "scaled", "config"], cwd=ROOT,
-                            capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
-    assert result.returncode == 0, result.stderr
-    services = yaml.safe_load(result.stdout)["services"]
+    services = compose_services()
     assert services["bigru-replica"]["deploy"]["replicas"] == 3
     assert services["gateway"]["environment"]["UPSTREAM"] == "bigru-replica:8000"
     assert services["gateway"]["environment"]["GRPC_UPSTREAM"] == "bigru-replica:8001"
