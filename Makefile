@@ -46,8 +46,10 @@ $(CLIENT)/.installed: constraints-client.txt
 run: $(VENV)/.installed
 	HOST=$(HOST) PORT=$(PORT) $(BIN)/python -m app serve
 
+# ruff, and the import contracts of pyproject.toml ([tool.importlinter]): layers, no cycles.
 lint: $(VENV)/.installed
 	$(BIN)/ruff check app tests bench examples mutation
+	PYTHONPATH=$(CURDIR) $(BIN)/lint-imports --no-cache
 
 test: install lint
 	$(BIN)/pytest

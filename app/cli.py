@@ -13,10 +13,11 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 from app.convert.directory import KERAS_FILE
+from app.engine.selfcheck import SelfCheck, run_self_check, tolerance_for
 from app.errors import ModelError
-from app.formats import ModelBundle, ParityData, load_bundle, read_parity
+from app.formats.bundle import ModelBundle, load_bundle
 from app.formats.manifest import MANIFEST_NAME, Parity
-from app.runtime.selfcheck import SelfCheck, run_self_check, tolerance_for
+from app.formats.parity import ParityData, read_parity
 
 
 @contextmanager
@@ -238,9 +239,9 @@ def print_check(check: SelfCheck) -> None:
 
 
 def _run_check(bundle: ModelBundle, parity: ParityData, engine: str, tolerance: float) -> SelfCheck:
-    from app.runtime.buckets import length_buckets
-    from app.runtime.engines import make_engine
-    from app.runtime.runner import Runner
+    from app.engine.buckets import length_buckets
+    from app.engine.engines import make_engine
+    from app.engine.runner import Runner
 
     buckets = length_buckets(max(len(s) for s in parity.sequences))
     runner = Runner(make_engine(engine, bundle.spec, None, buckets), buckets, 32)

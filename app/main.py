@@ -23,8 +23,8 @@ from app.api.routes import include_routes
 from app.config import Settings, get_settings
 from app.errors import ModelError
 from app.observability import Metrics, configure_logging
-from app.runtime.admission import return_freed_memory
-from app.runtime.service import ModelService
+from app.service.model_service import ModelService
+from app.system import return_freed_memory
 
 log = logging.getLogger("app")
 

@@ -4,16 +4,25 @@ from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from pythonjsonlogger.json import JsonFormatter
-
-from app.runtime.batcher import BatchStats
 
 disable_created_metrics()  # the *_created series only add noise to every scrape
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30)
 QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    """What one engine call did, for metrics."""
+
+    jobs: int
+    sequences: int
+    queue_wait_s: list[float]
+    compute_s: float
 
 
 class Metrics:

@@ -113,7 +113,7 @@ def main() -> None:
     parser.add_argument("--readme", action="store_true", help="paste the tables into README.md")
     args = parser.parse_args()
 
-    from app.formats import load_bundle
+    from app.formats.bundle import load_bundle
 
     bundle = load_bundle(ROOT / "models" / "segmenter")
     spec = bundle.spec

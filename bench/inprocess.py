@@ -60,7 +60,7 @@ class XlaKeras:
     def __init__(self, spec: ModelSpec) -> None:
         import tensorflow as tf
 
-        from app.convert.keras_model import build_keras_model
+        from app.lowering.keras_model import build_keras_model
 
         tf.get_logger().setLevel("ERROR")  # one trace per shape is the point, not a warning
 
@@ -107,9 +107,9 @@ def bench_engine(kind: str, spec: ModelSpec, singles: dict[int, list[np.ndarray]
                  mixed: list[np.ndarray], max_len: int, workers: int, quick: bool) -> dict:
     """One engine as the service runs it: the runner, one-thread calls, ``workers`` of them
     side by side on the same sorted batches of 32."""
-    from app.runtime.buckets import length_buckets
-    from app.runtime.engines import make_engine
-    from app.runtime.runner import Runner
+    from app.engine.buckets import length_buckets
+    from app.engine.engines import make_engine
+    from app.engine.runner import Runner
 
     buckets = length_buckets(max_len)
     runner = Runner(make_engine(kind, spec, None, buckets), buckets, BATCH)

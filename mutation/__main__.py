@@ -49,21 +49,22 @@ MODULES = {
     "spec": Module("app/spec.py", ("tests/test_spec.py", "tests/test_startup_failures.py"),
                    "not server and not self_check"),
     "onnx_graph": Module("app/lowering/onnx_graph.py", ("tests/test_onnx_graph.py",)),
-    "runner": Module("app/runtime/runner.py",
+    "runner": Module("app/engine/runner.py",
                      ("tests/test_runner.py", "tests/test_exactness.py", "tests/test_batcher.py"),
                      "not keras"),
-    "batcher": Module("app/runtime/batcher.py", ("tests/test_batcher.py",)),
-    "selfcheck": Module("app/runtime/selfcheck.py", ("tests/test_selfcheck.py",)),
+    "batcher": Module("app/service/batcher.py", ("tests/test_batcher.py",)),
+    "selfcheck": Module("app/engine/selfcheck.py", ("tests/test_selfcheck.py",)),
     "middleware": Module("app/api/middleware.py",
                          ("tests/test_envelope_asgi.py",)),
     "routes": Module("app/api/routes.py", (
         "tests/test_routes.py", "tests/test_validation.py",
         "tests/test_settings.py::test_a_parity_tolerance_too_tight_keeps_the_service_not_ready")),
     "inputs": Module("app/api/inputs.py", ("tests/test_inputs.py",)),
-    "admission": Module("app/runtime/admission.py", ("tests/test_limits.py",),
-                        "cgroup_limit or cgroup_v1 or cgroup_paths or parts_hold or price "
-                        "or budget_admits or budget_is_fifo or line_moves or budget_sized "
-                        "or configured_budget or rss or freed_blocks"),
+    "pricing": Module("app/service/pricing.py", ("tests/test_limits.py",),
+                      "parts_hold or price or budget_admits or budget_is_fifo or line_moves "
+                      "or budget_sized or configured_budget"),
+    "system": Module("app/system.py", ("tests/test_limits.py",),
+                     "cgroup_limit or cgroup_v1 or cgroup_paths or rss or freed_blocks"),
 }
 COPIED = ("app", "tests", "models", "docs", "README.md")
 RESULT = re.compile(r"^\s+(\S+__mutmut_\d+): (.+)$")

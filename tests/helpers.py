@@ -17,9 +17,9 @@ with warnings.catch_warnings():  # starlette suggests httpx2, which is not what 
     from starlette.testclient import TestClient
 
 from app.config import Settings
-from app.runtime.buckets import length_buckets
-from app.runtime.engines import Engine, make_engine
-from app.runtime.runner import Runner
+from app.engine.buckets import length_buckets
+from app.engine.engines import Engine, make_engine
+from app.engine.runner import Runner
 from app.spec import ModelSpec
 from tests.reference import NativeModel
 

@@ -15,11 +15,11 @@ from typing import TypeVar
 import numpy as np
 import pytest
 
-from app.observability import Metrics
-from app.runtime.batcher import BatchStats, MicroBatcher, QueueFull
-from app.runtime.buckets import length_buckets
-from app.runtime.engines import OnnxRuntimeEngine
-from app.runtime.runner import Runner
+from app.engine.buckets import length_buckets
+from app.engine.engines import OnnxRuntimeEngine
+from app.engine.runner import Runner
+from app.observability import BatchStats, Metrics
+from app.service.batcher import MicroBatcher, QueueFull
 from app.spec import ModelSpec
 from tests.helpers import GatedEngine, spec_of
 from tests.reference import NativeModel, random_model

@@ -94,7 +94,7 @@ def test_a_damaged_converted_directory_is_refused(converted: Path, tmp_path: Pat
 @pytest.mark.parametrize("engine", ENGINES)
 def test_converted_keras3_file_reproduces_the_gpu_on_each_engine(converted: Path, gpu_reference: dict,
                                                                  engine: str) -> None:
-    from app.formats import load_bundle
+    from app.formats.bundle import load_bundle
 
     spec = load_bundle(converted).spec
     assert spec.source.format == "keras3"

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.formats import load_bundle
+from app.formats.bundle import load_bundle
 from app.formats.keras_h5 import read_keras_h5
 from app.formats.manifest import Architecture
 from tests.conftest import FIXTURES

@@ -7,13 +7,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from app.formats import load_bundle
+from app.engine import engine_choice
+from app.engine.buckets import length_buckets
+from app.engine.engine_choice import CANDIDATES, choose_engine
+from app.engine.runner import Runner
+from app.engine.selfcheck import run_self_check
+from app.formats.bundle import load_bundle
 from app.lowering.onnx_graph import build_onnx_model
-from app.runtime import engine_choice
-from app.runtime.buckets import length_buckets
-from app.runtime.engine_choice import CANDIDATES, choose_engine
-from app.runtime.runner import Runner
-from app.runtime.selfcheck import run_self_check
 from tests.conftest import DEFAULT_MODEL
 from tests.helpers import ENGINES, max_diff, runner_for
 

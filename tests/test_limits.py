@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import requests
 
-from app.runtime.admission import (
+from app.engine.buckets import length_buckets
+from app.service.pricing import (
     NOTHING_HELD,
     BudgetTaken,
     Cost,
@@ -25,13 +26,10 @@ from app.runtime.admission import (
     Held,
     MemoryBudget,
     NeverFits,
-    cgroup_memory_limit,
-    process_rss,
-    return_freed_memory,
     sized_budget,
     split_parts,
 )
-from app.runtime.buckets import length_buckets
+from app.system import cgroup_memory_limit, process_rss, return_freed_memory
 from tests.conftest import Server
 
 MiB = 2**20
@@ -226,21 +224,21 @@ def test_a_configured_budget_is_taken_as_it_is() -> None:
 def test_a_budget_sized_from_a_cgroup_limit(monkeypatch: pytest.MonkeyPatch) -> None:
     """limit - RSS at ready - headroom (10%, at least 32 MiB) - the engine calls, which take at
     most half of what is left; no limit: the default."""
-    from app.runtime import admission
+    from app.service import pricing
 
-    monkeypatch.setattr(admission, "process_rss", lambda: 100 * MiB)
-    monkeypatch.setattr(admission, "cgroup_memory_limit", lambda: 1000 * MiB)
+    monkeypatch.setattr(pricing, "process_rss", lambda: 100 * MiB)
+    monkeypatch.setattr(pricing, "cgroup_memory_limit", lambda: 1000 * MiB)
     budget, workers = sized_budget(None, workers=8, per_call=100 * MiB)
     available = 1000 * MiB - 100 * MiB - 100 * MiB  # 800 MiB: half of it holds 4 calls
     assert workers == 4 and budget.total + budget.waiting_room == available - 4 * 100 * MiB
     assert budget.derivation == ("cgroup limit 1000 MiB - RSS at ready 100 MiB - headroom 100 MiB - "
                                  "4 engine calls 400 MiB")
-    monkeypatch.setattr(admission, "cgroup_memory_limit", lambda: 300 * MiB)
+    monkeypatch.setattr(pricing, "cgroup_memory_limit", lambda: 300 * MiB)
     budget, workers = sized_budget(None, workers=8, per_call=100 * MiB)  # headroom 32 MiB, 168 left
     assert workers == 1 and budget.total + budget.waiting_room == 68 * MiB  # at least one call
-    monkeypatch.setattr(admission, "cgroup_memory_limit", lambda: None)
+    monkeypatch.setattr(pricing, "cgroup_memory_limit", lambda: None)
     budget, workers = sized_budget(None, workers=8, per_call=100 * MiB)
-    assert (budget.total + budget.waiting_room, workers) == (admission.DEFAULT_BUDGET, 8)
+    assert (budget.total + budget.waiting_room, workers) == (pricing.DEFAULT_BUDGET, 8)
     assert budget.derivation == "default (no cgroup memory limit)"
 
 
@@ -252,7 +250,7 @@ def test_process_rss_is_the_kernels_count() -> None:
 
 MAPPED_BLOCKS_AFTER = """
 import ctypes, sys
-from app.runtime.admission import return_freed_memory
+from app.system import return_freed_memory
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in

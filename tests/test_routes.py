@@ -16,7 +16,7 @@ import pytest
 from app.api.routes import limits_description
 from app.config import Settings
 from app.main import create_app
-from app.runtime.service import ModelService
+from app.service.model_service import ModelService
 from tests.helpers import TestClient, in_process
 from tests.keras2_files import model_config, write_full_model
 from tests.reference import random_model

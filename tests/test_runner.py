@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from app.runtime.buckets import bucket_of, length_buckets
-from app.runtime.engines import OnnxRuntimeEngine
-from app.runtime.runner import Runner
+from app.engine.buckets import bucket_of, length_buckets
+from app.engine.engines import OnnxRuntimeEngine
+from app.engine.runner import Runner
 from app.spec import ModelSpec
 from tests.helpers import GatedEngine, spec_of
 from tests.reference import NativeModel, random_model

@@ -8,10 +8,11 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from app.engine.runner import Runner
+from app.engine.selfcheck import DEFAULT_TOLERANCE, run_self_check, tolerance_for
 from app.errors import ModelError
-from app.formats import ParityData, load_bundle
-from app.runtime.runner import Runner
-from app.runtime.selfcheck import DEFAULT_TOLERANCE, run_self_check, tolerance_for
+from app.formats.bundle import load_bundle
+from app.formats.parity import ParityData
 from tests.conftest import DEFAULT_MODEL
 from tests.helpers import runner_for
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from app.config import Settings
-from app.runtime.selfcheck import DEFAULT_TOLERANCE
+from app.engine.selfcheck import DEFAULT_TOLERANCE
 from tests.conftest import DEFAULT_MODEL, ROOT
 from tests.helpers import in_process
 
@@ -27,7 +27,7 @@ DOCUMENTED_DEFAULTS = {
     "4 MiB": 4 * 1024 * 1024,
     "manifest, else 1e-4": None,  # unset: the manifest's tolerance, else DEFAULT_TOLERANCE
     "64 MiB": 64 * 1024 * 1024,
-    "from the cgroup": None,  # unset: derived at start-up (app.runtime.admission.sized_budget)
+    "from the cgroup": None,  # unset: derived at start-up (app.service.pricing.sized_budget)
     # unset XDG_CACHE_HOME, as in this test's environment:
     "$XDG_CACHE_HOME/bigru-serve`, else `/tmp/bigru-serve-cache` (the container: "
     "`/var/cache/bigru-serve`)": Path("/tmp/bigru-serve-cache"),

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from app.engine.selfcheck import run_self_check
 from app.errors import ModelError
-from app.formats import load_bundle
-from app.runtime.selfcheck import run_self_check
+from app.formats.bundle import load_bundle
 from tests.conftest import DEFAULT_MODEL, FIXTURES
 from tests.helpers import max_diff, outputs, runner_for
 from tests.reference import NativeModel, random_model, to_tf1_canonical, to_torch

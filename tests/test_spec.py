@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from app.errors import ModelError
-from app.formats import load_bundle
+from app.formats.bundle import load_bundle
 from app.spec import FeatureInput, GRUVariant, ModelSpec, TokenInput
 from tests.conftest import DEFAULT_MODEL
 from tests.helpers import spec_of

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from app.convert.directory import verify_integrity
-from app.formats import ParityData, load_bundle
+from app.formats.bundle import load_bundle
+from app.formats.parity import ParityData
 from tests.conftest import DEFAULT_MODEL, FIXTURES, ROOT, Server
 from tests.helpers import max_diff
 from tests.reference import random_model

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from app.errors import ModelError
-from app.formats import load_bundle
+from app.formats.bundle import load_bundle
 from tests.conftest import DEFAULT_MODEL, FIXTURES, ROOT, Server
 from tests.keras2_files import model_config, write_full_model
 from tests.reference import random_model

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from app.errors import ModelError
-from app.formats import load_bundle
+from app.formats.bundle import load_bundle
 from app.formats.keras_h5 import read_keras_h5
 from app.formats.manifest import Architecture
 from app.spec import GRU_ACTIVATIONS, FeatureInput, GRUVariant, ModelSpec
@@ -113,7 +113,7 @@ def test_keras_3_hard_sigmoid_would_be_wrong(tmp_path: Path, monkeypatch: pytest
     function is exact."""
     import keras
 
-    import app.convert.keras_model as builder
+    import app.lowering.keras_model as builder
 
     assert float(keras.activations.hard_sigmoid(np.float32(1.0))) == pytest.approx(2 / 3)
     assert float(builder.keras2_hard_sigmoid(np.float32(1.0))) == pytest.approx(0.7)
@@ -204,7 +204,7 @@ def test_convert_writes_a_keras_file_that_keeps_keras2s_hard_sigmoid(tmp_path: P
     import keras
 
     from app.cli import main
-    from app.formats import ParityData, write_parity
+    from app.formats.parity import ParityData, write_parity
 
     tagger = next(t for t in TAGGERS if t.recurrent_activation == "hard_sigmoid" and not t.reset_after)
     path, inputs, expected = saved(tagger, workdir)
@@ -254,9 +254,9 @@ def test_exports_carry_the_variant_the_stack_and_the_input_kind(tmp_path: Path, 
 def test_the_openvino_engine_refuses_other_variants_by_name(workdir: str) -> None:
     """``ENGINE=auto`` then serves such a model with ONNX Runtime (it skips a candidate that
     cannot be built)."""
+    from app.engine.engine_choice import choose_engine
+    from app.engine.engines import make_engine
     from app.errors import ModelError
-    from app.runtime.engine_choice import choose_engine
-    from app.runtime.engines import make_engine
 
     path, _, _ = saved(next(t for t in TAGGERS if not t.reset_after), workdir)
     spec = read_keras_h5(path, Architecture(), "tagger")

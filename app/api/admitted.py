@@ -19,11 +19,12 @@ from typing import TypeVar
 import numpy as np
 
 from app.api.errors import ApiError
+from app.engine.runner import Result
 from app.observability import Metrics
-from app.runtime.admission import BudgetTaken, Cost, Held, MemoryBudget, MiB, NeverFits
-from app.runtime.batcher import QueueFull
-from app.runtime.runner import Result
-from app.runtime.service import ModelService
+from app.service.batcher import QueueFull
+from app.service.model_service import ModelService
+from app.service.pricing import BudgetTaken, Cost, Held, MemoryBudget, NeverFits
+from app.system import MiB
 
 T = TypeVar("T")
 

@@ -19,7 +19,7 @@ from app.api.schemas import ErrorResponse, InferResponse, make_infer_request
 from app.api.streaming import StreamedAnswer, infer_document
 from app.config import Settings
 from app.observability import Metrics
-from app.runtime.service import ModelService
+from app.service.model_service import ModelService
 from app.spec import ModelInput, TokenInput
 
 

@@ -18,8 +18,8 @@ import orjson
 from starlette.responses import StreamingResponse
 from starlette.types import Message, Receive, Scope, Send
 
-from app.runtime.admission import JSON_BYTES_PER_FLOAT
-from app.runtime.runner import Result
+from app.engine.runner import Result
+from app.service.pricing import JSON_BYTES_PER_FLOAT
 
 CHUNK_BYTES = 64 * 1024
 

@@ -1,7 +1,7 @@
 """The Keras model run by Keras: how a conversion checks the ``.keras`` file it saved.
 
 The saved file is loaded back by Keras (safe mode) and run in graph mode through the
-project's :class:`~app.runtime.runner.Runner` (length groups, right padding, true lengths),
+project's :class:`~app.engine.runner.Runner` (length groups, right padding, true lengths),
 so the numbers recorded are those of the saved model itself, computed as in serving.
 """
 
@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from app.convert.keras_model import load_keras_model, mask_of
-from app.runtime.buckets import length_buckets
-from app.runtime.runner import Result, Runner
+from app.engine.buckets import length_buckets
+from app.engine.runner import Result, Runner
+from app.lowering.keras_model import load_keras_model, mask_of
 from app.spec import ModelInput, ModelSpec, TokenInput
 
 CHECK_BATCH = 32

@@ -5,7 +5,7 @@ process at start-up (:mod:`app.convert.child`), so that TensorFlow's memory is g
 when it ends. Steps:
 
 1. read the source into a :class:`~app.spec.ModelSpec` (TF 1.x checkpoints need TensorFlow);
-2. build the Keras 3 model (:mod:`app.convert.keras_model`) and save it as ``model.keras``;
+2. build the Keras 3 model (:mod:`app.lowering.keras_model`) and save it as ``model.keras``;
 3. load ``model.keras`` back with Keras (safe mode) and run it on the parity sequences (or on
    probe sequences when the source has none); compare with the parity data (GPU outputs);
 4. write the directory of :mod:`app.convert.directory`: the Keras model's own outputs (which
@@ -32,10 +32,11 @@ from app.convert.directory import (
     is_converted,
     write_integrity,
 )
+from app.engine.selfcheck import SelfCheck, run_self_check, tolerance_for
 from app.errors import ModelError
-from app.formats import ModelBundle, ParityData, load_bundle, write_parity
+from app.formats.bundle import ModelBundle, load_bundle
 from app.formats.manifest import MANIFEST_NAME
-from app.runtime.selfcheck import SelfCheck, run_self_check, tolerance_for
+from app.formats.parity import ParityData, write_parity
 
 KERAS_OUTPUTS_TOLERANCE = 1e-5  # serving engine vs the Keras model: same float32 equations
 
@@ -62,7 +63,7 @@ def convert_model(source: Path, out: Path, progress: Progress, tolerance: float 
     with progress.step("building", f"building the Keras 3 model and saving {KERAS_FILE}"):
         import keras
 
-        from app.convert.keras_model import build_keras_model
+        from app.lowering.keras_model import build_keras_model
 
         build_keras_model(bundle.spec).save(out / KERAS_FILE)
     with progress.step("keras-check", f"running {KERAS_FILE}, loaded back by Keras, on the check sequences"):

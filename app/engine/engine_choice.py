@@ -2,7 +2,7 @@
 
 Which engine is fastest depends on the CPU (AVX2 or AVX-512, cache sizes) and on the
 model's widths, so it is measured at start-up on this machine rather than assumed. Each
-candidate runs the same work through the same :class:`~app.runtime.runner.Runner` as in
+candidate runs the same work through the same :class:`~app.engine.runner.Runner` as in
 serving: a lone request of 64 tokens (the latency case) and one full batch of
 ``max_batch_size`` sequences of lengths 8..256 (the throughput case), bounded by
 ``max_len``. Candidates take turns, round after round, until the time budget is spent, so
@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from app.runtime.engines import Engine, make_engine
-from app.runtime.runner import Runner
+from app.engine.engines import Engine, make_engine
+from app.engine.runner import Runner
 from app.spec import ModelSpec
 
 log = logging.getLogger("app.engine")

@@ -5,9 +5,9 @@ are padding and are ignored by the caller; each sequence's own rows are exact.
 
 - :class:`OnnxRuntimeEngine` runs the graph of :mod:`app.lowering.onnx_graph`. No per-shape
   compilation, so there is nothing to warm per length. The fastest path measured here.
-- :class:`~app.runtime.openvino_engine.OpenVinoEngine` runs the same graph in OpenVINO
+- :class:`~app.engine.openvino_engine.OpenVinoEngine` runs the same graph in OpenVINO
   (optional package); ``ENGINE=auto`` times it against ONNX Runtime at start-up.
-- :class:`KerasEngine` runs the model of :mod:`app.convert.keras_model`, XLA-compiled once
+- :class:`KerasEngine` runs the model of :mod:`app.lowering.keras_model`, XLA-compiled once
   per padded shape ``(batch bucket, length bucket)``: the reference engine.
 
 The ONNX Runtime session is thread-safe and runs best as several one-thread calls side by
@@ -21,7 +21,7 @@ from typing import Protocol
 
 import numpy as np
 
-from app.runtime.buckets import bucket_of
+from app.engine.buckets import bucket_of
 from app.spec import ModelInput, ModelSpec
 
 
@@ -58,7 +58,7 @@ class OnnxRuntimeEngine:
         # Threads spin between calls by default: that steals the event loop's core.
         # The CPU arena keeps its high-water mark for good, grown in powers of two (RSS 376 vs
         # 152 MiB after four maximal requests): without it a call's memory goes back when the
-        # call ends, as the memory budget assumes (app/runtime/admission.py; costs CPU there).
+        # call ends, as the memory budget assumes (app/service/pricing.py; costs CPU there).
         options.enable_cpu_mem_arena = False
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.input = spec.input
@@ -91,7 +91,7 @@ class KerasEngine:
         mode) rather than a model built from ``spec``."""
         import tensorflow as tf
 
-        from app.convert.keras_model import build_keras_model, load_keras_model
+        from app.lowering.keras_model import build_keras_model, load_keras_model
 
         _set_tf_threads(tf, threads)
         self.input = spec.input
@@ -101,7 +101,7 @@ class KerasEngine:
                                  jit_compile=True, reduce_retracing=False)
 
     def run(self, inputs: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        from app.convert.keras_model import mask_of
+        from app.lowering.keras_model import mask_of
 
         outputs, hidden = self._call(inputs, mask_of(inputs, lengths))
         return outputs.numpy(), hidden.numpy()
@@ -124,12 +124,12 @@ def _set_tf_threads(tf: object, threads: int) -> None:
 
 def make_engine(kind: str, spec: ModelSpec, threads: int | None, length_buckets: list[int],
                 keras_file: str | None = None) -> Engine:
-    """The engine named ``kind`` (``auto`` is :func:`app.runtime.engine_choice.choose_engine`'s).
+    """The engine named ``kind`` (``auto`` is :func:`app.engine.engine_choice.choose_engine`'s).
     ``keras_file``: the saved Keras model ``spec`` was read from, which ``keras`` serves itself."""
     if kind == "keras":
         return KerasEngine(spec, threads or os.cpu_count() or 1, length_buckets, keras_file)
     if kind == "openvino":
-        from app.runtime.openvino_engine import OpenVinoEngine
+        from app.engine.openvino_engine import OpenVinoEngine
 
         return OpenVinoEngine(spec, threads or 1)
     return OnnxRuntimeEngine(spec, threads or 1)

@@ -4,7 +4,7 @@ A sequence is whatever the model's input takes per step, stacked: ids ``(steps,)
 feature vectors ``(steps, F) float32``. Sequences are grouped by length bucket so that
 padding stays small (and at most ``max_batch_size`` sequences and ``max_batch_tokens``
 padded tokens go in one call, which bounds the engine's memory per call: see
-:mod:`app.runtime.admission`), each group is right-padded into the engine's input array (the
+:mod:`app.service.pricing`), each group is right-padded into the engine's input array (the
 engines honour the true lengths, so padding never reaches the backward direction), and every
 result is sliced back to its sequence's length.
 """
@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from app.runtime.buckets import bucket_of
-from app.runtime.engines import Engine
+from app.engine.buckets import bucket_of
+from app.engine.engines import Engine
 
 Result = tuple[np.ndarray, np.ndarray]  # (outputs (len, C), hidden (len, H))
 

@@ -7,9 +7,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from app.engine.runner import Result
 from app.errors import ModelError
-from app.formats import ParityData
-from app.runtime.runner import Result
+from app.formats.parity import ParityData
 
 DEFAULT_TOLERANCE = 1e-4
 

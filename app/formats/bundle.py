@@ -1,32 +1,19 @@
-"""File formats in, one :class:`~app.spec.ModelSpec` out.
-
-:func:`load_bundle` takes ``MODEL_PATH``: a model directory with a ``model.json``
+"""A model as the service takes it (``MODEL_PATH``): a directory with a ``model.json``
 (artifact, architecture hints, GPU parity data, vocabulary), or a single model file that
-describes itself (a full-model Keras ``.h5``).
+describes itself (a full-model Keras ``.h5``). Its model file is read by the reader of its kind.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
-import numpy as np
-
 from app.errors import ModelError
-from app.formats.manifest import MANIFEST_NAME, Architecture, KerasRecord, Parity, read_manifest
+from app.formats.manifest import Architecture, KerasRecord, read_manifest
+from app.formats.parity import ParityData, read_parity
+from app.formats.vocabulary import read_vocabulary
 from app.spec import ModelSpec
-
-
-@dataclass(frozen=True)
-class ParityData:
-    """Sequences and the per-step outputs the GPU gave for them."""
-
-    file: str
-    sequences: list[np.ndarray]
-    outputs: list[np.ndarray]
-    hidden: list[np.ndarray] | None
-    tolerance: float | None
 
 
 @dataclass(frozen=True)
@@ -39,27 +26,50 @@ class ModelBundle:
     keras_outputs: ParityData | None = None  # ... and the Keras model's outputs on its sequences
 
 
+class FileKind(StrEnum):
+    """The kinds of model file the readers take."""
+
+    KERAS_H5 = "Keras HDF5"
+    KERAS3 = "Keras 3 archive"
+    SAFETENSORS = "safetensors"
+    TF_CHECKPOINT = "TF checkpoint"
+
+
+SUFFIXES = {".h5": FileKind.KERAS_H5, ".hdf5": FileKind.KERAS_H5, ".keras2": FileKind.KERAS_H5,
+            ".keras": FileKind.KERAS3, ".safetensors": FileKind.SAFETENSORS}
+
+
+def file_kind(path: Path) -> FileKind:
+    """The kind of ``path``, by its suffix, else a TF checkpoint prefix (or its ``.index``)."""
+    from app.formats.tf1_checkpoint import is_checkpoint
+
+    kind = SUFFIXES.get(path.suffix.lower())
+    if kind is not None:
+        return kind
+    if is_checkpoint(path):
+        return FileKind.TF_CHECKPOINT
+    raise ModelError(f"{path}: unsupported model file type {path.suffix.lower()!r} "
+                     f"(supported: {', '.join(SUFFIXES)}, a TF checkpoint prefix)")
+
+
 def read_spec(path: Path, architecture: Architecture, name: str) -> ModelSpec:
     """Dispatch on the file's kind; each reader converts to the Keras 3 layout."""
-    suffix = path.suffix.lower()
-    if suffix in (".h5", ".hdf5", ".keras2"):
+    kind = file_kind(path)
+    if kind is FileKind.KERAS_H5:
         from app.formats.keras_h5 import read_keras_h5
 
         return read_keras_h5(path, architecture, name)
-    if suffix == ".keras":
+    if kind is FileKind.KERAS3:
         from app.formats.keras3 import read_keras3
 
         return read_keras3(path, architecture, name)
-    if suffix == ".safetensors":
+    if kind is FileKind.SAFETENSORS:
         from app.formats.torch_safetensors import read_torch_safetensors
 
         return read_torch_safetensors(path, architecture, name)
-    from app.formats.tf1_checkpoint import is_checkpoint, read_tf1_checkpoint
+    from app.formats.tf1_checkpoint import read_tf1_checkpoint
 
-    if is_checkpoint(path):
-        return read_tf1_checkpoint(path, architecture, name)
-    raise ModelError(f"{path}: unsupported model file type {suffix!r} "
-                     "(supported: .h5, .keras, .safetensors, a TF checkpoint prefix)")
+    return read_tf1_checkpoint(path, architecture, name)
 
 
 def load_bundle(path: Path) -> ModelBundle:
@@ -79,66 +89,3 @@ def load_bundle(path: Path) -> ModelBundle:
     if not path.exists() and not Path(f"{path}.index").exists():
         raise ModelError(f"{path}: no such model file or directory")
     return ModelBundle(read_spec(path, Architecture(), path.stem), None, None)
-
-
-def read_parity(directory: Path, parity: Parity) -> ParityData:
-    """An ``.npz`` with the concatenated inputs (``ids (N,)`` integers, or ``features (N, F)``
-    floats: the array named by ``parity.ids``) and per-step arrays, split by ``lengths``."""
-    path = directory / parity.file
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {key: data[key] for key in (parity.ids, parity.lengths, parity.outputs,
-                                                  parity.hidden) if key is not None}
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{path}: unreadable parity file: {exc}") from exc
-    except KeyError as exc:
-        raise ModelError(f"{path}: parity file lacks array {exc}") from exc
-    lengths = arrays[parity.lengths].astype(np.int64)
-    cuts = np.cumsum(lengths)[:-1]
-
-    def split(key: str) -> list[np.ndarray]:
-        array = arrays[key]
-        if array.shape[0] != lengths.sum():
-            raise ModelError(f"{path}: {key} has {array.shape[0]} rows, lengths sum to {lengths.sum()}")
-        return np.split(array, cuts)
-
-    inputs = split(parity.ids)
-    dtype = np.int32 if np.issubdtype(arrays[parity.ids].dtype, np.integer) else np.float32
-    return ParityData(
-        file=str(path),
-        sequences=[s.astype(dtype) for s in inputs],
-        outputs=split(parity.outputs),
-        hidden=split(parity.hidden) if parity.hidden else None,
-        tolerance=parity.tolerance,
-    )
-
-
-def parity_inputs_key(parity: ParityData) -> str:
-    """What :func:`write_parity` calls the inputs: ``ids``, or ``features`` for float vectors."""
-    return "features" if parity.sequences[0].ndim == 2 else "ids"
-
-
-def write_parity(path: Path, parity: ParityData) -> Path:
-    """The canonical parity file: ``ids`` (or ``features``), ``lengths``, ``outputs`` (and
-    ``hidden``)."""
-    arrays = {parity_inputs_key(parity): np.concatenate(parity.sequences),
-              "lengths": np.array([len(s) for s in parity.sequences], np.int32),
-              "outputs": np.concatenate(parity.outputs)}
-    if parity.hidden is not None:
-        arrays["hidden"] = np.concatenate(parity.hidden)
-    np.savez(path, **arrays)
-    return path
-
-
-def read_vocabulary(path: Path) -> list[str]:
-    """A JSON list of token strings, indexed by id."""
-    try:
-        tokens = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{path}: unreadable vocabulary: {exc}") from exc
-    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
-        raise ModelError(f"{path}: the vocabulary must be a JSON list of strings")
-    return tokens
-
-
-__all__ = ["MANIFEST_NAME", "ModelBundle", "ParityData", "load_bundle", "read_spec"]

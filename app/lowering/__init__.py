@@ -1,1 +1,2 @@
-"""Lowered forms of a ModelSpec: the ONNX graph the serving engine runs, and exports."""
+"""Lowered forms of a ModelSpec: the ONNX graph the serving engines run, the Keras 3 model,
+and exports."""

@@ -68,7 +68,7 @@ def export_onnx(spec: ModelSpec, path: Path) -> Path:
 def export_savedmodel(spec: ModelSpec, path: Path) -> Path:
     """A SavedModel whose ``serve`` signature takes ``[inputs, mask bool (B, T)]``: ids
     ``int32 (B, T)`` or features ``float32 (B, T, F)``."""
-    from app.convert.keras_model import build_keras_model
+    from app.lowering.keras_model import build_keras_model
 
     build_keras_model(spec).export(str(path), format="tf_saved_model", verbose=False)
     return path

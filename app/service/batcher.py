@@ -1,7 +1,7 @@
 """Dynamic micro-batching: sequences from requests that arrive together run in one call.
 
 Requests append a job to a queue and await it. ``workers`` loops (one engine thread
-each) take waiting jobs, run them through the :class:`~app.runtime.runner.Runner` and
+each) take waiting jobs, run them through the :class:`~app.engine.runner.Runner` and
 hand each job exactly its own results. A loop takes its fair share of what waits (split
 between the idle loops, at most ``max_batch_size`` sequences, always at least one whole
 job), because on these CPUs two one-thread engine calls side by side do far more than one
@@ -26,8 +26,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from app.runtime.admission import LOOKAHEAD
-from app.runtime.runner import Result, Runner
+from app.engine.runner import Result, Runner
+from app.observability import BatchStats
+from app.service.pricing import LOOKAHEAD
 
 
 class QueueFull(Exception):
@@ -43,16 +44,6 @@ class Job:
     @property
     def tokens(self) -> int:
         return sum(len(sequence) for sequence in self.sequences)
-
-
-@dataclass(frozen=True)
-class BatchStats:
-    """What one engine call did, for metrics."""
-
-    jobs: int
-    sequences: int
-    queue_wait_s: list[float]
-    compute_s: float
 
 
 class MicroBatcher:

@@ -32,14 +32,15 @@ from app import __version__
 from app.config import Settings
 from app.convert.cache import Resolved, resolve
 from app.convert.child import stop_conversions
-from app.formats import ModelBundle, ParityData, load_bundle
+from app.engine.buckets import length_buckets
+from app.engine.engine_choice import EngineChoice, choose_engine
+from app.engine.runner import Result, Runner
+from app.engine.selfcheck import SelfCheck, run_self_check, tolerance_for
+from app.formats.bundle import ModelBundle, load_bundle
+from app.formats.parity import ParityData
 from app.observability import Metrics
-from app.runtime.admission import CostModel, MemoryBudget, sized_budget
-from app.runtime.batcher import MicroBatcher
-from app.runtime.buckets import length_buckets
-from app.runtime.engine_choice import EngineChoice, choose_engine
-from app.runtime.runner import Result, Runner
-from app.runtime.selfcheck import SelfCheck, run_self_check, tolerance_for
+from app.service.batcher import MicroBatcher
+from app.service.pricing import CostModel, MemoryBudget, sized_budget
 from app.spec import ModelInput
 
 log = logging.getLogger("app.service")

@@ -37,18 +37,14 @@ request that costs more than the other seven eighths can never run: ``413``.
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import os
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
-from app.runtime.buckets import bucket_of
+from app.engine.buckets import bucket_of
+from app.system import MiB, cgroup_memory_limit, process_rss
 
-MiB = 2**20
 DEFAULT_BUDGET = 1024 * MiB
-UNLIMITED = 2**60  # cgroup v1 says "no limit" with a huge number (page-rounded 2**63 - 1)
 
 ENGINE_BYTES_PER_STATE_FLOAT = 13
 INPUT_BYTES_PER_TOKEN = 64  # list slot + validated copy + float64 + int32, with slack
@@ -62,76 +58,6 @@ JSON_BYTES_PER_FLOAT = 16  # one value of a JSON answer: "-1.2345678e-05," is 15
 # peak RSS 690 MiB, 432 MiB over the RSS at ready, engine buffers and parts in flight
 # included, i.e. under 13.4 bytes per float; priced at 16.
 WHOLE_MESSAGE_BYTES_PER_FLOAT = 4 * FLOAT_BYTES
-
-
-def cgroup_memory_limit(root: Path = Path("/sys/fs/cgroup"),
-                        membership: Path = Path("/proc/self/cgroup")) -> int | None:
-    """The tightest memory limit over this process's cgroup and its ancestors (v2
-    ``memory.max``, v1 ``memory.limit_in_bytes``), or None when there is none.
-
-    Inside a container the process's cgroup is usually the root of what it sees; on a host
-    (or without a cgroup namespace) it is a path below the root, so the whole path is read."""
-    try:
-        lines = membership.read_text().splitlines()
-    except OSError:
-        lines = []
-    limits = []
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        if controllers == "":
-            base, name = root, "memory.max"
-        elif "memory" in controllers.split(","):
-            base, name = root / "memory", "memory.limit_in_bytes"
-        else:
-            continue
-        limits += _limits_along(base, path, name)
-    if not lines:  # no /proc (not Linux): nothing to read
-        return None
-    real = [limit for limit in limits if limit < UNLIMITED]
-    return min(real) if real else None
-
-
-def _limits_along(base: Path, path: str, name: str) -> list[int]:
-    limits, here = [], base
-    for part in ["", *Path(path.strip("/")).parts]:
-        here = here / part if part else here
-        try:
-            text = (here / name).read_text().strip()
-        except OSError:
-            continue
-        limits.append(UNLIMITED if text == "max" else int(text))
-    return limits
-
-
-def return_freed_memory() -> None:
-    """Make glibc give every block of 128 KiB or more its own mapping, returned when freed.
-
-    By default glibc raises that threshold to the largest block freed so far (up to 32 MiB):
-    after the first large answer, the engine's buffers and the JSON chunks come from the
-    heap, whose freed space fragments and stays resident. Measured on the maximal request
-    (64 x 2048 tokens with return_hidden): peak RSS 377 -> 255 MiB alone, 710 -> 286 MiB four
-    at once. The price is CPU in the kernel for fresh pages, with ONNX Runtime's arena off
-    (app/runtime/engines.py: each call's buffers are then fresh mappings): on this project's
-    virtualised 2-core machines, +2 s of system time per 300 requests of 4 x 256 tokens
-    (against 4.4 s of user time; 0.1 s with the arena on, whose retained, power-of-two grown
-    memory the budget could not count on); page faults cost far less on a plain kernel.
-    Operators who prefer the CPU can set glibc's own ``MALLOC_MMAP_THRESHOLD_`` (e.g.
-    16777216, with ``MALLOC_TRIM_THRESHOLD_=1073741824``), which is then left alone, and must
-    then budget for larger peaks (measured: 376 MiB alone, 768 MiB four at once)."""
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return  # the operator chose
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return  # not glibc: nothing to tune
-    m_mmap_threshold = -3
-    libc.mallopt(m_mmap_threshold, 128 * 1024)
-
-
-def process_rss() -> int:
-    """This process's resident memory in bytes."""
-    resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
-    return resident_pages * os.sysconf("SC_PAGE_SIZE")
 
 
 def split_parts(lengths: Sequence[int], buckets: list[int], max_tokens: int,

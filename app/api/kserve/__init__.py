@@ -1,5 +1,5 @@
 """The Open Inference Protocol (KServe v2) over HTTP and gRPC: thin modules over the same
-:class:`~app.runtime.service.ModelService` as ``/infer``.
+:class:`~app.service.model_service.ModelService` as ``/infer``.
 
 - :mod:`.signature`: the served model as named tensors (metadata, inputs -> sequences,
   results -> output tensors); the one place that knows the model's inputs and outputs.

@@ -29,14 +29,14 @@ from app.api.admitted import Admitted, Pricing
 from app.api.kserve.signature import HIDDEN, OUTPUTS, RESULT_INDEX, gathered_tensors
 from app.api.kserve.tensors import Tensor, as_little_endian_bytes
 from app.api.streaming import CHUNK_BYTES, JSONList, StreamedAnswer
-from app.runtime.admission import (
+from app.engine.runner import Result
+from app.service.pricing import (
     FLOAT_BYTES,
     JSON_BYTES_PER_FLOAT,
     NOTHING_HELD,
     WHOLE_MESSAGE_BYTES_PER_FLOAT,
     Held,
 )
-from app.runtime.runner import Result
 
 DROP_HIDDEN = f"leave '{HIDDEN}' out of the requested outputs"
 ZEROS = bytes(CHUNK_BYTES)  # the padding past a row's length, sent in slices of this

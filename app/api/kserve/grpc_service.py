@@ -54,7 +54,7 @@ from app.api.kserve.tensors import (
 )
 from app.api.middleware import request_id_from
 from app.config import Settings
-from app.runtime.service import ModelService
+from app.service.model_service import ModelService
 
 log = logging.getLogger("app.access")
 STATUS_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,

@@ -47,7 +47,7 @@ from app.api.kserve.tensors import (
 )
 from app.api.routes import json_response, parse_body
 from app.config import Settings
-from app.runtime.service import ModelService
+from app.service.model_service import ModelService
 
 Parameter = StrictBool | StrictInt | StrictFloat | StrictStr
 

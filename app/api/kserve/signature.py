@@ -19,8 +19,8 @@ import numpy as np
 from app.api.errors import ApiError
 from app.api.inputs import InvalidInput, checked_features, checked_ids
 from app.api.kserve.tensors import Tensor, invalid
-from app.runtime.runner import Result
-from app.runtime.service import ModelService
+from app.engine.runner import Result
+from app.service.model_service import ModelService
 from app.spec import ModelInput, TokenInput
 
 LENGTHS = "lengths"
