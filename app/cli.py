@@ -15,7 +15,7 @@ from pathlib import Path
 from app.convert.directory import KERAS_FILE
 from app.engine.selfcheck import SelfCheck, run_self_check, tolerance_for
 from app.errors import ModelError
-from app.formats.bundle import ModelBundle, load_bundle
+from app.formats.bundle import FileKind, ModelBundle, file_kind, load_bundle
 from app.formats.manifest import MANIFEST_NAME, Parity
 from app.formats.parity import ParityData, read_parity
 
@@ -41,18 +41,19 @@ def print_table(headers: list[str], rows: list[list[object]]) -> None:
 # --- inspect -------------------------------------------------------------------------
 
 def raw_contents(path: Path) -> tuple[dict[str, object], list[list[object]]]:
-    """What the file holds, before any interpretation: attributes and (name, shape, dtype)."""
+    """What the file holds, before any interpretation: attributes and (name, shape, dtype).
+    Its kind is the one the readers dispatch on (:func:`app.formats.bundle.file_kind`)."""
     if path.is_dir():
         return {"manifest": (path / MANIFEST_NAME).read_text()}, []
-    suffix = path.suffix.lower()
-    if suffix == ".safetensors":
+    kind = file_kind(path)
+    if kind is FileKind.SAFETENSORS:
         from safetensors import safe_open
 
         with safe_open(str(path), framework="numpy") as file:
             rows = [[key, tuple(file.get_slice(key).get_shape()), file.get_slice(key).get_dtype()]
                     for key in file.keys()]  # noqa: SIM118 - safe_open is not a dict
-        return {"format": "safetensors"}, rows
-    if suffix == ".keras":
+        return {"format": kind.value}, rows
+    if kind is FileKind.KERAS3:
         import io
 
         import h5py
@@ -61,7 +62,7 @@ def raw_contents(path: Path) -> tuple[dict[str, object], list[list[object]]]:
             attrs = {"metadata": archive.read("metadata.json").decode()}
             with h5py.File(io.BytesIO(archive.read("model.weights.h5")), "r") as file:
                 return attrs, _h5_rows(file)
-    if suffix in (".h5", ".hdf5"):
+    if kind is FileKind.KERAS_H5:
         import h5py
 
         with h5py.File(path, "r") as file:
@@ -76,9 +77,9 @@ def raw_contents(path: Path) -> tuple[dict[str, object], list[list[object]]]:
             return attrs, _h5_rows(file)
     import tensorflow as tf
 
-    reader = tf.train.load_checkpoint(str(path))
+    reader = tf.train.load_checkpoint(str(path.with_suffix("") if path.suffix == ".index" else path))
     shapes, dtypes = reader.get_variable_to_shape_map(), reader.get_variable_to_dtype_map()
-    return {"format": "TF checkpoint"}, [[k, tuple(shapes[k]), dtypes[k].name] for k in sorted(shapes)]
+    return {"format": kind.value}, [[k, tuple(shapes[k]), dtypes[k].name] for k in sorted(shapes)]
 
 
 def _h5_rows(file) -> list[list[object]]:

@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 
 from app.cli import main
-from tests.conftest import DEFAULT_MODEL, ROOT, Server
+from app.formats.bundle import SUFFIXES, FileKind, file_kind
+from tests.conftest import DEFAULT_MODEL, FIXTURES, ROOT, Server
 from tests.helpers import ENGINES, max_diff, outputs
-from tests.reference import npz_engine
+from tests.reference import npz_engine, random_model
+from tests.test_sources import write_tf1_checkpoint
 
 REFERENCE = DEFAULT_MODEL / "segmenter.ref.npz"
 
@@ -50,6 +52,37 @@ def converted(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("converted") / "segmenter"
     assert main(["convert", str(DEFAULT_MODEL), "--out", str(out)]) == 0
     return out
+
+
+def example_of(kind: str, suffix: str, converted: Path, directory: Path) -> Path:
+    """A real file of each kind the service reads, named with ``suffix``."""
+    if kind == FileKind.KERAS_H5:
+        return Path(shutil.copy(DEFAULT_MODEL / "segmenter.h5", directory / f"segmenter{suffix}"))
+    if kind == FileKind.KERAS3:
+        return converted / "model.keras"
+    if kind == FileKind.SAFETENSORS:
+        return FIXTURES / "segmenter.safetensors"
+    model = random_model(np.random.default_rng(0), vocab=30, width=6, units=4, layers=1,
+                         bidirectional=True, head=3, head_activation="sigmoid")
+    return write_tf1_checkpoint(directory / "model.ckpt", model)
+
+
+@pytest.mark.parametrize(("suffix", "kind"), [*SUFFIXES.items(), ("", FileKind.TF_CHECKPOINT)])
+def test_every_file_kind_the_service_reads_is_inspectable(suffix: str, kind: FileKind, converted: Path,
+                                                         tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """inspect reads the file the way the service's readers do: every suffix they take."""
+    path = example_of(kind, suffix, converted, tmp_path)
+    assert file_kind(path) is kind
+    status = main(["inspect", str(path)])
+    captured = capsys.readouterr()
+    assert "unreadable" not in captured.err, captured.err
+    assert re.search(r"^tensor +shape +dtype$", captured.out, re.M), captured.out
+    assert "servable: yes" in captured.out and status == 0, captured.out
+
+
+def test_every_file_kind_has_an_inspect_example() -> None:
+    assert {*SUFFIXES.values(), FileKind.TF_CHECKPOINT} == set(FileKind)
 
 
 def test_convert_writes_a_ready_directory(converted: Path) -> None:
