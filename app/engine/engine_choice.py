@@ -7,14 +7,12 @@ serving: a lone request of 64 tokens (the latency case) and one full batch of
 ``max_batch_size`` sequences of lengths 8..256 (the throughput case), bounded by
 ``max_len``. Candidates take turns, round after round, until the time budget is spent, so
 that a burst of noise from other processes hits them all alike. The winner has the lowest
-geometric mean of the two median times: each case counts by its ratio, so the batch's
-~100 ms cannot drown the lone request's ~1 ms. (With the plain sum, OpenVINO won on its batch
-time and then served a third of ONNX Runtime's throughput over HTTP: its lone latency is
-twice as long, and a service answers many small batches.)
+geometric mean of the two median times: each case counts by its ratio, so a batch's long
+time cannot drown a lone request's short one (a service answers many small batches).
 
 Candidates: the engines that need no per-shape compilation (``onnxruntime``, and
 ``openvino`` where its package is installed). ``keras`` compiles each new shape with XLA
-(about a second each) and is chosen only by name.
+and is chosen only by name.
 """
 
 from __future__ import annotations

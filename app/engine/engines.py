@@ -4,7 +4,7 @@
 are padding and are ignored by the caller; each sequence's own rows are exact.
 
 - :class:`OnnxRuntimeEngine` runs the graph of :mod:`app.lowering.onnx_graph`. No per-shape
-  compilation, so there is nothing to warm per length. The fastest path measured here.
+  compilation, so there is nothing to warm per length.
 - :class:`~app.engine.openvino_engine.OpenVinoEngine` runs the same graph in OpenVINO
   (optional package); ``ENGINE=auto`` times it against ONNX Runtime at start-up.
 - :class:`KerasEngine` runs the model of :mod:`app.lowering.keras_model`, XLA-compiled once
@@ -56,9 +56,8 @@ class OnnxRuntimeEngine:
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # Threads spin between calls by default: that steals the event loop's core.
-        # The CPU arena keeps its high-water mark for good, grown in powers of two (RSS 376 vs
-        # 152 MiB after four maximal requests): without it a call's memory goes back when the
-        # call ends, as the memory budget assumes (app/service/pricing.py; costs CPU there).
+        # The CPU arena keeps its high-water mark for good, grown in powers of two: without it
+        # a call's memory goes back when the call ends, as the memory budget assumes.
         options.enable_cpu_mem_arena = False
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.input = spec.input

@@ -69,7 +69,7 @@ class ModelService:
         self.self_check: SelfCheck | None = None  # the engine vs the parity data
         self.engine_vs_keras: SelfCheck | None = None  # the engine vs the Keras model's outputs
         self.engine_choice: EngineChoice | None = None
-        self.costs: CostModel | None = None  # set once ready (issue 8: memory admission)
+        self.costs: CostModel | None = None  # set once ready: memory admission prices with it
         self.budget: MemoryBudget | None = None
 
     def load(self) -> ModelBundle:

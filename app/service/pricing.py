@@ -2,9 +2,9 @@
 gRPC: :mod:`app.api.admitted`) is priced in bytes before it runs, and runs only while the
 requests in flight fit in a budget sized from the container.
 
-Where the memory of a replica goes (default model, measured with ``bench/peak_rss.py``):
+Where the memory of a replica goes (the default model's figures: docs/memory.md):
 
-- **Baseline**: the process after start-up (Python, ONNX Runtime, the model): ~160 MiB RSS.
+- **Baseline**: the process after start-up (Python, ONNX Runtime, the model).
 - **Engine calls**: ONNX Runtime holds ~6.5 KiB per padded token while it runs the default
   model (its input projections, every layer's outputs, their transposes); that is
   ``ENGINE_BYTES_PER_STATE_FLOAT`` = 13 bytes for each of the 512 state floats
@@ -54,9 +54,7 @@ FLOAT_BYTES = 4  # a float32 result, or one value of a binary (raw little-endian
 JSON_BYTES_PER_FLOAT = 16  # one value of a JSON answer: "-1.2345678e-05," is 15 characters
 # A unary gRPC answer is one message, built whole: the padded float32 tensor, its bytes for
 # raw_output_contents, the message's own copy of them and the serialized message: at most four
-# copies. Measured (bench/peak_rss.py --protocol grpc, 64 x 2048 with hidden, 33.8 M floats):
-# peak RSS 690 MiB, 432 MiB over the RSS at ready, engine buffers and parts in flight
-# included, i.e. under 13.4 bytes per float; priced at 16.
+# copies (measured in docs/memory.md).
 WHOLE_MESSAGE_BYTES_PER_FLOAT = 4 * FLOAT_BYTES
 
 
