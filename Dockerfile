@@ -3,7 +3,7 @@
 # Run:    docker run -p 8000:8000 -p 8001:8001 bigru-serve   (default model baked in, converted at build; 8001: gRPC)
 #         docker run -p 8000:8000 -m 512m -v $PWD/my-model:/models/custom:ro -e MODEL_PATH=/models/custom bigru-serve
 #         (a model of your own is converted at start-up in a child process, about 10 s and
-#         a 305 MiB cgroup peak; see the README, "Container", to convert it once instead)
+#         a 305 MiB cgroup peak; see docs/operations.md, "Container", to convert it once instead)
 ARG PYTHON_IMAGE=python:3.11.7-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build

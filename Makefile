@@ -61,7 +61,7 @@ image-test: $(VENV)/.installed
 	tests/image/build.sh $(IMAGE)
 	IMAGE_TEST=$(IMAGE) $(BIN)/pytest -raP tests/test_image.py
 
-# Needs wrk (Debian: apt-get install wrk); BENCH_ARGS=--readme pastes the tables into README.md.
+# Needs wrk (Debian: apt-get install wrk); BENCH_ARGS=--readme pastes the tables into docs/benchmark.md.
 bench: $(VENV)/.installed
 	@command -v wrk >/dev/null || { echo "make bench needs wrk (Debian: apt-get install wrk)"; exit 1; }
 	$(BIN)/python -m bench $(BENCH_ARGS)

@@ -10,7 +10,7 @@ against the strongest peer, XLA-compiled Keras written by hand and run in-proces
   ``model.predict`` as a footnote.
 
 Writes ``bench/results/latest.{json,md}`` and ``bench.png``; ``--readme`` also pastes the
-tables into README.md. Loopback only; every load run is bounded in time.
+tables into docs/benchmark.md. Loopback only; every load run is bounded in time.
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="short runs: a smoke test, not a measurement")
-    parser.add_argument("--readme", action="store_true", help="paste the tables into README.md")
+    parser.add_argument("--readme", action="store_true", help="paste the tables into docs/benchmark.md")
     args = parser.parse_args()
 
     from app.formats.bundle import load_bundle
@@ -139,10 +139,10 @@ def main() -> None:
     (RESULTS / "latest.md").write_text(markdown + "\n")
     report.plot(results, RESULTS / "bench.png")
     if args.readme:
-        report.paste_into_readme(markdown, ROOT / "README.md")
+        report.paste_into(markdown, report.PAGE)
     print(markdown)
     print(f"\nwrote latest.json, latest.md and bench.png in {RESULTS}"
-          + ("; pasted the tables into README.md" if args.readme else ""))
+          + ("; pasted the tables into docs/benchmark.md" if args.readme else ""))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The benchmark's results as Markdown tables (printed, saved, pasted into the README) and a plot."""
+"""The benchmark's results as Markdown tables (printed, saved, pasted into docs/benchmark.md) and a plot."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import platform
 import re
 from pathlib import Path
 
-README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
+PAGE = Path(__file__).resolve().parent.parent / "docs" / "benchmark.md"
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 TARGET_LATENCY, TARGET_THROUGHPUT = 0.6, 1.5  # issue 12: HTTP p50 <= 0.6x XLA, 32 conns >= 1.5x
 
 
@@ -125,12 +126,13 @@ def _cpu(row: dict, key: str = "server_cpu_ms_per_request") -> str:
     return "-" if value is None else f"{value:.2f} ms"
 
 
-def paste_into_readme(markdown_text: str, readme: Path) -> None:
-    text = readme.read_text()
-    pattern = re.compile(re.escape(README_START) + ".*?" + re.escape(README_END), re.S)
+def paste_into(markdown_text: str, page: Path) -> None:
+    """Replace what ``page`` holds between the ``bench:`` markers."""
+    text = page.read_text()
+    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
     if not pattern.search(text):
-        raise RuntimeError(f"README.md has no {README_START} ... {README_END} block")
-    readme.write_text(pattern.sub(lambda _: f"{README_START}\n{markdown_text}\n{README_END}", text))
+        raise RuntimeError(f"{page} has no {START} ... {END} block")
+    page.write_text(pattern.sub(lambda _: f"{START}\n{markdown_text}\n{END}", text))
 
 
 def plot(r: dict, path: Path) -> None:

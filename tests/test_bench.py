@@ -26,8 +26,9 @@ def test_report_renders_the_tables_ratios_and_targets(tmp_path) -> None:
     text = report.markdown(results)
     assert "XLA Keras in-process" in text and "HTTP / XLA (p50)" in text
     assert "Targets: 64 tokens over HTTP at" in text and "H100 anchor" in text
-    readme = tmp_path / "README.md"
-    readme.write_text(f"before\n{report.README_START}\nold\n{report.README_END}\nafter\n")
-    report.paste_into_readme(text, readme)
-    pasted = readme.read_text()
-    assert "old" not in pasted and text in pasted and pasted.endswith("after\n")
+    page = tmp_path / "benchmark.md"
+    page.write_text(report.PAGE.read_text())  # the page `make bench BENCH_ARGS=--readme` rewrites
+    report.paste_into(text, page)
+    pasted = page.read_text()
+    before, after = report.PAGE.read_text().split(report.START)[0], report.PAGE.read_text().split(report.END)[1]
+    assert pasted == f"{before}{report.START}\n{text}\n{report.END}{after}"

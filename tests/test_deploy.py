@@ -15,8 +15,8 @@ from tests.conftest import ROOT
 
 MANIFESTS = sorted((ROOT / "deploy" / "kubernetes").glob("*.yaml"))
 RESOURCES = [m for m in MANIFESTS if m.name != "kustomization.yaml"]
-MEASURED_RSS_MIB = 200  # README "Operations": max RSS in the 10-minute soak, rounded up
-MEASURED_CONVERSION_MIB = 800  # README "Start-up": the conversion's peak (child + parent), rounded up
+MEASURED_RSS_MIB = 200  # docs/operations.md: max RSS in the 10-minute soak, rounded up
+MEASURED_CONVERSION_MIB = 800  # docs/models.md "Start-up": the conversion's peak (child + parent), rounded up
 
 
 def load(name: str) -> dict:

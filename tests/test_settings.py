@@ -1,4 +1,4 @@
-"""Settings as documented and as honoured: every default of the README's configuration table
+"""Settings as documented and as honoured: every default of docs/configuration.md's table
 is pinned here once, against what the service actually uses; limits hold at their exact
 boundaries; ``PARITY_TOLERANCE`` overrides the manifest's tolerance, which overrides 1e-4."""
 
@@ -18,7 +18,7 @@ from app.engine.selfcheck import DEFAULT_TOLERANCE
 from tests.conftest import DEFAULT_MODEL, ROOT
 from tests.helpers import in_process
 
-# README default texts that are not plain values.
+# Documented default texts that are not plain values.
 DOCUMENTED_DEFAULTS = {
     "models/segmenter": DEFAULT_MODEL,
     "empty": "",
@@ -35,9 +35,8 @@ DOCUMENTED_DEFAULTS = {
 
 
 def readme_settings() -> list[tuple[str, str]]:
-    """(variable, documented default) for each variable of the README's table."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("## Configuration (environment variables)", 1)[1].split("\n## ", 1)[0]
+    """(variable, documented default) for each variable of docs/configuration.md's table."""
+    section = (ROOT / "docs" / "configuration.md").read_text()
     rows = []
     for line in section.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
@@ -69,7 +68,7 @@ def test_every_documented_default_is_the_default(monkeypatch: pytest.MonkeyPatch
     for name, text in rows:
         actual = getattr(settings, name.lower())
         expected = expected_value(text, actual)
-        assert actual == expected, f"{name}: README says {text!r}, the service uses {actual!r}"
+        assert actual == expected, f"{name}: docs/configuration.md says {text!r}, the service uses {actual!r}"
         documented.add(name.lower())
     assert DEFAULT_TOLERANCE == 1e-4
     assert documented == set(Settings.model_fields), "every setting is documented, and only those"
