@@ -30,5 +30,6 @@ def test_report_renders_the_tables_ratios_and_targets(tmp_path) -> None:
     page.write_text(report.PAGE.read_text())  # the page `make bench BENCH_ARGS=--readme` rewrites
     report.paste_into(text, page)
     pasted = page.read_text()
-    before, after = report.PAGE.read_text().split(report.START)[0], report.PAGE.read_text().split(report.END)[1]
+    original = report.PAGE.read_text()
+    before, after = original.split(report.START)[0], original.split(report.END)[1]
     assert pasted == f"{before}{report.START}\n{text}\n{report.END}{after}"
