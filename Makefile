@@ -51,8 +51,11 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff check app tests bench examples mutation
 	PYTHONPATH=$(CURDIR) $(BIN)/lint-imports --no-cache
 
+# Parallel workers (pytest-xdist, one per core), each given whole test files, so that a file's
+# module-scoped servers start once; TEST_WORKERS=0 runs the suite in one process.
+TEST_WORKERS ?= auto
 test: install lint
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile
 
 # The image from our Dockerfile, built by podman on a local stand-in for its base image and run
 # read-only under the manifest's memory limit (tests/image/, tests/test_image.py). Needs root,

@@ -18,12 +18,30 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 DEFAULT_MODEL = ROOT / "models" / "segmenter"
 
 
+# The files whose tests take longest go first: `make test` hands whole files to its parallel
+# workers in this order, so no worker is left alone with one long file at the end.
+LONGEST_FIRST = ("test_variants.py", "test_startup_conversion.py", "test_production.py",
+                 "test_engines.py", "test_conversion.py", "test_kserve_limits.py", "test_settings.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files keep their order
+
+
 @pytest.fixture(scope="session", autouse=True)
 def conversion_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One MODEL_CACHE_DIR for the session's servers: the default model converts once.
+    """One MODEL_CACHE_DIR for the session's servers, shared by its xdist workers (the cache
+    takes concurrent writers): the default model converts once per run.
     ``TEST_MODEL_CACHE_DIR`` keeps it across sessions (``make mutation`` runs one per mutant)."""
     kept = os.environ.get("TEST_MODEL_CACHE_DIR")
-    path = Path(kept) if kept else tmp_path_factory.mktemp("model-cache")
+    if kept:
+        path = Path(kept)
+    elif "PYTEST_XDIST_WORKER" in os.environ:  # the workers' base temps share a parent
+        path = tmp_path_factory.getbasetemp().parent / "model-cache"
+        path.mkdir(exist_ok=True)
+    else:
+        path = tmp_path_factory.mktemp("model-cache")
     os.environ["MODEL_CACHE_DIR"] = str(path)
     return path
 

@@ -36,7 +36,9 @@ def test_engine_passes_the_self_check_within_1e_5_of_the_gpu(bundle, engine: str
 @pytest.mark.parametrize("engine", ENGINES)
 def test_batched_equals_alone(bundle, engine: str) -> None:
     runner = runner_for(bundle.spec, engine, max_len=512, max_batch_size=32)
-    sequences = bundle.parity.sequences
+    # keras compiles every padded shape (seconds each): its sequences up to 48 steps here (six
+    # length buckets); test_exactness checks it alone and batched up to 2048.
+    sequences = [s for s in bundle.parity.sequences if engine != "keras" or len(s) <= 48]
     together = runner.run(sequences)
     alone = [runner.run([sequence])[0] for sequence in sequences]
     for which in (0, 1):
