@@ -13,7 +13,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 IMAGE  ?= localhost/bigru-serve:image-test
 
-.PHONY: install run test image-test lint bench startup soak flood peak-rss wire mutation constraints proto clean
+.PHONY: install run test image-test image-build image-check lint bench startup soak flood peak-rss wire mutation constraints proto clean
 
 install: $(VENV)/.installed $(TOOLS)/.installed $(CLIENT)/.installed
 
@@ -60,8 +60,13 @@ test: install lint
 # The image from our Dockerfile, built by podman on a local stand-in for its base image and run
 # read-only under the manifest's memory limit (tests/image/, tests/test_image.py). Needs root,
 # podman, runc and debootstrap (Debian packages; .ci/run installs them). -rP prints the figures.
-image-test: $(VENV)/.installed
+image-test: image-build image-check
+
+image-build:
 	tests/image/build.sh $(IMAGE)
+
+# The tests of an image already built (.ci/run builds it while the suite runs).
+image-check: $(VENV)/.installed
 	IMAGE_TEST=$(IMAGE) $(BIN)/pytest -raP tests/test_image.py
 
 # Needs wrk (Debian: apt-get install wrk); BENCH_ARGS=--readme pastes the tables into docs/benchmark.md.
