@@ -9,7 +9,7 @@ from pathlib import Path
 
 PAGE = Path(__file__).resolve().parent.parent / "docs" / "benchmark.md"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
-TARGET_LATENCY, TARGET_THROUGHPUT = 0.6, 1.5  # issue 12: HTTP p50 <= 0.6x XLA, 32 conns >= 1.5x
+TARGET_LATENCY, TARGET_THROUGHPUT = 0.6, 1.5  # the targets: HTTP p50 <= 0.6x XLA, 32 conns >= 1.5x
 
 
 def machine() -> str:
