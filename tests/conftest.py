@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -86,12 +87,27 @@ def gpu_reference() -> dict:
     return split
 
 
+PORTS_PER_WORKER = 1000
+_next_port = itertools.count()
+
+
 def free_port() -> int:
+    """A loopback port nothing listens on, from a range of this xdist worker's own below the
+    kernel's ephemeral ports: parallel workers, and the ports the kernel hands out meanwhile,
+    never take the one just probed."""
     import socket
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+    start = 20000 + PORTS_PER_WORKER * (worker % 12)
+    for _ in range(PORTS_PER_WORKER):
+        port = start + next(_next_port) % PORTS_PER_WORKER
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # in use, or a closed connection's TIME_WAIT
+            return port
+    raise RuntimeError(f"no free loopback port in {start}..{start + PORTS_PER_WORKER - 1}")
 
 
 class Server:
