@@ -51,11 +51,12 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff check app tests bench examples mutation
 	PYTHONPATH=$(CURDIR) $(BIN)/lint-imports --no-cache
 
-# Parallel workers (pytest-xdist, one per core), each given whole test files, so that a file's
-# module-scoped servers start once; TEST_WORKERS=0 runs the suite in one process.
+# Parallel workers (pytest-xdist, one per core), each given a whole file (or test class) at a
+# time, so that a file's module-scoped servers start once, longest first (tests/conftest.py);
+# TEST_WORKERS=0 runs the suite in one process.
 TEST_WORKERS ?= auto
 test: install lint
-	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
 # The image from our Dockerfile, built by podman on a local stand-in for its base image and run
 # read-only under the manifest's memory limit (tests/image/, tests/test_image.py). Needs root,

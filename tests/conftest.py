@@ -19,8 +19,9 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 DEFAULT_MODEL = ROOT / "models" / "segmenter"
 
 
-# The files whose tests take longest go first: `make test` hands whole files to its parallel
-# workers in this order, so no worker is left alone with one long file at the end.
+# The files whose tests take longest go first: `make test` hands whole files (or test classes)
+# to its parallel workers in this order, so that no worker is left alone with one long file
+# at the end.
 LONGEST_FIRST = ("test_variants.py", "test_startup_conversion.py", "test_production.py",
                  "test_engines.py", "test_conversion.py", "test_kserve_limits.py", "test_settings.py")
 

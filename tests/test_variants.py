@@ -67,9 +67,7 @@ def test_every_variant_is_covered() -> None:
     assert {t.inputs for t in TAGGERS} == {"tokens", "features"} and any(t.masking for t in TAGGERS)
 
 
-@pytest.mark.parametrize("engine", VARIANT_ENGINES)
-@pytest.mark.parametrize("tagger", TAGGERS, ids=[t.label for t in TAGGERS])
-def test_keras2_taggers_match_tf_keras(tagger: Tagger, engine: str, workdir: str) -> None:
+def matches_tf_keras(tagger: Tagger, engine: str, workdir: str) -> None:
     path, inputs, expected = saved(tagger, workdir)
     spec = read_keras_h5(path, Architecture(), "tagger")
     assert {layer.variant for layer in spec.layers} == {
@@ -84,6 +82,25 @@ def test_keras2_taggers_match_tf_keras(tagger: Tagger, engine: str, workdir: str
     batched, single = run_both_ways(spec, inputs, engine)
     assert max_diff(batched, expected) <= TOLERANCE
     assert max_diff(single, batched) <= 1e-6
+
+
+# The suite's longest tests, in two classes: `make test`'s parallel workers take one each.
+RESET_BEFORE = [t for t in TAGGERS if not t.reset_after]
+RESET_AFTER = [t for t in TAGGERS if t.reset_after]
+
+
+class TestResetBeforeTaggers:
+    @pytest.mark.parametrize("engine", VARIANT_ENGINES)
+    @pytest.mark.parametrize("tagger", RESET_BEFORE, ids=[t.label for t in RESET_BEFORE])
+    def test_keras2_taggers_match_tf_keras(self, tagger: Tagger, engine: str, workdir: str) -> None:
+        matches_tf_keras(tagger, engine, workdir)
+
+
+class TestResetAfterTaggers:
+    @pytest.mark.parametrize("engine", VARIANT_ENGINES)
+    @pytest.mark.parametrize("tagger", RESET_AFTER, ids=[t.label for t in RESET_AFTER])
+    def test_keras2_taggers_match_tf_keras(self, tagger: Tagger, engine: str, workdir: str) -> None:
+        matches_tf_keras(tagger, engine, workdir)
 
 
 @pytest.mark.parametrize("engine", VARIANT_ENGINES)
