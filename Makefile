@@ -54,9 +54,11 @@ lint: $(VENV)/.installed
 # Parallel workers (pytest-xdist, one per core), each given a whole file (or test class) at a
 # time, so that a file's module-scoped servers start once, longest first (tests/conftest.py);
 # TEST_WORKERS=0 runs the suite in one process.
+# Tests marked `alone` time a burst of requests: they run after the workers, by themselves.
 TEST_WORKERS ?= auto
 test: install lint
-	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder -m "not alone"
+	$(BIN)/pytest -m alone
 
 # The image from our Dockerfile, built by podman on a local stand-in for its base image and run
 # read-only under the manifest's memory limit (tests/image/, tests/test_image.py). Needs root,

@@ -86,6 +86,7 @@ def post_many(url: str, bodies: list[dict], timeout: float = 30) -> list[tuple[i
     return asyncio.run(run())
 
 
+@pytest.mark.alone  # its 503s must come within 5 s: not beside another worker's TensorFlow
 def test_flood_gets_correct_200s_or_fast_503s(small_server: Server, gpu_reference: dict) -> None:
     """Far more than MAX_QUEUE at once, of sequences whose GPU outputs we have: every 200
     carries exactly the GPU's numbers for its own sequences, every other answer is a 503."""
