@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any
 
 import numpy as np
@@ -10,11 +9,20 @@ import orjson
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
-from app.api.admitted import Pricing, admit_and_start, check_ready
-from app.api.errors import ApiError, summarize, validation_details
+from app.api.dataplane import (
+    BodyHold,
+    Pricing,
+    Service,
+    admit_and_start,
+    check_ready,
+    off_loop,
+    read_body,
+)
+from app.api.errors import ApiError
 from app.api.inputs import InvalidInput, input_arrays
+from app.api.json_body import check_value_count, most_values, parse_body, parsed_bytes
 from app.api.schemas import ErrorResponse, InferResponse, make_infer_request
 from app.api.streaming import StreamedAnswer, infer_document
 from app.config import Settings
@@ -23,17 +31,10 @@ from app.runtime.service import ModelService
 from app.spec import ModelInput, TokenInput
 
 
-# Dependencies are async so that FastAPI calls them in place: a sync one would take a
-# thread-pool round trip on every request.
-async def get_service(request: Request) -> ModelService:
-    return request.app.state.service
-
-
 async def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
-Service = Annotated[ModelService, Depends(get_service)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 
 
@@ -57,11 +58,15 @@ def build_router(settings: Settings) -> APIRouter:
     )
     async def infer(request: Request, service: Service, metrics: MetricsDep) -> Response:
         check_ready(service)
-        raw = await request.body()
-        body = parse_body(raw, request_models[service.model_input.kind])
-        body_bytes, return_hidden = len(raw), body.return_hidden  # type: ignore[attr-defined]
-        sequences = checked_inputs(body.sequences, service)  # type: ignore[attr-defined]
-        del raw, body  # the input arrays are all that is kept
+        model_input = service.model_input
+        most = most_values(settings.max_batch, settings.max_len, model_input)
+        async with BodyHold(service, settings.request_timeout_s, metrics) as hold:
+            raw = await read_body(request, hold, lambda size: parsed_bytes(size, most),
+                                  settings.max_body_bytes)
+            body_bytes = len(raw)
+            sequences, return_hidden = await off_loop(
+                parsed_inputs, raw, request_models[model_input.kind], most, model_input)
+            del raw  # the input arrays are all that is kept
         return await answer_streamed(service, sequences, return_hidden, body_bytes, settings, metrics)
 
     @router.get("/healthz", summary="Liveness: the process is up")
@@ -97,7 +102,7 @@ def build_router(settings: Settings) -> APIRouter:
 # --- issue 8: admission by memory cost, answers streamed part by part -------------------------
 async def answer_streamed(service: ModelService, sequences: list[np.ndarray], return_hidden: bool,
                           body_bytes: int, settings: Settings, metrics: Metrics) -> Response:
-    """Admit the request (:func:`~app.api.admitted.admit_and_start`), run it part by part and
+    """Admit the request (:func:`~app.api.dataplane.admit_and_start`), run it part by part and
     stream the document. A one-part answer without hidden states goes out in one piece."""
     costs = service.costs
     assert costs is not None
@@ -117,43 +122,13 @@ async def answer_streamed(service: ModelService, sequences: list[np.ndarray], re
 # --- end issue 8 ---------------------------------------------------------------------------
 
 
-def parse_body(raw: bytes, model: type[BaseModel]) -> BaseModel:
-    data = parse_json(raw)
+def parsed_inputs(raw: bytes, model: type[BaseModel], most: int,
+                  model_input: ModelInput) -> tuple[list[np.ndarray], bool]:
+    """The body's input arrays and ``return_hidden``; its parsed forms are gone on return."""
+    check_value_count(raw, most)
+    body = parse_body(raw, model)
     try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        details = validation_details(exc)
-        raise ApiError(422, "invalid_request", summarize(details), details) from None
-
-
-def parse_json(raw: bytes) -> Any:
-    """orjson; a body it refuses only for ``NaN``, ``Infinity`` or an overflowing number is
-    read again by the standard library, so that validation can say where that number is (a
-    422 naming the place, not a 400 for the whole body)."""
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        error = exc
-    non_finite: list[float] = []
-
-    def number(text: str) -> float:
-        value = float(text)
-        if not np.isfinite(value):
-            non_finite.append(value)
-        return value
-
-    try:
-        data = json.loads(raw, parse_float=number, parse_constant=number)
-    except (ValueError, RecursionError):
-        non_finite.clear()  # broken anyway: the parse error is the answer
-    if not non_finite:
-        raise ApiError(400, "invalid_json", f"the body is not valid JSON: {error}") from None
-    return data
-
-
-def checked_inputs(sequences: list, service: ModelService) -> list[np.ndarray]:
-    try:
-        return input_arrays(sequences, service.model_input)
+        return input_arrays(body.sequences, model_input), body.return_hidden  # type: ignore[attr-defined]
     except InvalidInput as exc:
         raise ApiError(422, exc.kind, exc.message) from None
 

@@ -4,7 +4,7 @@ service, batcher and limits as ``/infer``.
 
 Inputs come as ``raw_input_contents`` (what tritonclient sends) or typed ``contents``; outputs
 always go as ``raw_output_contents``. Requests are admitted by memory cost as ``/infer``'s are
-(:mod:`app.api.admitted`), priced as one message built whole. Errors are status codes with the
+(:mod:`app.api.dataplane`), priced as one message built whole. Errors are status codes with the
 same messages as over HTTP: 400 -> INVALID_ARGUMENT, 404 -> NOT_FOUND, 413 (an answer that could
 never fit in the memory budget) -> RESOURCE_EXHAUSTED, 503 (not ready, queue or budget taken) ->
 UNAVAILABLE, 504 -> DEADLINE_EXCEEDED; messages past ``MAX_BODY_BYTES`` get RESOURCE_EXHAUSTED
@@ -26,24 +26,23 @@ import grpc
 from grpc import aio
 
 from app import __version__
-from app.api.admitted import admit_and_start, check_ready
+from app.api.dataplane import BodyHold, off_loop
 from app.api.errors import ApiError
+from app.api.json_body import most_values, parsed_bytes
 from app.api.kserve import EXTENSIONS, SERVER_NAME
 from app.api.kserve import grpc_predict_v2_pb2 as pb
 from app.api.kserve import grpc_predict_v2_pb2_grpc as pb_grpc
 from app.api.kserve.answers import AnswerPlan
+from app.api.kserve.inference import Decoded, admitted, check_open, decoded
 from app.api.kserve.signature import (
     OUTPUT_NAMES,
     VERSION,
     check_model,
-    check_output_names,
     gathered_tensors,
     input_specs,
     model_metadata,
     model_name,
     output_specs,
-    output_widths,
-    sequences_from,
 )
 from app.api.kserve.tensors import (
     Tensor,
@@ -55,6 +54,7 @@ from app.api.kserve.tensors import (
 from app.api.middleware import request_id_from
 from app.config import Settings
 from app.runtime.service import ModelService
+from app.spec import ModelInput
 
 log = logging.getLogger("app.access")
 STATUS_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
@@ -133,28 +133,26 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @observed
     async def ModelInfer(self, request: pb.ModelInferRequest, context: aio.ServicerContext) -> Any:
         service, settings = self.service, self.settings
-        check_model(service, request.model_name, request.model_version)
-        check_ready(service)
-        sequences, steps = sequences_from(inputs_of(request), service.model_input, settings.max_batch,
-                                          settings.max_len)
-        names = [output.name for output in request.outputs] or list(OUTPUT_NAMES)
-        check_output_names(names)
+        check_open(service, request.model_name, request.model_version)
         remaining = context.time_remaining()  # the caller's deadline, when it set one
         timeout = min(settings.request_timeout_s, math.inf if remaining is None else max(remaining, 0.001))
-        plan = AnswerPlan(names, [True] * len(names), len(sequences), steps, output_widths(service))
-        admitted = await admit_and_start(service, sequences, plan.pricing(over_grpc=True),
-                                         request.ByteSize(), timeout, self.metrics)
-        del sequences
+        most = most_values(settings.max_batch, settings.max_len, service.model_input)
+        message_bytes = request.ByteSize()
+        async with BodyHold(service, timeout, self.metrics) as hold:  # a typed value may be one byte
+            await hold.to(parsed_bytes(message_bytes, most, shortest_value=1))
+            opened = await off_loop(decoded_message, request, most, service.model_input, settings)
+        plan, started = await admitted(service, opened, True, message_bytes, timeout)
+        del opened
         try:
-            tensors = await gathered_tensors(admitted.parts(), plan.batch, steps, plan.widths, names)
-            response = infer_response(model_name(service), request.id, plan, tensors)
+            tensors = await gathered_tensors(started.parts(), plan.batch, plan.steps, plan.widths, plan.names)
+            response = await off_loop(infer_response, model_name(service), request.id, plan, tensors)
         except BaseException:
-            await admitted.finish()
+            await started.finish()
             raise
         # grpcio serializes and sends the message once this returns: it keeps its share of the
         # budget until the call is over.
         loop = asyncio.get_running_loop()
-        context.add_done_callback(lambda _: loop.call_soon_threadsafe(admitted.release))
+        context.add_done_callback(lambda _: loop.call_soon_threadsafe(started.release))
         return response
 
     def record(self, method: str, code: grpc.StatusCode, request_id: str, seconds: float,
@@ -180,10 +178,22 @@ def infer_response(model: str, request_id: str, plan: AnswerPlan,
         outputs=[output(name=name, datatype="FP32", shape=plan.shape(name)) for name in plan.names])
 
 
-def inputs_of(request: pb.ModelInferRequest) -> list[Tensor]:
-    """The input tensors, from ``raw_input_contents`` (one per input, in order) or ``contents``."""
+def decoded_message(request: pb.ModelInferRequest, most: int, model_input: ModelInput,
+                    settings: Settings) -> Decoded:
+    names = [output.name for output in request.outputs] or list(OUTPUT_NAMES)
+    return decoded(inputs_of(request, most), names, [True] * len(names), model_input, settings)
+
+
+def inputs_of(request: pb.ModelInferRequest, most: int) -> list[Tensor]:
+    """The input tensors, from ``raw_input_contents`` (one per input, in order) or ``contents``
+    (refused unread past ``most`` values: each would become a Python number)."""
     raw = request.raw_input_contents
     if not raw:
+        values = sum(len(getattr(item.contents, field)) for item in request.inputs
+                     for field in set(CONTENTS.values()))
+        if values > most:
+            raise ApiError(413, "too_many_values", f"the message holds over {most} values, more than "
+                           "the largest request this deployment takes (MAX_BATCH x MAX_LEN)")
         return [typed_tensor(item) for item in request.inputs]
     if len(raw) != len(request.inputs):
         raise invalid(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs")

@@ -7,8 +7,10 @@ Every problem is a ``400`` naming the tensor; nothing here knows the served mode
 
 from __future__ import annotations
 
+import asyncio
 import math
 import zlib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any
@@ -23,6 +25,9 @@ DATATYPES: dict[str, np.dtype] = {name: np.dtype(code) for name, code in {
     "BOOL": "?", "UINT8": "<u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8",
     "INT8": "<i1", "INT16": "<i2", "INT32": "<i4", "INT64": "<i8",
     "FP16": "<f2", "FP32": "<f4", "FP64": "<f8"}.items()}
+
+
+INFLATE_STEP = 1024 * 1024  # a slice of inflating: a few milliseconds of the event loop
 
 
 def invalid(message: str) -> ApiError:
@@ -120,19 +125,33 @@ def split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryvie
     return body[:length], view[length:]
 
 
-def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
-    """A request body as sent with ``Content-Encoding: gzip | deflate`` (tritonclient's
-    ``request_compression_algorithm``), inflated to at most ``limit`` bytes (else 413)."""
-    if encoding in (None, "", "identity"):
-        return body
-    if encoding not in ("gzip", "deflate"):
+def check_encoding(encoding: str | None) -> None:
+    """415 for a Content-Encoding other than gzip, deflate or none."""
+    if encoding not in (None, "", "identity", "gzip", "deflate"):
         raise ApiError(415, "unsupported_encoding", f"Content-Encoding {encoding!r} is not supported "
                        "(gzip, deflate or none)")
+
+
+async def inflated(body: bytes, encoding: str | None, limit: int,
+                   grow: Callable[[int], Awaitable[None]]) -> bytes | bytearray:
+    """A request body as sent with ``Content-Encoding: gzip | deflate`` (tritonclient's
+    ``request_compression_algorithm``), inflated to at most ``limit`` bytes (else 413), in
+    slices of ``INFLATE_STEP`` bytes: ``grow(size)`` before each (the memory it will hold),
+    and the event loop runs between them."""
+    if encoding in (None, "", "identity"):
+        return body
     inflater = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
-    try:
-        inflated = inflater.decompress(body, limit + 1)
-    except zlib.error as exc:
-        raise invalid(f"the {encoding} body cannot be decompressed: {exc}") from None
-    if len(inflated) > limit or inflater.unconsumed_tail:
-        raise ApiError(413, "body_too_large", f"the decompressed body exceeds {limit} bytes")
-    return inflated
+    whole, pending = bytearray(), body
+    while True:
+        await grow(min(len(whole) + INFLATE_STEP, limit + 1))
+        try:
+            piece = inflater.decompress(pending, INFLATE_STEP)
+        except zlib.error as exc:
+            raise invalid(f"the {encoding} body cannot be decompressed: {exc}") from None
+        whole += piece
+        if len(whole) > limit:
+            raise ApiError(413, "body_too_large", f"the decompressed body exceeds {limit} bytes")
+        pending = inflater.unconsumed_tail
+        if len(piece) < INFLATE_STEP and not pending:
+            return whole
+        await asyncio.sleep(0)

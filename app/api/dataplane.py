@@ -1,6 +1,8 @@
-"""One admission for every protocol (``/infer``, v2 over HTTP, v2 over gRPC): price the request
-by what its answer will hold, wait for room in the memory budget (or refuse), run it part by
-part, release the budget when the answer is done.
+"""The request path shared by every protocol (``/infer``, v2 over HTTP, v2 over gRPC): the
+body is priced before it is read (:class:`BodyHold`: the bytes and what parsing them holds,
+growing with a body of unknown size) and parsed off the event loop (:func:`off_loop`); then
+the request is priced by what its answer will hold, waits for room in the memory budget (or
+is refused), runs part by part, and releases the budget when the answer is done.
 
 Outcomes are :class:`~app.api.errors.ApiError`; each protocol maps the status to its own form:
 ``413`` (the request can never fit: the message names the limit and says how to split it or
@@ -12,11 +14,15 @@ DEADLINE_EXCEEDED (:mod:`app.api.kserve.grpc_service`).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Annotated, Any, TypeVar
 
 import numpy as np
+from fastapi import Depends
+from starlette.requests import Request
 
 from app.api.errors import ApiError
 from app.observability import Metrics
@@ -26,6 +32,81 @@ from app.runtime.runner import Result
 from app.runtime.service import ModelService
 
 T = TypeVar("T")
+UNREAD_BODY_BYTES = 256 * 1024  # a body not read yet: uvicorn's 64 KiB buffer and the socket's
+GROWTH_BYTES = 1024 * 1024  # a body of unknown size is priced ahead of what arrived, by this much
+# Parsing holds the interpreter lock: more threads would add no speed, only longer waits for the loop.
+PARSING = ThreadPoolExecutor(max_workers=1, thread_name_prefix="body-parsing")
+
+
+async def off_loop(work: Callable[..., T], *args: Any) -> T:
+    """``work(*args)`` on the parsing thread; the caller waits for it even when cancelled,
+    so that what it holds is freed before the caller releases its price."""
+    future = asyncio.get_running_loop().run_in_executor(PARSING, functools.partial(work, *args))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        await asyncio.wait([future])
+        raise
+
+
+class BodyHold:
+    """The memory budget's share held for a body being read and parsed (``async with``: freed
+    at the end); :meth:`to` raises it, waiting for room up to the request's deadline."""
+
+    def __init__(self, service: ModelService, timeout_s: float, metrics: Metrics) -> None:
+        assert service.budget is not None
+        self.budget, self.metrics, self.timeout_s = service.budget, metrics, timeout_s
+        self.deadline = asyncio.get_running_loop().time() + timeout_s
+        self.held = 0
+
+    async def __aenter__(self) -> BodyHold:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.budget.release(self.held)
+        self.held = 0
+
+    async def to(self, amount: int) -> None:
+        more = amount - self.held
+        if more <= 0:
+            return
+        if amount > self.budget.total:
+            self.metrics.rejected.labels("over_budget").inc()
+            raise ApiError(413, "over_memory_budget", f"reading and parsing this body needs about "
+                           f"{amount / MiB:.0f} MiB, more than the {self.budget.total / MiB:.0f} MiB one "
+                           "request may hold (MEMORY_BUDGET_BYTES): send smaller requests")
+        remaining = self.deadline - asyncio.get_running_loop().time()
+        try:
+            await self.budget.admit(Cost(min(more, UNREAD_BODY_BYTES), more), max(remaining, 0))
+        except BudgetTaken:
+            self.metrics.rejected.labels("memory_budget").inc()
+            raise ApiError(503, "overloaded", "the memory budget is taken; retry shortly",
+                           headers={"Retry-After": "1"}) from None
+        self.held = amount
+
+
+async def read_body(request: Request, hold: BodyHold, price: Callable[[int], int], max_bytes: int) -> bytes:
+    """The body, priced (``price``: what a body of so many bytes holds once parsed) before it
+    is read: by its Content-Length, else ahead of what has arrived as it grows."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit():
+        await hold.to(price(min(int(declared), max_bytes)))
+        return await request.body()
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if price(size) > hold.held:
+            await hold.to(price(min(size + GROWTH_BYTES, max_bytes)))
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+# Async, so that FastAPI calls it in place: a sync dependency takes a thread-pool round trip.
+async def get_service(request: Request) -> ModelService:
+    return request.app.state.service
+
+
+Service = Annotated[ModelService, Depends(get_service)]
 
 
 def check_ready(service: ModelService) -> None:
