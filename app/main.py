@@ -14,6 +14,7 @@ import grpc
 from fastapi import FastAPI
 
 from app import __version__
+from app.api.dataplane import most_requests
 from app.api.docs import include_docs
 from app.api.errors import install_error_handlers
 from app.api.kserve.grpc_service import start_grpc_server
@@ -63,7 +64,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.metrics = metrics
     app.add_middleware(RequestEnvelope, metrics=metrics, max_body_bytes=settings.max_body_bytes,
-                       discard_body_bytes=settings.discard_body_bytes, body_timeout_s=settings.body_timeout_s)
+                       discard_body_bytes=settings.discard_body_bytes, body_timeout_s=settings.body_timeout_s,
+                       most_requests=lambda: most_requests(getattr(app.state, "service", None),
+                                                           settings.max_requests))
     install_error_handlers(app)
     include_routes(app, settings)
     include_docs(app)

@@ -26,13 +26,14 @@ from starlette.requests import Request
 
 from app.api.errors import ApiError
 from app.observability import Metrics
-from app.runtime.admission import BudgetTaken, Cost, Held, MemoryBudget, MiB, NeverFits
+from app.runtime.admission import ENCODING_BYTES, BudgetTaken, Cost, Held, MemoryBudget, MiB, NeverFits
 from app.runtime.batcher import QueueFull
 from app.runtime.runner import Result
 from app.runtime.service import ModelService
 
 T = TypeVar("T")
 UNREAD_BODY_BYTES = 256 * 1024  # a body not read yet: uvicorn's 64 KiB buffer and the socket's
+REQUESTS_BEFORE_READY = 1024  # until the budget is sized; /infer answers 503 then anyway
 GROWTH_BYTES = 1024 * 1024  # a body of unknown size is priced ahead of what arrived, by this much
 # Parsing holds the interpreter lock: more threads would add no speed, only longer waits for the loop.
 PARSING = ThreadPoolExecutor(max_workers=1, thread_name_prefix="body-parsing")
@@ -107,6 +108,17 @@ async def get_service(request: Request) -> ModelService:
 
 
 Service = Annotated[ModelService, Depends(get_service)]
+
+
+def most_requests(service: ModelService | None, configured: int | None) -> int:
+    """``MAX_REQUESTS``, else as many as the budget holds of the cheapest request (its answer
+    being encoded and sent)."""
+    if configured is not None:
+        return configured
+    budget = service.budget if service is not None else None
+    if budget is None:
+        return REQUESTS_BEFORE_READY
+    return max(16, (budget.total + budget.waiting_room) // ENCODING_BYTES)
 
 
 def check_ready(service: ModelService) -> None:

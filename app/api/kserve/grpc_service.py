@@ -53,6 +53,7 @@ from app.api.kserve.tensors import (
 )
 from app.api.middleware import request_id_from
 from app.config import Settings
+from app.runtime.admission import DEFAULT_BUDGET, cgroup_memory_limit
 from app.runtime.service import ModelService
 from app.spec import ModelInput
 
@@ -216,10 +217,20 @@ def _request_id(context: aio.ServicerContext) -> str:
                            if key == "x-request-id" and isinstance(value, str))
 
 
+def most_calls(settings: Settings) -> int:
+    """``MAX_REQUESTS``, else an eighth of the memory over the largest message: each call's
+    message is whole in memory before it can be priced."""
+    if settings.max_requests is not None:
+        return settings.max_requests
+    memory = settings.memory_budget_bytes or cgroup_memory_limit() or DEFAULT_BUDGET
+    return max(4, memory // 8 // settings.max_body_bytes)
+
+
 async def start_grpc_server(service: ModelService, settings: Settings) -> aio.Server:
     """Listening on ``HOST:GRPC_PORT``; fails start-up when the port cannot be bound."""
     server = aio.server(options=[("grpc.max_receive_message_length", settings.max_body_bytes),
-                                 ("grpc.max_send_message_length", -1)])
+                                 ("grpc.max_send_message_length", -1)],
+                        maximum_concurrent_rpcs=most_calls(settings))
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(service, settings), server)
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     server.add_insecure_port(f"{host}:{settings.grpc_port}")
