@@ -1,7 +1,7 @@
 """What a parsed request body holds: the peak of Python's allocations (tracemalloc: orjson's
 objects, pydantic's validated copy, the input arrays) while ``/infer`` and the v2 REST route
-parse the largest valid bodies, per value or array of the body (its commas + 1): what
-``app.api.json_body.PARSED_BYTES_PER_VALUE`` must cover.
+parse the largest valid bodies in their shortest forms, per value or array of the body (its
+commas + 1) and per byte of it: what ``app.api.json_body.PARSED`` must cover.
 
     python -m bench.parse_cost
 """
@@ -16,7 +16,7 @@ import numpy as np
 import orjson
 
 from app.api.inputs import input_arrays
-from app.api.json_body import PARSED_BYTES_PER_VALUE, parse_body
+from app.api.json_body import PARSED, parse_body
 from app.api.kserve.rest import read_inputs
 from app.api.kserve.signature import sequences_from
 from app.api.kserve.wire import InferenceRequest
@@ -48,28 +48,31 @@ def parse_v2(raw: bytes, model_input: ModelInput) -> object:
                           model_input, BATCH, STEPS)
 
 
-def bytes_per_value(raw: bytes, parse: Callable[[bytes, ModelInput], object], model_input: ModelInput) -> float:
+def held(raw: bytes, parse: Callable[[bytes, ModelInput], object], model_input: ModelInput) -> dict:
+    """The peak per value (or array) of the body, and per byte of it."""
     parse(raw, model_input)  # warm: pydantic's and numpy's caches are not the body's
     tracemalloc.start()
     kept = parse(raw, model_input)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     del kept
-    return peak / (raw.count(b",") + 1)
+    return {"per_value": round(peak / (raw.count(b",") + 1), 1), "per_body_byte": round(peak / len(raw), 1),
+            "priced_per_value": PARSED[model_input.kind].per_value,
+            "priced_per_body_byte": PARSED[model_input.kind].per_body_byte}
 
 
 def main() -> None:
     tokens = TokenInput(np.zeros((1000, 4), np.float32))
     cases = {
-        "/infer token ids (300: not a cached small int)": (infer_body(tokens, 300), parse_infer, tokens),
-        "/infer features, 1 per step": (infer_body(FeatureInput(1), 1), parse_infer, FeatureInput(1)),
-        "/infer features, 2 per step": (infer_body(FeatureInput(2), 1), parse_infer, FeatureInput(2)),
-        "/infer features, 8 per step (0.5)": (infer_body(FeatureInput(8), 0.5), parse_infer, FeatureInput(8)),
-        "v2 JSON ids (300)": (v2_body(300), parse_v2, tokens),
+        "/infer token ids 1 (the shortest)": (infer_body(tokens, 1), parse_infer, tokens),
+        "/infer token ids 300 (not a cached small int)": (infer_body(tokens, 300), parse_infer, tokens),
+        "/infer features 1, 1 per step": (infer_body(FeatureInput(1), 1), parse_infer, FeatureInput(1)),
+        "/infer features 1, 2 per step": (infer_body(FeatureInput(2), 1), parse_infer, FeatureInput(2)),
+        "/infer features 0.5, 8 per step": (infer_body(FeatureInput(8), 0.5), parse_infer, FeatureInput(8)),
+        "v2 JSON ids 1": (v2_body(1), parse_v2, tokens),
+        "v2 JSON ids 300": (v2_body(300), parse_v2, tokens),
     }
-    report = {name: round(bytes_per_value(*case), 1) for name, case in cases.items()}
-    report["priced"] = PARSED_BYTES_PER_VALUE
-    print(json.dumps(report, indent=2))
+    print(json.dumps({name: held(*case) for name, case in cases.items()}, indent=2))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ largest valid request takes. What a parsed body holds in memory is priced by
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -20,12 +21,21 @@ from pydantic import BaseModel, ValidationError
 from app.api.errors import ApiError, summarize, validation_details
 from app.spec import FeatureInput, ModelInput
 
-# The peak of orjson's objects, pydantic's validated copy and the input arrays, per value or
-# array of the largest valid bodies (bench/parse_cost.py): 84 B per token id, 168 B per
-# feature value at 1 feature per step (each step is two lists too), 104 B at 2.
-PARSED_BYTES_PER_VALUE = 192
-SHORTEST_VALUE_BYTES = 2  # "7," : a body holds at most one value per two bytes
 NON_FINITE = (b"NaN", b"Infinity")
+
+
+@dataclass(frozen=True)
+class ParsedCost:
+    """What the parsed forms of a body hold (orjson's objects, pydantic's validated copy, the
+    input arrays), per byte of the body and per value or array in it; covers the peaks
+    measured on the largest valid bodies in their shortest forms (bench/parse_cost.py)."""
+
+    per_body_byte: int
+    per_value: int
+
+
+PARSED = {"tokens": ParsedCost(per_body_byte=24, per_value=96),  # measured 16-21 B, 84 B
+          "features": ParsedCost(per_body_byte=48, per_value=192)}  # 35-42 B, 104-168 B
 
 
 def most_values(max_batch: int, max_len: int, model_input: ModelInput) -> int:
@@ -35,11 +45,10 @@ def most_values(max_batch: int, max_len: int, model_input: ModelInput) -> int:
     return max_batch * max_len * (width + 1) + 2 * max_batch + 64
 
 
-def parsed_bytes(body_bytes: int, most_values: int, shortest_value: int = SHORTEST_VALUE_BYTES) -> int:
-    """What a body of ``body_bytes`` holds once read and parsed: itself, and its values'
-    objects (at most ``most_values``: more are refused unparsed)."""
-    values = min(body_bytes // shortest_value + 1, most_values)
-    return body_bytes + PARSED_BYTES_PER_VALUE * values
+def parsed_bytes(body_bytes: int, most_values: int, cost: ParsedCost) -> int:
+    """What a body of ``body_bytes`` holds once read and parsed: itself, and its parsed forms
+    (of at most ``most_values`` values: more are refused unparsed)."""
+    return body_bytes + min(cost.per_body_byte * body_bytes, cost.per_value * most_values)
 
 
 def check_value_count(raw: bytes, most_values: int) -> None:

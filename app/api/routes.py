@@ -22,7 +22,7 @@ from app.api.dataplane import (
 )
 from app.api.errors import ApiError
 from app.api.inputs import InvalidInput, input_arrays
-from app.api.json_body import check_value_count, most_values, parse_body, parsed_bytes
+from app.api.json_body import PARSED, check_value_count, most_values, parse_body, parsed_bytes
 from app.api.schemas import ErrorResponse, InferResponse, make_infer_request
 from app.api.streaming import StreamedAnswer, infer_document
 from app.config import Settings
@@ -59,9 +59,9 @@ def build_router(settings: Settings) -> APIRouter:
     async def infer(request: Request, service: Service, metrics: MetricsDep) -> Response:
         check_ready(service)
         model_input = service.model_input
-        most = most_values(settings.max_batch, settings.max_len, model_input)
+        most, cost = most_values(settings.max_batch, settings.max_len, model_input), PARSED[model_input.kind]
         async with BodyHold(service, settings.request_timeout_s, metrics) as hold:
-            raw = await read_body(request, hold, lambda size: parsed_bytes(size, most),
+            raw = await read_body(request, hold, lambda size: parsed_bytes(size, most, cost),
                                   settings.max_body_bytes)
             body_bytes = len(raw)
             sequences, return_hidden = await off_loop(

@@ -28,7 +28,7 @@ from grpc import aio
 from app import __version__
 from app.api.dataplane import BodyHold, off_loop
 from app.api.errors import ApiError
-from app.api.json_body import most_values, parsed_bytes
+from app.api.json_body import PARSED, most_values, parsed_bytes
 from app.api.kserve import EXTENSIONS, SERVER_NAME
 from app.api.kserve import grpc_predict_v2_pb2 as pb
 from app.api.kserve import grpc_predict_v2_pb2_grpc as pb_grpc
@@ -139,8 +139,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         timeout = min(settings.request_timeout_s, math.inf if remaining is None else max(remaining, 0.001))
         most = most_values(settings.max_batch, settings.max_len, service.model_input)
         message_bytes = request.ByteSize()
-        async with BodyHold(service, timeout, self.metrics) as hold:  # a typed value may be one byte
-            await hold.to(parsed_bytes(message_bytes, most, shortest_value=1))
+        async with BodyHold(service, timeout, self.metrics) as hold:  # typed values: a byte each
+            await hold.to(parsed_bytes(message_bytes, most, PARSED["features"]))
             opened = await off_loop(decoded_message, request, most, service.model_input, settings)
         plan, started = await admitted(service, opened, True, message_bytes, timeout)
         del opened

@@ -15,7 +15,7 @@ from fastapi.routing import APIRoute
 from app import __version__
 from app.api.dataplane import BodyHold, Service, off_loop, read_body
 from app.api.errors import ApiError, protocol_error_response
-from app.api.json_body import check_value_count, most_values, parse_body, parsed_bytes
+from app.api.json_body import PARSED, check_value_count, most_values, parse_body, parsed_bytes
 from app.api.kserve import EXTENSIONS, PREFIX, SERVER_NAME
 from app.api.kserve.answers import http_answer
 from app.api.kserve.inference import Decoded, admitted, check_open, decoded
@@ -109,15 +109,16 @@ def build_kserve_router(settings: Settings) -> APIRouter:
         encoding = request.headers.get("content-encoding")
         check_encoding(encoding)
         most = most_values(settings.max_batch, settings.max_len, service.model_input)
+        cost = PARSED[service.model_input.kind]
         async with BodyHold(service, settings.request_timeout_s, service.metrics) as hold:
             if encoding in (None, "", "identity"):
-                raw = body = await read_body(request, hold, lambda size: parsed_bytes(size, most),
+                raw = body = await read_body(request, hold, lambda size: parsed_bytes(size, most, cost),
                                              settings.max_body_bytes)
             else:  # the bytes sent, then what they inflate to, priced as it grows
                 raw = await read_body(request, hold, lambda size: size, settings.max_body_bytes)
                 sent = len(raw)
                 body = await inflated(raw, encoding, settings.max_body_bytes,
-                                      lambda size: hold.to(sent + parsed_bytes(size, most)))
+                                      lambda size: hold.to(sent + parsed_bytes(size, most, cost)))
             body_bytes = len(raw) + (len(body) if body is not raw else 0)  # both, when it was inflated
             opened, request_id = await off_loop(
                 decoded_body, body, request.headers.get("inference-header-content-length"), most,
