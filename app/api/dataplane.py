@@ -14,7 +14,9 @@ DEADLINE_EXCEEDED (:mod:`app.api.kserve.grpc_service`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,6 +37,12 @@ T = TypeVar("T")
 UNREAD_BODY_BYTES = 256 * 1024  # a body not read yet: uvicorn's 64 KiB buffer and the socket's
 REQUESTS_BEFORE_READY = 1024  # until the budget is sized; /infer answers 503 then anyway
 GROWTH_BYTES = 1024 * 1024  # a body of unknown size is priced ahead of what arrived, by this much
+LARGE_BODY_BYTES = 1024 * 1024
+# Large bodies read (or inflated) at once: each moves up to 256 KiB per turn of the event loop,
+# and every turn the probes wait for grows with them.
+LARGE_BODIES_AT_ONCE = 2
+_large_body_turns: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
+    weakref.WeakKeyDictionary())
 # Parsing holds the interpreter lock: more threads would add no speed, only longer waits for the loop.
 PARSING = ThreadPoolExecutor(max_workers=1, thread_name_prefix="body-parsing")
 
@@ -67,6 +75,24 @@ class BodyHold:
         self.budget.release(self.held)
         self.held = 0
 
+    @contextlib.asynccontextmanager
+    async def large_body_turn(self) -> AsyncIterator[None]:
+        """One of the ``LARGE_BODIES_AT_ONCE`` turns to read or inflate a large body, waited
+        for up to the request's deadline (then 503)."""
+        loop = asyncio.get_running_loop()
+        turns = _large_body_turns.setdefault(loop, asyncio.Semaphore(LARGE_BODIES_AT_ONCE))
+        try:
+            async with asyncio.timeout_at(self.deadline):
+                await turns.acquire()
+        except TimeoutError:
+            self.metrics.rejected.labels("large_bodies").inc()
+            raise ApiError(503, "overloaded", "too many large bodies arriving; retry shortly",
+                           headers={"Retry-After": "1"}) from None
+        try:
+            yield
+        finally:
+            turns.release()
+
     async def to(self, amount: int) -> None:
         more = amount - self.held
         if more <= 0:
@@ -88,17 +114,22 @@ class BodyHold:
 
 async def read_body(request: Request, hold: BodyHold, price: Callable[[int], int], max_bytes: int) -> bytes:
     """The body, priced (``price``: what a body of so many bytes holds once parsed) before it
-    is read: by its Content-Length, else ahead of what has arrived as it grows."""
+    is read: by its Content-Length, else ahead of what has arrived as it grows. A large body
+    (or one of unknown size) is read in its turn (:meth:`BodyHold.large_body_turn`)."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit():
         await hold.to(price(min(int(declared), max_bytes)))
-        return await request.body()
+        if int(declared) < LARGE_BODY_BYTES:
+            return await request.body()
+        async with hold.large_body_turn():
+            return await request.body()
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if price(size) > hold.held:
-            await hold.to(price(min(size + GROWTH_BYTES, max_bytes)))
-        chunks.append(chunk)
+    async with hold.large_body_turn():
+        async for chunk in request.stream():
+            size += len(chunk)
+            if price(size) > hold.held:
+                await hold.to(price(min(size + GROWTH_BYTES, max_bytes)))
+            chunks.append(chunk)
     return b"".join(chunks)
 
 

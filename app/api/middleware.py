@@ -72,8 +72,8 @@ class BodyReader:
     async def _next(self) -> Message:
         self.started = True
         try:
-            remaining = self.deadline - asyncio.get_running_loop().time()
-            message = await asyncio.wait_for(self._receive(), remaining)
+            async with asyncio.timeout_at(self.deadline):  # no task per chunk, as wait_for makes
+                message = await self._receive()
         except TimeoutError:
             raise BodyTimeout from None
         if message["type"] == "http.request":

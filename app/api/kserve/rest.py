@@ -117,8 +117,9 @@ def build_kserve_router(settings: Settings) -> APIRouter:
             else:  # the bytes sent, then what they inflate to, priced as it grows
                 raw = await read_body(request, hold, lambda size: size, settings.max_body_bytes)
                 sent = len(raw)
-                body = await inflated(raw, encoding, settings.max_body_bytes,
-                                      lambda size: hold.to(sent + parsed_bytes(size, most, cost)))
+                async with hold.large_body_turn():
+                    body = await inflated(raw, encoding, settings.max_body_bytes,
+                                          lambda size: hold.to(sent + parsed_bytes(size, most, cost)))
             body_bytes = len(raw) + (len(body) if body is not raw else 0)  # both, when it was inflated
             opened, request_id = await off_loop(
                 decoded_body, body, request.headers.get("inference-header-content-length"), most,
