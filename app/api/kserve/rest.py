@@ -117,7 +117,7 @@ def build_kserve_router(settings: Settings) -> APIRouter:
             else:  # the bytes sent, then what they inflate to, priced as it grows
                 raw = await read_body(request, hold, lambda size: size, settings.max_body_bytes)
                 sent = len(raw)
-                async with hold.large_body_turn():
+                async with hold.large_body_turn():  # growers in turn: none waits on another's growth
                     body = await inflated(raw, encoding, settings.max_body_bytes,
                                           lambda size: hold.to(sent + parsed_bytes(size, most, cost)))
             body_bytes = len(raw) + (len(body) if body is not raw else 0)  # both, when it was inflated

@@ -7,7 +7,6 @@ Every problem is a ``400`` naming the tensor; nothing here knows the served mode
 
 from __future__ import annotations
 
-import asyncio
 import math
 import zlib
 from collections.abc import Awaitable, Callable
@@ -17,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from app.api.dataplane import off_loop
 from app.api.errors import ApiError
 
 # Fixed-size datatypes, little-endian as the binary extension and raw gRPC contents define them.
@@ -27,7 +27,7 @@ DATATYPES: dict[str, np.dtype] = {name: np.dtype(code) for name, code in {
     "FP16": "<f2", "FP32": "<f4", "FP64": "<f8"}.items()}
 
 
-INFLATE_STEP = 1024 * 1024  # a slice of inflating: a few milliseconds of the event loop
+INFLATE_STEP = 1024 * 1024  # what the budget's share grows by as a body inflates
 
 
 def invalid(message: str) -> ApiError:
@@ -133,25 +133,25 @@ def check_encoding(encoding: str | None) -> None:
 
 
 async def inflated(body: bytes, encoding: str | None, limit: int,
-                   grow: Callable[[int], Awaitable[None]]) -> bytes | bytearray:
+                   grow: Callable[[int], Awaitable[None]]) -> bytes:
     """A request body as sent with ``Content-Encoding: gzip | deflate`` (tritonclient's
     ``request_compression_algorithm``), inflated to at most ``limit`` bytes (else 413), in
-    slices of ``INFLATE_STEP`` bytes: ``grow(size)`` before each (the memory it will hold),
-    and the event loop runs between them."""
+    slices of ``INFLATE_STEP`` bytes on the parsing thread (zlib lets go of the interpreter
+    lock meanwhile), ``grow(size)`` before each (the memory it will hold)."""
     if encoding in (None, "", "identity"):
         return body
     inflater = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
-    whole, pending = bytearray(), body
+    pieces, size, pending = [], 0, body
     while True:
-        await grow(min(len(whole) + INFLATE_STEP, limit + 1))
+        await grow(min(size + INFLATE_STEP, limit + 1))
         try:
-            piece = inflater.decompress(pending, INFLATE_STEP)
+            piece = await off_loop(inflater.decompress, pending, INFLATE_STEP)
         except zlib.error as exc:
             raise invalid(f"the {encoding} body cannot be decompressed: {exc}") from None
-        whole += piece
-        if len(whole) > limit:
+        pieces.append(piece)
+        size += len(piece)
+        if size > limit:
             raise ApiError(413, "body_too_large", f"the decompressed body exceeds {limit} bytes")
         pending = inflater.unconsumed_tail
         if len(piece) < INFLATE_STEP and not pending:
-            return whole
-        await asyncio.sleep(0)
+            return await off_loop(b"".join, pieces)
