@@ -26,15 +26,15 @@ from app.spec import FeatureInput, ModelInput, TokenInput
 BATCH, STEPS = 64, 2048
 
 
-def infer_body(model_input: ModelInput, value: float) -> bytes:
+def infer_body(model_input: ModelInput, value: float, batch: int = BATCH, steps: int = STEPS) -> bytes:
     width = getattr(model_input, "features", None)
     step = value if width is None else [value] * width
-    return orjson.dumps({"sequences": [[step] * STEPS] * BATCH})
+    return orjson.dumps({"sequences": [[step] * steps] * batch})
 
 
-def v2_body(value: int) -> bytes:
-    return orjson.dumps({"inputs": [{"name": "ids", "datatype": "INT32", "shape": [BATCH, STEPS],
-                                     "data": [value] * (BATCH * STEPS)}]})
+def v2_body(value: int, batch: int = BATCH, steps: int = STEPS) -> bytes:
+    return orjson.dumps({"inputs": [{"name": "ids", "datatype": "INT32", "shape": [batch, steps],
+                                     "data": [value] * (batch * steps)}]})
 
 
 def parse_infer(raw: bytes, model_input: ModelInput) -> object:

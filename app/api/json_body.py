@@ -22,6 +22,9 @@ from app.api.errors import ApiError, summarize, validation_details
 from app.spec import FeatureInput, ModelInput
 
 NON_FINITE = (b"NaN", b"Infinity")
+# Largest body read again to find a non-finite number's place: the standard library holds the
+# interpreter lock for the whole parse (~10 ms here), which the event loop then waits out.
+REPARSE_BYTES = 512 * 1024
 
 
 @dataclass(frozen=True)
@@ -70,14 +73,16 @@ def parse_body(raw: bytes, model: type[BaseModel]) -> BaseModel:
 
 
 def parse_json(raw: bytes) -> Any:
-    """orjson; a body it refuses at a ``NaN``, ``Infinity`` or an overflowing number is read
-    again by the standard library, so that validation can say where that number is (a 422
-    naming the place, not a 400 for the whole body). Any other error is the answer at once."""
+    """orjson; a body of up to ``REPARSE_BYTES`` it refuses at a ``NaN``, ``Infinity`` or an
+    overflowing number is read again by the standard library, so that validation can say
+    where that number is (a 422 naming the place, not a 400 for the whole body). Any other
+    error, or a larger body, gets the 400 at once (orjson's message gives the position)."""
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         error = exc
-    if not (raw.startswith(NON_FINITE, error.pos) or "infinity when parsed" in error.msg):
+    non_finite_here = raw.startswith(NON_FINITE, error.pos) or "infinity when parsed" in error.msg
+    if not non_finite_here or len(raw) > REPARSE_BYTES:
         raise ApiError(400, "invalid_json", f"the body is not valid JSON: {error}") from None
     non_finite: list[float] = []
 
