@@ -13,7 +13,7 @@ import numpy as np
 import orjson
 import pytest
 
-from app.api.routes import limits_description
+from app.api.openapi import limits_description
 from app.config import Settings
 from app.main import create_app
 from app.runtime.service import ModelService
