@@ -20,8 +20,10 @@ def limits_description(limits: dict[str, Any]) -> str:
         f"Limits of this deployment: 1..{limits['max_batch']} sequences of 1..{limits['max_len']} "
         f"tokens; bodies up to {limits['max_body_bytes']} bytes (else 413 `body_too_large`); headers "
         f"within {limits['header_timeout_s']:g} s and the body within {limits['body_timeout_s']:g} s "
-        "(else 408). Each request is priced in memory before it runs (its tokens, and the output "
-        "rows in flight, hidden states included with `return_hidden`)")
+        "(else 408). Each request is priced in memory before its body is read (the body and what "
+        "parsing it holds; a body with more values than the largest request gets 413 "
+        "`too_many_values` unparsed) and again before it runs (its tokens, and the output rows in "
+        "flight, hidden states included with `return_hidden`)")
     if "memory_budget_bytes" in limits:
         text += (
             f": one that needs more than {limits['largest_request_cost_bytes']} bytes gets 413 "
