@@ -64,7 +64,7 @@ class BodyHold:
 
     def __init__(self, service: ModelService, timeout_s: float, metrics: Metrics) -> None:
         assert service.budget is not None
-        self.budget, self.metrics, self.timeout_s = service.budget, metrics, timeout_s
+        self.budget, self.metrics = service.budget, metrics
         self.deadline = asyncio.get_running_loop().time() + timeout_s
         self.held = 0
 
