@@ -14,19 +14,23 @@ import sys
 import threading
 import zlib
 
+import grpc
 import httpx
 import numpy as np
 import orjson
 import pytest
 
+from app.api.kserve import grpc_predict_v2_pb2 as pb
+from app.api.kserve import grpc_predict_v2_pb2_grpc as pb_grpc
 from tests.conftest import Server
 from tests.test_limits import make_cgroup, serve_in_cgroup
 
 MiB = 2**20
 BODY_LIMIT = 4 * MiB  # MAX_BODY_BYTES' default
-# The target is 100 ms at p99; on a 2-core machine shared with other work the probe itself
-# waits for a core: the bound tested leaves it room. Slowest: a kubelet's default timeout.
-PROBE_P99_S, PROBE_MAX_S = 0.25, 1.0
+# The target is 100 ms at p99, met on a quiet machine; on 2 cores shared with other work (a
+# whole suite in parallel) the event loop waits for a core: the bound tested leaves it room.
+# Slowest: a kubelet's default probe timeout.
+PROBE_P99_S, PROBE_MAX_S = 0.5, 1.0
 INFER_V2 = "/v2/models/segmenter/infer"
 
 
@@ -225,3 +229,24 @@ def test_a_flood_of_maximal_answers_with_hidden_states(attacked: Server) -> None
                            + [v2] * 12)
     check_aftermath(attacked, probe, "24 maximal requests with hidden states", statuses, {200, 503})
     assert 200 in statuses
+
+
+def test_grpc_messages_near_the_limit_and_past_the_calls_cap(attacked: Server) -> None:
+    """32 calls at once (the cap in 512 MiB is 8): ~4 MiB of typed contents far past the
+    largest request (refused before its values become Python numbers), and raw requests."""
+    typed = pb.ModelInferRequest(model_name="segmenter", inputs=[pb.ModelInferRequest.InferInputTensor(
+        name="ids", datatype="INT32", shape=[1, 4_000_000],
+        contents=pb.InferTensorContents(int_contents=[7] * 4_000_000))])
+    ids = np.random.default_rng(6).integers(2, 96, (8, 2048)).astype("<i4")
+    raw = pb.ModelInferRequest(model_name="segmenter", raw_input_contents=[ids.tobytes()], inputs=[
+        pb.ModelInferRequest.InferInputTensor(name="ids", datatype="INT32", shape=[8, 2048])],
+        outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name="outputs")])
+    options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
+    with Probe(attacked) as probe, grpc.insecure_channel(attacked.grpc_target, options=options) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        calls = [stub.ModelInfer.future(request, timeout=120) for request in [typed, raw] * 16]
+        codes = [call.code() for call in calls]
+    statuses = [{grpc.StatusCode.OK: 200, grpc.StatusCode.RESOURCE_EXHAUSTED: 413,
+                 grpc.StatusCode.UNAVAILABLE: 503}.get(code, str(code)) for code in codes]
+    check_aftermath(attacked, probe, "32 gRPC calls of ~4 MiB", statuses, {200, 413, 503})
+    assert all(code != grpc.StatusCode.OK for code in codes[::2]) and grpc.StatusCode.OK in codes[1::2]

@@ -23,17 +23,18 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc import aio
 
 from app import __version__
-from app.api.dataplane import BodyHold, off_loop
+from app.api.dataplane import BodyHold, check_ready, off_loop
 from app.api.errors import ApiError
 from app.api.json_body import PARSED, most_values, parsed_bytes
 from app.api.kserve import EXTENSIONS, SERVER_NAME
 from app.api.kserve import grpc_predict_v2_pb2 as pb
 from app.api.kserve import grpc_predict_v2_pb2_grpc as pb_grpc
 from app.api.kserve.answers import AnswerPlan
-from app.api.kserve.inference import Decoded, admitted, check_open, decoded
+from app.api.kserve.inference import Decoded, admitted, decoded
 from app.api.kserve.signature import (
     OUTPUT_NAMES,
     VERSION,
@@ -61,6 +62,8 @@ log = logging.getLogger("app.access")
 STATUS_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
                 413: grpc.StatusCode.RESOURCE_EXHAUSTED, 422: grpc.StatusCode.INVALID_ARGUMENT,
                 503: grpc.StatusCode.UNAVAILABLE, 504: grpc.StatusCode.DEADLINE_EXCEEDED}
+SERVICE = "inference.GRPCInferenceService"
+DECODED_BYTES_PER_MESSAGE_BYTE = 8
 QUIET_METHODS = frozenset({"ServerLive", "ServerReady", "ModelReady"})  # probes: not logged
 # The typed contents field of each datatype (FP16 and BF16 only travel raw).
 CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents",
@@ -132,21 +135,27 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             outputs=[tensor(**spec.as_dict()) for spec in output_specs(self.service)])
 
     @observed
-    async def ModelInfer(self, request: pb.ModelInferRequest, context: aio.ServicerContext) -> Any:
+    async def ModelInfer(self, message: bytes, context: aio.ServicerContext) -> Any:
+        """``message``: the request's bytes, priced before they are decoded (:func:`add_servicer`)."""
         service, settings = self.service, self.settings
-        check_open(service, request.model_name, request.model_version)
+        check_ready(service)
         remaining = context.time_remaining()  # the caller's deadline, when it set one
         timeout = min(settings.request_timeout_s, math.inf if remaining is None else max(remaining, 0.001))
         most = most_values(settings.max_batch, settings.max_len, service.model_input)
-        message_bytes = request.ByteSize()
-        async with BodyHold(service, timeout, self.metrics) as hold:  # typed values: a byte each
-            await hold.to(parsed_bytes(message_bytes, most, PARSED["features"]))
+        message_bytes = len(message)
+        async with BodyHold(service, timeout, self.metrics) as hold:
+            await hold.to(message_price(message_bytes, most))
+            request = await off_loop(infer_request, message)
+            del message
+            check_model(service, request.model_name, request.model_version)
             opened = await off_loop(decoded_message, request, most, service.model_input, settings)
+            model_id = request.id
+            del request
         plan, started = await admitted(service, opened, True, message_bytes, timeout)
         del opened
         try:
             tensors = await gathered_tensors(started.parts(), plan.batch, plan.steps, plan.widths, plan.names)
-            response = await off_loop(infer_response, model_name(service), request.id, plan, tensors)
+            response = await off_loop(infer_response, model_name(service), model_id, plan, tensors)
         except BaseException:
             await started.finish()
             raise
@@ -177,6 +186,34 @@ def infer_response(model: str, request_id: str, plan: AnswerPlan,
     return pb.ModelInferResponse(
         model_name=model, model_version=VERSION, id=request_id, raw_output_contents=contents,
         outputs=[output(name=name, datatype="FP32", shape=plan.shape(name)) for name in plan.names])
+
+
+def message_price(message_bytes: int, most: int) -> int:
+    """A ModelInfer message's bytes, its decoded form (a one-byte varint becomes an 8-byte
+    int64) and its values' Python forms (at most ``most`` of them: :func:`inputs_of`)."""
+    decoded = DECODED_BYTES_PER_MESSAGE_BYTE * message_bytes
+    return decoded + parsed_bytes(message_bytes, most, PARSED["features"])
+
+
+def add_servicer(servicer: InferenceServicer, server: aio.Server) -> None:
+    """The generated registration, except that ModelInfer is handed its message's bytes: it is
+    priced against the memory budget before it is decoded (on the parsing thread)."""
+    methods = {"ServerLive": pb.ServerLiveRequest, "ServerReady": pb.ServerReadyRequest,
+               "ModelReady": pb.ModelReadyRequest, "ServerMetadata": pb.ServerMetadataRequest,
+               "ModelMetadata": pb.ModelMetadataRequest, "ModelInfer": None}
+    handlers = {name: grpc.unary_unary_rpc_method_handler(
+        getattr(servicer, name), request_deserializer=request.FromString if request else None,
+        response_serializer=getattr(pb, name + "Response").SerializeToString)
+        for name, request in methods.items()}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)
+
+
+def infer_request(message: bytes) -> pb.ModelInferRequest:
+    try:
+        return pb.ModelInferRequest.FromString(message)
+    except DecodeError:
+        raise invalid("the message is not a ModelInferRequest") from None
 
 
 def decoded_message(request: pb.ModelInferRequest, most: int, model_input: ModelInput,
@@ -218,12 +255,13 @@ def _request_id(context: aio.ServicerContext) -> str:
 
 
 def most_calls(settings: Settings) -> int:
-    """``MAX_REQUESTS``, else an eighth of the memory over the largest message: each call's
-    message is whole in memory before it can be priced."""
+    """``MAX_REQUESTS``, else an eighth of the memory over twice the largest message: each
+    call's message is whole in memory before it can be priced, in grpcio's buffers and as
+    Python bytes."""
     if settings.max_requests is not None:
         return settings.max_requests
     memory = settings.memory_budget_bytes or cgroup_memory_limit() or DEFAULT_BUDGET
-    return max(4, memory // 8 // settings.max_body_bytes)
+    return max(4, memory // 8 // (2 * settings.max_body_bytes))
 
 
 async def start_grpc_server(service: ModelService, settings: Settings) -> aio.Server:
@@ -231,7 +269,7 @@ async def start_grpc_server(service: ModelService, settings: Settings) -> aio.Se
     server = aio.server(options=[("grpc.max_receive_message_length", settings.max_body_bytes),
                                  ("grpc.max_send_message_length", -1)],
                         maximum_concurrent_rpcs=most_calls(settings))
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(service, settings), server)
+    add_servicer(InferenceServicer(service, settings), server)
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     server.add_insecure_port(f"{host}:{settings.grpc_port}")
     await server.start()
