@@ -174,8 +174,10 @@ BUDGET = {"memory_budget_bytes": 1000, "largest_request_cost_bytes": 900,
           "memory_budget_from": "MEMORY_BUDGET_BYTES"}
 COMMON = ("Limits of this deployment: 1..64 sequences of 1..2048 tokens; bodies up to 4194304 bytes "
           "(else 413 `body_too_large`); headers within 5 s and the body within 10 s (else 408). Each "
-          "request is priced in memory before it runs (its tokens, and the output rows in flight, "
-          "hidden states included with `return_hidden`)")
+          "request is priced in memory before its body is read (the body and what parsing it holds; "
+          "a body with more values than the largest request gets 413 `too_many_values` unparsed) and "
+          "again before it runs (its tokens, and the output rows in flight, hidden states included "
+          "with `return_hidden`)")
 STREAMED = (". Large answers are streamed (chunked) as they are computed; with `return_hidden`, "
             "`hidden` comes before `outputs` in the document.")
 
