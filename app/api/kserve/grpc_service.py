@@ -64,6 +64,7 @@ STATUS_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_
                 503: grpc.StatusCode.UNAVAILABLE, 504: grpc.StatusCode.DEADLINE_EXCEEDED}
 SERVICE = "inference.GRPCInferenceService"
 DECODED_BYTES_PER_MESSAGE_BYTE = 8
+UNPRICED_MESSAGE_COPIES = 4
 QUIET_METHODS = frozenset({"ServerLive", "ServerReady", "ModelReady"})  # probes: not logged
 # The typed contents field of each datatype (FP16 and BF16 only travel raw).
 CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents",
@@ -255,13 +256,13 @@ def _request_id(context: aio.ServicerContext) -> str:
 
 
 def most_calls(settings: Settings) -> int:
-    """``MAX_REQUESTS``, else an eighth of the memory over twice the largest message: each
-    call's message is whole in memory before it can be priced, in grpcio's buffers and as
-    Python bytes."""
+    """``MAX_REQUESTS``, else an eighth of the memory over what a call holds before its
+    message can be priced (its bytes in grpcio's buffers, as Python bytes, and allocator slack:
+    ``UNPRICED_MESSAGE_COPIES`` times the largest message), at least 4."""
     if settings.max_requests is not None:
         return settings.max_requests
     memory = settings.memory_budget_bytes or cgroup_memory_limit() or DEFAULT_BUDGET
-    return max(4, memory // 8 // (2 * settings.max_body_bytes))
+    return max(4, memory // 8 // (UNPRICED_MESSAGE_COPIES * settings.max_body_bytes))
 
 
 async def start_grpc_server(service: ModelService, settings: Settings) -> aio.Server:
