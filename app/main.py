@@ -5,6 +5,7 @@ loaded and checked in the background while ``/readyz`` reports the stage."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -98,6 +99,7 @@ async def _start(service: ModelService, settings: Settings) -> None:
         log.error("cannot serve %s: %s", settings.model_path, exc)
         _exit(3)
     await service.prepare()
+    gc.freeze()  # start-up's objects live for good: no collection need walk them (a walk blocks the loop)
     if service.status.stage == "failed" and settings.exit_on_failure:
         _exit(1)  # EXIT_ON_FAILURE: let the orchestrator restart or report us
 
