@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import zlib
+from collections import Counter
 
 import grpc
 import httpx
@@ -175,6 +176,7 @@ def run_all(server: Server, requests: list[dict]) -> list[int | str]:
 def check_aftermath(server: Server, probe: Probe, scenario: str, statuses: list[int | str],
                     allowed: set[int]) -> None:
     figures = probe.report(scenario)
+    print(scenario, "answers:", dict(sorted(Counter(map(str, statuses)).items())))
     assert server.process.poll() is None and server.cgroup.oom_kills() == 0  # type: ignore[attr-defined]
     assert set(statuses) <= allowed, sorted(map(str, statuses))
     assert set(probe.statuses) == {"200"}, set(probe.statuses)
