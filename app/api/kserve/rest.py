@@ -1,7 +1,9 @@
 """The Open Inference Protocol's HTTP routes under ``/v2``: validate, delegate to the same
-service, limits, memory admission and batcher as ``/infer``, and answer in the protocol's JSON
-or with the binary tensor data extension, streamed (:mod:`.answers`). Errors leave as the
-protocol's ``{"error": "message"}`` (with ``Retry-After`` on 503)."""
+service, limits, memory admission and batcher as ``/infer`` (a body priced before it is read,
+a compressed one as it inflates, and parsed off the event loop: :mod:`app.api.dataplane`), and
+answer in the protocol's JSON or with the binary tensor data extension, streamed
+(:mod:`.answers`). Errors leave as the protocol's ``{"error": "message"}`` (with
+``Retry-After`` on 503)."""
 
 from __future__ import annotations
 
@@ -135,7 +137,7 @@ def build_kserve_router(settings: Settings) -> APIRouter:
     return router
 
 
-def decoded_body(body: bytes | bytearray, header_length: str | None, most: int, model_input: ModelInput,
+def decoded_body(body: bytes, header_length: str | None, most: int, model_input: ModelInput,
                  settings: Settings) -> tuple[Decoded, str | None]:
     """The request a body carries, and its id; its parsed forms are gone on return."""
     json_header, binary = split_body(body, header_length)
