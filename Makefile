@@ -13,7 +13,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 IMAGE  ?= localhost/bigru-serve:image-test
 
-.PHONY: install run test image-test image-build image-check lint bench startup soak flood peak-rss wire mutation constraints proto clean
+.PHONY: install run test image-test image-build image-check lint bench startup soak flood peak-rss wire parse-cost mutation constraints proto clean
 
 install: $(VENV)/.installed $(TOOLS)/.installed $(CLIENT)/.installed
 
@@ -98,6 +98,10 @@ peak-rss: $(VENV)/.installed
 # A 64 x 2048 answer with hidden states: bytes, time and server memory per wire format.
 wire: $(VENV)/.installed
 	$(BIN)/python -m bench.wire_cost
+
+# What a parsed request body holds, per byte and per value, against what the body is priced.
+parse-cost: $(VENV)/.installed
+	$(BIN)/python -m bench.parse_cost
 
 # mutmut against each module's fast tests; prints the kill rate per module (target 90%).
 mutation: $(VENV)/.installed

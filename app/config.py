@@ -57,6 +57,12 @@ class Settings(BaseSettings):
         64 * 1024 * 1024, ge=0, description="how much of a body past MAX_BODY_BYTES is read and "
         "discarded so that clients which don't send Expect: 100-continue see the 413 (past it, the "
         "connection is closed after the 413)")
+    max_requests: int | None = Field(
+        None, ge=1, description="most HTTP requests in flight per process, probes and /metrics aside "
+        "(past it: 503 with Retry-After at once); default: as many as the memory budget holds of the "
+        "cheapest request. gRPC: most calls in flight (past it grpcio answers RESOURCE_EXHAUSTED); "
+        "default: an eighth of the memory (MEMORY_BUDGET_BYTES, else the cgroup limit) over 4 x "
+        "MAX_BODY_BYTES, what a call holds before its message is priced, at least 4")
     memory_budget_bytes: int | None = Field(
         None, ge=0, description="memory the /infer requests in flight may hold, engine calls aside "
         "(default: the container's cgroup limit minus the RSS at ready, 10% headroom and the engine "

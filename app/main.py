@@ -5,6 +5,7 @@ loaded and checked in the background while ``/readyz`` reports the stage."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -14,6 +15,7 @@ import grpc
 from fastapi import FastAPI
 
 from app import __version__
+from app.api.dataplane import most_requests
 from app.api.docs import include_docs
 from app.api.errors import install_error_handlers
 from app.api.kserve.grpc_service import start_grpc_server
@@ -63,7 +65,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.metrics = metrics
     app.add_middleware(RequestEnvelope, metrics=metrics, max_body_bytes=settings.max_body_bytes,
-                       discard_body_bytes=settings.discard_body_bytes, body_timeout_s=settings.body_timeout_s)
+                       discard_body_bytes=settings.discard_body_bytes, body_timeout_s=settings.body_timeout_s,
+                       most_requests=lambda: most_requests(getattr(app.state, "service", None),
+                                                           settings.max_requests))
     install_error_handlers(app)
     include_routes(app, settings)
     include_docs(app)
@@ -95,6 +99,7 @@ async def _start(service: ModelService, settings: Settings) -> None:
         log.error("cannot serve %s: %s", settings.model_path, exc)
         _exit(3)
     await service.prepare()
+    gc.freeze()  # start-up's objects live for good: no collection need walk them (a walk blocks the loop)
     if service.status.stage == "failed" and settings.exit_on_failure:
         _exit(1)  # EXIT_ON_FAILURE: let the orchestrator restart or report us
 

@@ -4,7 +4,7 @@ On SIGTERM the service first says 503 on ``/readyz`` for ``DRAIN_DELAY_S`` while
 serving, so that load balancers and Kubernetes endpoints stop sending; then uvicorn stops
 accepting (HTTP and gRPC alike), lets in-flight requests (and so every queued job) finish for up
 to the rest of ``GRACE_PERIOD_S``, and the process exits. A second SIGTERM, or SIGINT, skips the drain.
-Connections use :class:`~app.api.protocol.HeaderDeadlineProtocol` (``HEADER_TIMEOUT_S``).
+Connections use :class:`~app.api.transport.HeaderDeadlineProtocol` (``HEADER_TIMEOUT_S``).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class DrainingServer(uvicorn.Server):
 
 
 def run() -> None:
-    from app.api.protocol import HeaderDeadlineProtocol
+    from app.api.transport import HeaderDeadlineProtocol
     from app.config import get_settings
     from app.main import app
 

@@ -70,6 +70,11 @@ class MemoryCgroup:
                 return int(line.split()[1])
         return 0
 
+    def current(self) -> int:
+        """The cgroup's memory use now (RSS and page cache)."""
+        name = "memory.current" if (self.path / "memory.current").exists() else "memory.usage_in_bytes"
+        return int((self.path / name).read_text())
+
     def peak(self) -> int:
         """The cgroup's largest memory use (RSS and page cache)."""
         for name in ("memory.peak", "memory.max_usage_in_bytes"):

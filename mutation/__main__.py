@@ -60,6 +60,7 @@ MODULES = {
         "tests/test_routes.py", "tests/test_validation.py",
         "tests/test_settings.py::test_a_parity_tolerance_too_tight_keeps_the_service_not_ready")),
     "inputs": Module("app/api/inputs.py", ("tests/test_inputs.py",)),
+    "json_body": Module("app/api/json_body.py", ("tests/test_json_body.py", "tests/test_validation.py")),
     "pricing": Module("app/service/pricing.py", ("tests/test_limits.py",),
                       "parts_hold or price or budget_admits or budget_is_fifo or line_moves "
                       "or budget_sized or configured_budget"),

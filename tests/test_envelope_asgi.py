@@ -86,10 +86,11 @@ class Exchange:
 class Envelope:
     """The envelope around ``app`` (the routes above unless told), as the service sets it."""
 
-    def __init__(self, metrics: Metrics, timeout_s: float = 5.0, app: ASGIApp = inner) -> None:
+    def __init__(self, metrics: Metrics, timeout_s: float = 5.0, app: ASGIApp = inner,
+                 most_requests: int = 100) -> None:
         self.metrics = metrics
-        self.envelope = RequestEnvelope(app, metrics, max_body_bytes=LIMIT,
-                                        discard_body_bytes=CAP, body_timeout_s=timeout_s)
+        self.envelope = RequestEnvelope(app, metrics, max_body_bytes=LIMIT, discard_body_bytes=CAP,
+                                        body_timeout_s=timeout_s, most_requests=lambda: most_requests)
 
     def request(self, path: str, chunks: list[bytes] | None = None, headers: dict[str, str] | None = None,
                 method: str = "POST", scope: dict | None = None, stuck: bool = False,
@@ -407,3 +408,21 @@ def test_non_http_scopes_pass_through_untouched(envelope: Envelope) -> None:
     asyncio.run(raw.envelope({"type": "lifespan"}, receive, send))
     assert seen == [({"type": "lifespan"}, receive, send)]
     assert envelope.metrics.registry.get_sample_value("bigru_http_requests_in_flight") == 0
+
+
+def test_past_the_request_cap_a_fast_503_probes_aside() -> None:
+    """Requests past MAX_REQUESTS get 503 overloaded with Retry-After (the protocol's form
+    under /v2), their bodies drained; probes and scrapes are never counted nor refused."""
+    metrics = Metrics()
+    full = Envelope(metrics, most_requests=0)
+    refused = full.request("/infer", [b"x" * 100, b"y" * 100], {"Content-Length": "200"})
+    assert refused.status == 503 and refused.headers[b"retry-after"] == b"1"
+    assert refused.json["error"]["type"] == "overloaded"
+    assert b"connection" not in refused.headers  # the body was drained: the connection stays usable
+    assert full.request("/v2/models/m/infer", [b"{}"]).json == {
+        "error": "too many requests in flight; retry shortly"}
+    assert full.request("/healthz", method="GET").status == 200
+    assert metrics.registry.get_sample_value("bigru_rejected_requests_total",
+                                             {"reason": "too_many_requests"}) == 2
+    one = Envelope(Metrics(), most_requests=1)  # the count goes down again after each request
+    assert [one.request("/infer", [b"{}"]).status for _ in range(3)] == [200, 200, 200]

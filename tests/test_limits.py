@@ -466,10 +466,10 @@ def test_stalled_headers_body_and_idle_connections_are_cut(tight: Server) -> Non
 
 
 def test_plain_uvicorn_gets_the_deadlines_with_the_protocol_flag() -> None:
-    """``uvicorn app.main:app --http app.api.protocol:HeaderDeadlineProtocol``: both deadlines."""
+    """``uvicorn app.main:app --http app.api.transport:HeaderDeadlineProtocol``: both deadlines."""
     launch = ("import os, sys; os.execv(sys.executable, [sys.executable, '-m', 'uvicorn', 'app.main:app', "
               "'--host', '127.0.0.1', '--port', os.environ['PORT'], '--no-access-log', "
-              "'--http', 'app.api.protocol:HeaderDeadlineProtocol'])")
+              "'--http', 'app.api.transport:HeaderDeadlineProtocol'])")
     server = Server({"HEADER_TIMEOUT_S": "1", "BODY_TIMEOUT_S": "1"}, argv=("-c", launch))
     try:
         server.wait_until()

@@ -13,7 +13,7 @@ import numpy as np
 import orjson
 import pytest
 
-from app.api.routes import limits_description
+from app.api.openapi import limits_description
 from app.config import Settings
 from app.main import create_app
 from app.service.model_service import ModelService
@@ -174,8 +174,10 @@ BUDGET = {"memory_budget_bytes": 1000, "largest_request_cost_bytes": 900,
           "memory_budget_from": "MEMORY_BUDGET_BYTES"}
 COMMON = ("Limits of this deployment: 1..64 sequences of 1..2048 tokens; bodies up to 4194304 bytes "
           "(else 413 `body_too_large`); headers within 5 s and the body within 10 s (else 408). Each "
-          "request is priced in memory before it runs (its tokens, and the output rows in flight, "
-          "hidden states included with `return_hidden`)")
+          "request is priced in memory before its body is read (the body and what parsing it holds; "
+          "a body with more values than the largest request gets 413 `too_many_values` unparsed) and "
+          "again before it runs (its tokens, and the output rows in flight, hidden states included "
+          "with `return_hidden`)")
 STREAMED = (". Large answers are streamed (chunked) as they are computed; with `return_hidden`, "
             "`hidden` comes before `outputs` in the document.")
 
@@ -231,3 +233,21 @@ def test_a_feature_models_schema_and_answers_say_vectors(feature_model: Path) ->
         assert [len(o) for o in answer.json()["outputs"]] == [3, 1]
         assert client.post("/infer", json={"sequences": [[3, 4]]}).status_code == 422
         assert client.post("/infer", json={"sequences": [[[0.5] * 5]]}).status_code == 422  # padding
+
+
+def test_a_body_is_priced_before_it_is_read_and_refused_past_the_budget() -> None:
+    """A 4 MiB budget (3.5 MiB for one request): a 1 MiB body may hold 1 + 12 MiB once parsed
+    (a token body holds at most 64 x 2048 ids), refused by its Content-Length, and a body of
+    unknown length as it grows past it; a small body is answered and the budget is whole
+    again after each."""
+    settings = Settings(_env_file=None, memory_budget_bytes=4 * MiB)  # type: ignore[call-arg]
+    with in_process(settings) as client:
+        spread = b"{" + b" " * 2**20 + b'"sequences": [[5, 6]]}'
+        declared = client.post("/infer", content=spread, headers={"Content-Type": "application/json"})
+        assert declared.status_code == 413 and declared.json()["error"]["type"] == "over_memory_budget"
+        assert "reading and parsing this body" in declared.json()["error"]["message"]
+        chunks = (spread[i:i + 65536] for i in range(0, len(spread), 65536))
+        growing = client.post("/infer", content=chunks, headers={"Content-Type": "application/json"})
+        assert growing.status_code == 413 and "this body" in growing.json()["error"]["message"]
+        assert client.post("/infer", json={"sequences": [[5, 6, 7]]}).status_code == 200
+        assert service_of(client).budget.used == 0  # type: ignore[union-attr]

@@ -28,6 +28,7 @@ DOCUMENTED_DEFAULTS = {
     "manifest, else 1e-4": None,  # unset: the manifest's tolerance, else DEFAULT_TOLERANCE
     "64 MiB": 64 * 1024 * 1024,
     "from the cgroup": None,  # unset: derived at start-up (app.service.pricing.sized_budget)
+    "from the memory budget": None,  # unset: app.api.dataplane.most_requests, grpc_service.most_calls
     # unset XDG_CACHE_HOME, as in this test's environment:
     "$XDG_CACHE_HOME/bigru-serve`, else `/tmp/bigru-serve-cache` (the container: "
     "`/var/cache/bigru-serve`)": Path("/tmp/bigru-serve-cache"),

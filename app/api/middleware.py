@@ -12,6 +12,9 @@ discarded, up to ``DISCARD_BODY_BYTES`` and the body's deadline: a client that s
 whole body before reading (urllib, requests, httpx: no ``Expect: 100-continue``) then gets
 the answer instead of a connection reset. A client that sent ``Expect: 100-continue`` gets
 the 413 before it sends the body, and the connection is closed (as it is past the cap).
+
+At most ``most_requests()`` requests are in flight, probes and scrapes aside: past it a
+request gets ``503 overloaded`` with Retry-After at once, its body unread (discarded as above).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -69,8 +72,8 @@ class BodyReader:
     async def _next(self) -> Message:
         self.started = True
         try:
-            remaining = self.deadline - asyncio.get_running_loop().time()
-            message = await asyncio.wait_for(self._receive(), remaining)
+            async with asyncio.timeout_at(self.deadline):  # no task per chunk, as wait_for makes
+                message = await self._receive()
         except TimeoutError:
             raise BodyTimeout from None
         if message["type"] == "http.request":
@@ -102,8 +105,10 @@ class BodyReader:
 
 class RequestEnvelope:
     def __init__(self, app: ASGIApp, metrics: Metrics, max_body_bytes: int,
-                 discard_body_bytes: int, body_timeout_s: float) -> None:
+                 discard_body_bytes: int, body_timeout_s: float, most_requests: Callable[[], int]) -> None:
         self.app = app
+        self.most_requests = most_requests
+        self.active = 0  # requests in flight, probes and scrapes aside
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
         self.discard_body_bytes = discard_body_bytes
@@ -133,8 +138,15 @@ class RequestEnvelope:
                 message = {**message, "headers": headers}
             await send(message)
 
+        counted = scope["path"] not in QUIET_PATHS
         self.metrics.in_flight.inc()
+        self.active += counted
         try:
+            if counted and self.active > self.most_requests():
+                self.metrics.rejected.labels("too_many_requests").inc()
+                await _error(scope, request_id, 503, "overloaded", "too many requests in flight; retry "
+                             "shortly", {"Retry-After": "1"})(scope, receive, send_with_id)
+                return
             await self.app(scope, body.receive, send_with_id)
         except ClientStalled:
             log.warning("client stopped reading the answer: connection closed",
@@ -146,10 +158,9 @@ class RequestEnvelope:
                 (413, "body_too_large", f"the body exceeds {self.max_body_bytes} bytes")
                 if isinstance(exc, BodyTooLarge) else
                 (408, "body_timeout", f"the body did not arrive within {self.body_timeout_s:g} s"))
-            response = (protocol_error_response(status_code, message) if _is_protocol_path(scope["path"])
-                        else error_response(status_code, type_, message, request_id=request_id))
-            await response(scope, receive, send_with_id)
+            await _error(scope, request_id, status_code, type_, message)(scope, receive, send_with_id)
         finally:
+            self.active -= counted
             self.metrics.in_flight.dec()
             self._record(scope, request_id, status, time.perf_counter() - started)
 
@@ -174,6 +185,14 @@ def request_id_from(given: Iterable[str]) -> str:
         if REQUEST_ID.match(text):
             return text
     return uuid.uuid4().hex
+
+
+def _error(scope: Scope, request_id: str, status: int, type_: str, message: str,
+           headers: dict[str, str] | None = None) -> ASGIApp:
+    """An error in the form of the request's path: the protocol's under ``/v2``, else ours."""
+    if _is_protocol_path(scope["path"]):
+        return protocol_error_response(status, message, headers)
+    return error_response(status, type_, message, headers=headers, request_id=request_id)
 
 
 def _is_protocol_path(path: str) -> bool:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any
 
 import numpy as np
@@ -10,36 +9,44 @@ import orjson
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
-from app.api.admitted import Pricing, admit_and_start, check_ready
-from app.api.errors import ApiError, summarize, validation_details
+from app.api.dataplane import (
+    BodyHold,
+    Pricing,
+    Service,
+    admit_and_start,
+    check_ready,
+    off_loop,
+    read_body,
+)
+from app.api.errors import ApiError
 from app.api.inputs import InvalidInput, input_arrays
+from app.api.json_body import PARSED, check_value_count, most_values, parse_body, parsed_bytes
+from app.api.openapi import publish_model_schema
 from app.api.schemas import ErrorResponse, InferResponse, make_infer_request
 from app.api.streaming import StreamedAnswer, infer_document
 from app.config import Settings
 from app.observability import Metrics
 from app.service.model_service import ModelService
-from app.spec import ModelInput, TokenInput
-
-
-# Dependencies are async so that FastAPI calls them in place: a sync one would take a
-# thread-pool round trip on every request.
-async def get_service(request: Request) -> ModelService:
-    return request.app.state.service
+from app.spec import ModelInput
 
 
 async def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
-Service = Annotated[ModelService, Depends(get_service)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 
 
 def json_response(content: Any, status: int = 200) -> Response:
     """Plain data (answers carrying arrays are streamed: app.api.streaming)."""
     return Response(orjson.dumps(content), status_code=status, media_type="application/json")
+
+
+def include_routes(app: FastAPI, settings: Settings) -> None:
+    app.include_router(build_router(settings))
+    publish_model_schema(app, settings)
 
 
 def build_router(settings: Settings) -> APIRouter:
@@ -57,11 +64,15 @@ def build_router(settings: Settings) -> APIRouter:
     )
     async def infer(request: Request, service: Service, metrics: MetricsDep) -> Response:
         check_ready(service)
-        raw = await request.body()
-        body = parse_body(raw, request_models[service.model_input.kind])
-        body_bytes, return_hidden = len(raw), body.return_hidden  # type: ignore[attr-defined]
-        sequences = checked_inputs(body.sequences, service)  # type: ignore[attr-defined]
-        del raw, body  # the input arrays are all that is kept
+        model_input = service.model_input
+        most, cost = most_values(settings.max_batch, settings.max_len, model_input), PARSED[model_input.kind]
+        async with BodyHold(service, settings.request_timeout_s, metrics) as hold:
+            raw = await read_body(request, hold, lambda size: parsed_bytes(size, most, cost),
+                                  settings.max_body_bytes)
+            body_bytes = len(raw)
+            sequences, return_hidden = await off_loop(
+                parsed_inputs, raw, request_models[model_input.kind], most, model_input)
+            del raw  # the input arrays are all that is kept
         return await answer_streamed(service, sequences, return_hidden, body_bytes, settings, metrics)
 
     @router.get("/healthz", summary="Liveness: the process is up")
@@ -94,10 +105,9 @@ def build_router(settings: Settings) -> APIRouter:
     return router
 
 
-# --- issue 8: admission by memory cost, answers streamed part by part -------------------------
 async def answer_streamed(service: ModelService, sequences: list[np.ndarray], return_hidden: bool,
                           body_bytes: int, settings: Settings, metrics: Metrics) -> Response:
-    """Admit the request (:func:`~app.api.admitted.admit_and_start`), run it part by part and
+    """Admit the request (:func:`~app.api.dataplane.admit_and_start`), run it part by part and
     stream the document. A one-part answer without hidden states goes out in one piece."""
     costs = service.costs
     assert costs is not None
@@ -114,104 +124,14 @@ async def answer_streamed(service: ModelService, sequences: list[np.ndarray], re
         return Response(b"".join([chunk async for chunk in document]), media_type="application/json")
     finally:
         await admitted.finish()
-# --- end issue 8 ---------------------------------------------------------------------------
 
 
-def parse_body(raw: bytes, model: type[BaseModel]) -> BaseModel:
-    data = parse_json(raw)
+def parsed_inputs(raw: bytes, model: type[BaseModel], most: int,
+                  model_input: ModelInput) -> tuple[list[np.ndarray], bool]:
+    """The body's input arrays and ``return_hidden``; its parsed forms are gone on return."""
+    check_value_count(raw, most)
+    body = parse_body(raw, model)
     try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        details = validation_details(exc)
-        raise ApiError(422, "invalid_request", summarize(details), details) from None
-
-
-def parse_json(raw: bytes) -> Any:
-    """orjson; a body it refuses only for ``NaN``, ``Infinity`` or an overflowing number is
-    read again by the standard library, so that validation can say where that number is (a
-    422 naming the place, not a 400 for the whole body)."""
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        error = exc
-    non_finite: list[float] = []
-
-    def number(text: str) -> float:
-        value = float(text)
-        if not np.isfinite(value):
-            non_finite.append(value)
-        return value
-
-    try:
-        data = json.loads(raw, parse_float=number, parse_constant=number)
-    except (ValueError, RecursionError):
-        non_finite.clear()  # broken anyway: the parse error is the answer
-    if not non_finite:
-        raise ApiError(400, "invalid_json", f"the body is not valid JSON: {error}") from None
-    return data
-
-
-def checked_inputs(sequences: list, service: ModelService) -> list[np.ndarray]:
-    try:
-        return input_arrays(sequences, service.model_input)
+        return input_arrays(body.sequences, model_input), body.return_hidden  # type: ignore[attr-defined]
     except InvalidInput as exc:
         raise ApiError(422, exc.kind, exc.message) from None
-
-
-def limits_description(limits: dict[str, Any]) -> str:
-    """This deployment's limits, in words, for the OpenAPI description of ``/infer``."""
-    text = (
-        f"Limits of this deployment: 1..{limits['max_batch']} sequences of 1..{limits['max_len']} "
-        f"tokens; bodies up to {limits['max_body_bytes']} bytes (else 413 `body_too_large`); headers "
-        f"within {limits['header_timeout_s']:g} s and the body within {limits['body_timeout_s']:g} s "
-        "(else 408). Each request is priced in memory before it runs (its tokens, and the output "
-        "rows in flight, hidden states included with `return_hidden`)")
-    if "memory_budget_bytes" in limits:
-        text += (
-            f": one that needs more than {limits['largest_request_cost_bytes']} bytes gets 413 "
-            "`over_memory_budget` (split it into smaller requests, or drop `return_hidden`); while "
-            f"the budget of {limits['memory_budget_bytes']} bytes ({limits['memory_budget_from']}) is "
-            f"taken, requests wait up to {limits['request_timeout_s']:g} s, else 503 `overloaded` "
-            "with Retry-After")
-    return text + (". Large answers are streamed (chunked) as they are computed; with "
-                   "`return_hidden`, `hidden` comes before `outputs` in the document.")
-
-
-def include_routes(app: FastAPI, settings: Settings) -> None:
-    app.include_router(build_router(settings))
-    generate = app.openapi
-
-    def openapi() -> dict[str, Any]:
-        """The schema of the loaded model's input: token ids up to its vocabulary, or
-        feature vectors of its width."""
-        schema = generate()
-        service: ModelService | None = getattr(app.state, "service", None)
-        if service is not None and service.bundle is not None:
-            body = schema["paths"]["/infer"]["post"]["requestBody"]["content"]["application/json"]
-            body["schema"] = request_schema(settings, service.model_input)
-            schema["paths"]["/infer"]["post"]["description"] = limits_description(service.limits())
-        return schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
-
-
-def request_schema(settings: Settings, model_input: ModelInput) -> dict[str, Any]:
-    """The ``/infer`` body's JSON Schema for ``model_input``, its bounds filled in."""
-    schema = make_infer_request(settings.max_batch, settings.max_len, model_input.kind).model_json_schema()
-    step = schema["properties"]["sequences"]["items"]["items"]
-    if isinstance(model_input, TokenInput):
-        step["minimum"], step["maximum"] = model_input.id_range[0], model_input.id_range[1] - 1
-    else:
-        step["minItems"] = step["maxItems"] = model_input.features
-    schema["description"] = input_in_words(model_input)
-    return schema
-
-
-def input_in_words(model_input: ModelInput) -> str:
-    if isinstance(model_input, TokenInput):
-        low, high = model_input.id_range
-        return f"sequences of token ids: integers in [{low}, {high})"
-    text = f"sequences of steps, each a vector of {model_input.features} numbers"
-    if model_input.mask_value is not None:  # the model's Masking: such a step is padding to it
-        text += f", not all equal to {model_input.mask_value:g}"
-    return text

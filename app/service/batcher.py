@@ -18,6 +18,9 @@ so that its results are produced about as fast as they are sent and never all he
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -46,6 +49,17 @@ class Job:
         return sum(len(sequence) for sequence in self.sequences)
 
 
+ENGINE_NICENESS = 10
+
+
+def _yield_to_the_event_loop() -> None:
+    """Engine threads run at a lower priority than the event loop's: under full load the
+    kernel gives the loop (probes, admission) the core first. Engine calls let go of the
+    interpreter lock, so a waiting engine thread holds nothing the loop needs."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), ENGINE_NICENESS)
+
+
 class MicroBatcher:
     def __init__(self, runner: Runner, workers: int, max_batch_size: int, max_delay_s: float,
                  max_queue: int) -> None:
@@ -57,7 +71,8 @@ class MicroBatcher:
         self.on_batch: list[Callable[[BatchStats], None]] = []
         self._queue: deque[Job] = deque()
         self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="engine")
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="engine",
+                                            initializer=_yield_to_the_event_loop)
         self._loops: list[asyncio.Task[None]] = []
         self._idle = workers
         self._waiting = 0  # sequences in the queue

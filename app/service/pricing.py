@@ -1,5 +1,5 @@
 """Memory admission: each request (``/infer``, and the Open Inference Protocol over HTTP and
-gRPC: :mod:`app.api.admitted`) is priced in bytes before it runs, and runs only while the
+gRPC: :mod:`app.api.dataplane`) is priced in bytes before it runs, and runs only while the
 requests in flight fit in a budget sized from the container.
 
 Where the memory of a replica goes (the default model's figures: docs/memory.md):

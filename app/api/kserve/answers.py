@@ -1,4 +1,4 @@
-"""The v2 answers: what each holds (its price, for :mod:`app.api.admitted`) and, over HTTP,
+"""The v2 answers: what each holds (its price, for :mod:`app.api.dataplane`) and, over HTTP,
 how it is sent part by part as the engine produces it, as ``/infer``'s is.
 
 - **Every output binary**: the JSON header (each output's ``binary_data_size`` is known up
@@ -25,7 +25,7 @@ import numpy as np
 import orjson
 from fastapi.responses import Response
 
-from app.api.admitted import Admitted, Pricing
+from app.api.dataplane import Admitted, Pricing, off_loop
 from app.api.kserve.signature import HIDDEN, OUTPUTS, RESULT_INDEX, gathered_tensors
 from app.api.kserve.tensors import Tensor, as_little_endian_bytes
 from app.api.streaming import CHUNK_BYTES, JSONList, StreamedAnswer
@@ -114,7 +114,7 @@ async def http_answer(plan: AnswerPlan, header: dict[str, Any], admitted: Admitt
         except BaseException:
             await admitted.finish()
             raise
-        head, blobs = whole_answer(header, tensors, plan.binary)
+        head, blobs = await off_loop(whole_answer, header, tensors, plan.binary)
         chunks, length = _sent(head, blobs), len(head) + sum(blob.nbytes for blob in blobs)
     return StreamedAnswer(chunks, admitted.finish, send_timeout_s, "application/octet-stream", {
         "Content-Length": str(length), "Inference-Header-Content-Length": str(len(head))})

@@ -4,7 +4,7 @@ service, batcher and limits as ``/infer``.
 
 Inputs come as ``raw_input_contents`` (what tritonclient sends) or typed ``contents``; outputs
 always go as ``raw_output_contents``. Requests are admitted by memory cost as ``/infer``'s are
-(:mod:`app.api.admitted`), priced as one message built whole. Errors are status codes with the
+(:mod:`app.api.dataplane`), priced as one message built whole. Errors are status codes with the
 same messages as over HTTP: 400 -> INVALID_ARGUMENT, 404 -> NOT_FOUND, 413 (an answer that could
 never fit in the memory budget) -> RESOURCE_EXHAUSTED, 503 (not ready, queue or budget taken) ->
 UNAVAILABLE, 504 -> DEADLINE_EXCEEDED; messages past ``MAX_BODY_BYTES`` get RESOURCE_EXHAUSTED
@@ -23,27 +23,27 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc import aio
 
 from app import __version__
-from app.api.admitted import admit_and_start, check_ready
+from app.api.dataplane import BodyHold, check_ready, off_loop
 from app.api.errors import ApiError
+from app.api.json_body import PARSED, most_values, parsed_bytes
 from app.api.kserve import EXTENSIONS, SERVER_NAME
 from app.api.kserve import grpc_predict_v2_pb2 as pb
 from app.api.kserve import grpc_predict_v2_pb2_grpc as pb_grpc
 from app.api.kserve.answers import AnswerPlan
+from app.api.kserve.inference import Decoded, admitted, decoded
 from app.api.kserve.signature import (
     OUTPUT_NAMES,
     VERSION,
     check_model,
-    check_output_names,
     gathered_tensors,
     input_specs,
     model_metadata,
     model_name,
     output_specs,
-    output_widths,
-    sequences_from,
 )
 from app.api.kserve.tensors import (
     Tensor,
@@ -55,11 +55,17 @@ from app.api.kserve.tensors import (
 from app.api.middleware import request_id_from
 from app.config import Settings
 from app.service.model_service import ModelService
+from app.service.pricing import DEFAULT_BUDGET
+from app.spec import ModelInput
+from app.system import cgroup_memory_limit
 
 log = logging.getLogger("app.access")
 STATUS_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
                 413: grpc.StatusCode.RESOURCE_EXHAUSTED, 422: grpc.StatusCode.INVALID_ARGUMENT,
                 503: grpc.StatusCode.UNAVAILABLE, 504: grpc.StatusCode.DEADLINE_EXCEEDED}
+SERVICE = "inference.GRPCInferenceService"
+DECODED_BYTES_PER_MESSAGE_BYTE = 8
+UNPRICED_MESSAGE_COPIES = 4
 QUIET_METHODS = frozenset({"ServerLive", "ServerReady", "ModelReady"})  # probes: not logged
 # The typed contents field of each datatype (FP16 and BF16 only travel raw).
 CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents",
@@ -131,30 +137,34 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             outputs=[tensor(**spec.as_dict()) for spec in output_specs(self.service)])
 
     @observed
-    async def ModelInfer(self, request: pb.ModelInferRequest, context: aio.ServicerContext) -> Any:
+    async def ModelInfer(self, message: bytes, context: aio.ServicerContext) -> Any:
+        """``message``: the request's bytes, priced before they are decoded (:func:`add_servicer`)."""
         service, settings = self.service, self.settings
-        check_model(service, request.model_name, request.model_version)
         check_ready(service)
-        sequences, steps = sequences_from(inputs_of(request), service.model_input, settings.max_batch,
-                                          settings.max_len)
-        names = [output.name for output in request.outputs] or list(OUTPUT_NAMES)
-        check_output_names(names)
         remaining = context.time_remaining()  # the caller's deadline, when it set one
         timeout = min(settings.request_timeout_s, math.inf if remaining is None else max(remaining, 0.001))
-        plan = AnswerPlan(names, [True] * len(names), len(sequences), steps, output_widths(service))
-        admitted = await admit_and_start(service, sequences, plan.pricing(over_grpc=True),
-                                         request.ByteSize(), timeout, self.metrics)
-        del sequences
+        most = most_values(settings.max_batch, settings.max_len, service.model_input)
+        message_bytes = len(message)
+        async with BodyHold(service, timeout, self.metrics) as hold:
+            await hold.to(message_price(message_bytes, most))
+            request = await off_loop(infer_request, message)
+            del message
+            check_model(service, request.model_name, request.model_version)
+            opened = await off_loop(decoded_message, request, most, service.model_input, settings)
+            model_id = request.id
+            del request
+        plan, started = await admitted(service, opened, True, message_bytes, timeout)
+        del opened
         try:
-            tensors = await gathered_tensors(admitted.parts(), plan.batch, steps, plan.widths, names)
-            response = infer_response(model_name(service), request.id, plan, tensors)
+            tensors = await gathered_tensors(started.parts(), plan.batch, plan.steps, plan.widths, plan.names)
+            response = await off_loop(infer_response, model_name(service), model_id, plan, tensors)
         except BaseException:
-            await admitted.finish()
+            await started.finish()
             raise
         # grpcio serializes and sends the message once this returns: it keeps its share of the
         # budget until the call is over.
         loop = asyncio.get_running_loop()
-        context.add_done_callback(lambda _: loop.call_soon_threadsafe(admitted.release))
+        context.add_done_callback(lambda _: loop.call_soon_threadsafe(started.release))
         return response
 
     def record(self, method: str, code: grpc.StatusCode, request_id: str, seconds: float,
@@ -180,10 +190,50 @@ def infer_response(model: str, request_id: str, plan: AnswerPlan,
         outputs=[output(name=name, datatype="FP32", shape=plan.shape(name)) for name in plan.names])
 
 
-def inputs_of(request: pb.ModelInferRequest) -> list[Tensor]:
-    """The input tensors, from ``raw_input_contents`` (one per input, in order) or ``contents``."""
+def message_price(message_bytes: int, most: int) -> int:
+    """A ModelInfer message's bytes, its decoded form (a one-byte varint becomes an 8-byte
+    int64) and its values' Python forms (at most ``most`` of them: :func:`inputs_of`)."""
+    decoded = DECODED_BYTES_PER_MESSAGE_BYTE * message_bytes
+    return decoded + parsed_bytes(message_bytes, most, PARSED["features"])
+
+
+def add_servicer(servicer: InferenceServicer, server: aio.Server) -> None:
+    """The generated registration, except that ModelInfer is handed its message's bytes: it is
+    priced against the memory budget before it is decoded (on the parsing thread)."""
+    methods = {"ServerLive": pb.ServerLiveRequest, "ServerReady": pb.ServerReadyRequest,
+               "ModelReady": pb.ModelReadyRequest, "ServerMetadata": pb.ServerMetadataRequest,
+               "ModelMetadata": pb.ModelMetadataRequest, "ModelInfer": None}
+    handlers = {name: grpc.unary_unary_rpc_method_handler(
+        getattr(servicer, name), request_deserializer=request.FromString if request else None,
+        response_serializer=getattr(pb, name + "Response").SerializeToString)
+        for name, request in methods.items()}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)
+
+
+def infer_request(message: bytes) -> pb.ModelInferRequest:
+    try:
+        return pb.ModelInferRequest.FromString(message)
+    except DecodeError:
+        raise invalid("the message is not a ModelInferRequest") from None
+
+
+def decoded_message(request: pb.ModelInferRequest, most: int, model_input: ModelInput,
+                    settings: Settings) -> Decoded:
+    names = [output.name for output in request.outputs] or list(OUTPUT_NAMES)
+    return decoded(inputs_of(request, most), names, [True] * len(names), model_input, settings)
+
+
+def inputs_of(request: pb.ModelInferRequest, most: int) -> list[Tensor]:
+    """The input tensors, from ``raw_input_contents`` (one per input, in order) or ``contents``
+    (refused unread past ``most`` values: each would become a Python number)."""
     raw = request.raw_input_contents
     if not raw:
+        values = sum(len(getattr(item.contents, field)) for item in request.inputs
+                     for field in set(CONTENTS.values()))
+        if values > most:
+            raise ApiError(413, "too_many_values", f"the message holds over {most} values, more than "
+                           "the largest request this deployment takes (MAX_BATCH x MAX_LEN)")
         return [typed_tensor(item) for item in request.inputs]
     if len(raw) != len(request.inputs):
         raise invalid(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs")
@@ -206,11 +256,22 @@ def _request_id(context: aio.ServicerContext) -> str:
                            if key == "x-request-id" and isinstance(value, str))
 
 
+def most_calls(settings: Settings) -> int:
+    """``MAX_REQUESTS``, else an eighth of the memory over what a call holds before its
+    message can be priced (its bytes in grpcio's buffers, as Python bytes, and allocator slack:
+    ``UNPRICED_MESSAGE_COPIES`` times the largest message), at least 4."""
+    if settings.max_requests is not None:
+        return settings.max_requests
+    memory = settings.memory_budget_bytes or cgroup_memory_limit() or DEFAULT_BUDGET
+    return max(4, memory // 8 // (UNPRICED_MESSAGE_COPIES * settings.max_body_bytes))
+
+
 async def start_grpc_server(service: ModelService, settings: Settings) -> aio.Server:
     """Listening on ``HOST:GRPC_PORT``; fails start-up when the port cannot be bound."""
     server = aio.server(options=[("grpc.max_receive_message_length", settings.max_body_bytes),
-                                 ("grpc.max_send_message_length", -1)])
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(service, settings), server)
+                                 ("grpc.max_send_message_length", -1)],
+                        maximum_concurrent_rpcs=most_calls(settings))
+    add_servicer(InferenceServicer(service, settings), server)
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     server.add_insecure_port(f"{host}:{settings.grpc_port}")
     await server.start()

@@ -1,7 +1,9 @@
 """The Open Inference Protocol's HTTP routes under ``/v2``: validate, delegate to the same
-service, limits, memory admission and batcher as ``/infer``, and answer in the protocol's JSON
-or with the binary tensor data extension, streamed (:mod:`.answers`). Errors leave as the
-protocol's ``{"error": "message"}`` (with ``Retry-After`` on 503)."""
+service, limits, memory admission and batcher as ``/infer`` (a body priced before it is read,
+a compressed one as it inflates, and parsed off the event loop: :mod:`app.api.dataplane`), and
+answer in the protocol's JSON or with the binary tensor data extension, streamed
+(:mod:`.answers`). Errors leave as the protocol's ``{"error": "message"}`` (with
+``Retry-After`` on 503)."""
 
 from __future__ import annotations
 
@@ -11,22 +13,14 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from fastapi.routing import APIRoute
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    NonNegativeInt,
-    StrictBool,
-    StrictFloat,
-    StrictInt,
-    StrictStr,
-)
 
 from app import __version__
-from app.api.admitted import admit_and_start, check_ready
+from app.api.dataplane import BodyHold, Service, off_loop, read_body
 from app.api.errors import ApiError, protocol_error_response
+from app.api.json_body import PARSED, check_value_count, most_values, parse_body, parsed_bytes
 from app.api.kserve import EXTENSIONS, PREFIX, SERVER_NAME
-from app.api.kserve.answers import AnswerPlan, http_answer
+from app.api.kserve.answers import http_answer
+from app.api.kserve.inference import Decoded, admitted, check_open, decoded
 from app.api.kserve.signature import (
     OUTPUT_NAMES,
     VERSION,
@@ -34,50 +28,20 @@ from app.api.kserve.signature import (
     check_output_names,
     model_metadata,
     model_name,
-    output_widths,
-    sequences_from,
 )
 from app.api.kserve.tensors import (
     Tensor,
-    decompress,
+    check_encoding,
+    inflated,
     invalid,
     split_body,
     tensor_from_bytes,
     tensor_from_values,
 )
-from app.api.routes import json_response, parse_body
+from app.api.kserve.wire import InferenceRequest, ProtocolError, RequestInput
+from app.api.routes import json_response
 from app.config import Settings
-from app.service.model_service import ModelService
-
-Parameter = StrictBool | StrictInt | StrictFloat | StrictStr
-
-
-class RequestInput(BaseModel):
-    name: StrictStr
-    shape: list[NonNegativeInt]
-    datatype: StrictStr
-    parameters: dict[str, Parameter] = {}
-    data: Any = None  # checked against shape and datatype by tensors.tensor_from_values
-
-
-class RequestOutput(BaseModel):
-    name: StrictStr
-    parameters: dict[str, Parameter] = {}
-
-
-class InferenceRequest(BaseModel):
-    model_config = ConfigDict(json_schema_extra={"examples": [{"inputs": [
-        {"name": "ids", "datatype": "INT32", "shape": [2, 4], "data": [41, 74, 71, 81, 8, 15, 0, 0]},
-        {"name": "lengths", "datatype": "INT32", "shape": [2], "data": [4, 2]}]}]})
-
-    id: StrictStr | None = None
-    parameters: dict[str, Parameter] = {}
-    inputs: list[RequestInput] = Field(min_length=1)
-    outputs: list[RequestOutput] | None = None
-
-
-class ProtocolError(BaseModel):
-    error: str
+from app.spec import ModelInput
 
 
 class ProtocolRoute(APIRoute):
@@ -97,10 +61,6 @@ class ProtocolRoute(APIRoute):
         return handle
 
 
-def service_of(request: Request) -> ModelService:
-    return request.app.state.service
-
-
 def build_kserve_router(settings: Settings) -> APIRouter:
     router = APIRouter(prefix=PREFIX, route_class=ProtocolRoute, tags=["Open Inference Protocol (KServe v2)"])
     errors: dict[int | str, dict[str, Any]] = {code: {"model": ProtocolError}
@@ -116,13 +76,12 @@ def build_kserve_router(settings: Settings) -> APIRouter:
         return Response(status_code=200)
 
     @router.get("/health/ready", summary="Server ready: 200 once the model is ready, else 400", **health)
-    async def server_ready(request: Request) -> Response:
-        return Response(status_code=200 if service_of(request).status.ready else 400)
+    async def server_ready(service: Service) -> Response:
+        return Response(status_code=200 if service.status.ready else 400)
 
     @router.get("/models/{name}", summary="Model metadata: input and output tensors", responses=errors)
     @router.get("/models/{name}/versions/{version}", summary="Model metadata", responses=errors)
-    async def metadata(request: Request, name: str, version: str = "") -> Response:
-        service = service_of(request)
+    async def metadata(service: Service, name: str, version: str = "") -> Response:
         check_model(service, name, version)
         return json_response(model_metadata(service))
 
@@ -132,8 +91,7 @@ def build_kserve_router(settings: Settings) -> APIRouter:
                 response_class=Response, responses=ready_responses)
     @router.get("/models/{name}/versions/{version}/ready", summary="Model ready",
                 response_class=Response, responses=ready_responses)
-    async def model_ready(request: Request, name: str, version: str = "") -> Response:
-        service = service_of(request)
+    async def model_ready(service: Service, name: str, version: str = "") -> Response:
         check_model(service, name, version)
         return Response(status_code=200 if service.status.ready else 400)
 
@@ -148,30 +106,47 @@ def build_kserve_router(settings: Settings) -> APIRouter:
                  responses=infer_responses, openapi_extra=infer_body)
     @router.post("/models/{name}/versions/{version}/infer", summary="Inference",
                  responses=infer_responses, openapi_extra=infer_body)
-    async def infer(request: Request, name: str, version: str = "") -> Response:
-        service = service_of(request)
-        check_model(service, name, version)
-        check_ready(service)
-        raw = await request.body()
-        body = decompress(raw, request.headers.get("content-encoding"), settings.max_body_bytes)
-        body_bytes = len(raw) + (len(body) if body is not raw else 0)  # both, when it was inflated
-        json_header, binary = split_body(body, request.headers.get("inference-header-content-length"))
-        inference = parse_body(json_header, InferenceRequest)
-        assert isinstance(inference, InferenceRequest)
-        sequences, steps = sequences_from(read_inputs(inference.inputs, binary), service.model_input,
-                                          settings.max_batch, settings.max_len)
-        names, binary_flags = chosen_outputs(inference)
+    async def infer(request: Request, service: Service, name: str, version: str = "") -> Response:
+        check_open(service, name, version)
+        encoding = request.headers.get("content-encoding")
+        check_encoding(encoding)
+        most = most_values(settings.max_batch, settings.max_len, service.model_input)
+        cost = PARSED[service.model_input.kind]
+        async with BodyHold(service, settings.request_timeout_s, service.metrics) as hold:
+            if encoding in (None, "", "identity"):
+                raw = body = await read_body(request, hold, lambda size: parsed_bytes(size, most, cost),
+                                             settings.max_body_bytes)
+            else:  # the bytes sent, then what they inflate to, priced as it grows
+                raw = await read_body(request, hold, lambda size: size, settings.max_body_bytes)
+                sent = len(raw)
+                async with hold.large_body_turn():  # growers in turn: none waits on another's growth
+                    body = await inflated(raw, encoding, settings.max_body_bytes,
+                                          lambda size: hold.to(sent + parsed_bytes(size, most, cost)))
+            body_bytes = len(raw) + (len(body) if body is not raw else 0)  # both, when it was inflated
+            opened, request_id = await off_loop(
+                decoded_body, body, request.headers.get("inference-header-content-length"), most,
+                service.model_input, settings)
+            del raw, body  # the input arrays are all that is kept
+        plan, started = await admitted(service, opened, False, body_bytes, settings.request_timeout_s)
+        del opened
         header: dict[str, Any] = {"model_name": model_name(service), "model_version": VERSION}
-        if inference.id is not None:
-            header["id"] = inference.id
-        del raw, body, json_header, binary, inference  # the input arrays are all that is kept
-        plan = AnswerPlan.over_http(names, binary_flags, len(sequences), steps, output_widths(service))
-        admitted = await admit_and_start(service, sequences, plan.pricing(), body_bytes,
-                                         settings.request_timeout_s, service.metrics)
-        del sequences
-        return await http_answer(plan, header, admitted, settings.send_timeout_s)
+        if request_id is not None:
+            header["id"] = request_id
+        return await http_answer(plan, header, started, settings.send_timeout_s)
 
     return router
+
+
+def decoded_body(body: bytes, header_length: str | None, most: int, model_input: ModelInput,
+                 settings: Settings) -> tuple[Decoded, str | None]:
+    """The request a body carries, and its id; its parsed forms are gone on return."""
+    json_header, binary = split_body(body, header_length)
+    check_value_count(json_header, most)
+    inference = parse_body(json_header, InferenceRequest)
+    assert isinstance(inference, InferenceRequest)
+    inputs = read_inputs(inference.inputs, binary)
+    names, binary_flags = chosen_outputs(inference)
+    return decoded(inputs, names, binary_flags, model_input, settings), inference.id
 
 
 def read_inputs(inputs: list[RequestInput], binary: memoryview) -> list[Tensor]:

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any
 
 import numpy as np
 
+from app.api.dataplane import off_loop
 from app.api.errors import ApiError
 
 # Fixed-size datatypes, little-endian as the binary extension and raw gRPC contents define them.
@@ -23,6 +25,9 @@ DATATYPES: dict[str, np.dtype] = {name: np.dtype(code) for name, code in {
     "BOOL": "?", "UINT8": "<u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8",
     "INT8": "<i1", "INT16": "<i2", "INT32": "<i4", "INT64": "<i8",
     "FP16": "<f2", "FP32": "<f4", "FP64": "<f8"}.items()}
+
+
+INFLATE_STEP = 1024 * 1024  # what the budget's share grows by as a body inflates
 
 
 def invalid(message: str) -> ApiError:
@@ -120,19 +125,33 @@ def split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryvie
     return body[:length], view[length:]
 
 
-def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
-    """A request body as sent with ``Content-Encoding: gzip | deflate`` (tritonclient's
-    ``request_compression_algorithm``), inflated to at most ``limit`` bytes (else 413)."""
-    if encoding in (None, "", "identity"):
-        return body
-    if encoding not in ("gzip", "deflate"):
+def check_encoding(encoding: str | None) -> None:
+    """415 for a Content-Encoding other than gzip, deflate or none."""
+    if encoding not in (None, "", "identity", "gzip", "deflate"):
         raise ApiError(415, "unsupported_encoding", f"Content-Encoding {encoding!r} is not supported "
                        "(gzip, deflate or none)")
+
+
+async def inflated(body: bytes, encoding: str | None, limit: int,
+                   grow: Callable[[int], Awaitable[None]]) -> bytes:
+    """A request body as sent with ``Content-Encoding: gzip | deflate`` (tritonclient's
+    ``request_compression_algorithm``), inflated to at most ``limit`` bytes (else 413), in
+    slices of ``INFLATE_STEP`` bytes on the parsing thread (zlib lets go of the interpreter
+    lock meanwhile), ``grow(size)`` before each (the memory it will hold)."""
+    if encoding in (None, "", "identity"):
+        return body
     inflater = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
-    try:
-        inflated = inflater.decompress(body, limit + 1)
-    except zlib.error as exc:
-        raise invalid(f"the {encoding} body cannot be decompressed: {exc}") from None
-    if len(inflated) > limit or inflater.unconsumed_tail:
-        raise ApiError(413, "body_too_large", f"the decompressed body exceeds {limit} bytes")
-    return inflated
+    pieces, size, pending = [], 0, body
+    while True:
+        await grow(min(size + INFLATE_STEP, limit + 1))
+        try:
+            piece = await off_loop(inflater.decompress, pending, INFLATE_STEP)
+        except zlib.error as exc:
+            raise invalid(f"the {encoding} body cannot be decompressed: {exc}") from None
+        pieces.append(piece)
+        size += len(piece)
+        if size > limit:
+            raise ApiError(413, "body_too_large", f"the decompressed body exceeds {limit} bytes")
+        pending = inflater.unconsumed_tail
+        if len(piece) < INFLATE_STEP and not pending:
+            return await off_loop(b"".join, pieces)

@@ -11,7 +11,7 @@ there could be taken as the answer to a request sent meanwhile). The body has it
 deadline (``BODY_TIMEOUT_S``, :mod:`app.api.middleware`).
 
 ``python -m app serve`` uses it; plain uvicorn needs
-``uvicorn app.main:app --http app.api.protocol:HeaderDeadlineProtocol``.
+``uvicorn app.main:app --http app.api.transport:HeaderDeadlineProtocol``.
 """
 
 from __future__ import annotations
