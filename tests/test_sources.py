@@ -177,5 +177,5 @@ def test_tf1_checkpoint_without_gru_cells_is_refused(tmp_path: Path) -> None:
 
     saver = tf.compat.v1.train.Saver(var_list={"w": tf.Variable(np.zeros((2, 2), np.float32))})
     prefix = saver.save(None, str(tmp_path / "model.ckpt"))
-    with pytest.raises(ModelError, match="no cudnn_compatible_gru_cell variables"):
+    with pytest.raises(ModelError, match="no cudnn_compatible_gru_cell or cudnn_compatible_lstm_cell"):
         load_bundle(Path(prefix))
