@@ -16,7 +16,7 @@ from app.formats import load_bundle
 from app.runtime.selfcheck import run_self_check
 from tests.conftest import DEFAULT_MODEL, FIXTURES
 from tests.helpers import max_diff, outputs, runner_for
-from tests.reference import NativeModel, random_model, to_tf1_canonical, to_torch
+from tests.reference import NativeModel, random_model, to_tf1_canonical, to_torch, to_torch_lstm
 
 
 def sequences(rng: np.random.Generator, vocab: int, max_len: int = 12) -> list[list[int]]:
@@ -56,7 +56,8 @@ def torch_state(model: NativeModel, emb: str = "emb", gru: str = "gru", head: st
     for k, (forward, backward) in enumerate(model.layers):
         for direction, native in (("", forward), ("_reverse", backward)):
             if native is not None:
-                state |= {f"{gru}.{name}_l{k}{direction}": a for name, a in to_torch(native).items()}
+                encode = to_torch_lstm if "i" in native.W else to_torch  # an nn.LSTM's gates
+                state |= {f"{gru}.{name}_l{k}{direction}": a for name, a in encode(native).items()}
     if model.head_kernel is not None:
         state |= {f"{head}.weight": model.head_kernel.T.copy(), f"{head}.bias": model.head_bias}
     return state

@@ -212,7 +212,8 @@ class _GraphWalker:
         outputs = body.get("output_layers", [])
         if not outputs:
             raise ModelError("model_config: the model has no output")
-        self.output = outputs[0][0]
+        # [[name, 0, 0], ...], or Keras 3's one output as a bare [name, 0, 0]
+        self.output = outputs[0] if isinstance(outputs[0], str) else outputs[0][0]
 
     @staticmethod
     def _functional_layer(entry: dict[str, Any]) -> Layer:
