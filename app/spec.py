@@ -140,12 +140,14 @@ def _validate_activations(variant: CellVariant, where: str) -> None:
 
 
 @dataclass(frozen=True)
-class GRUWeights:
-    """One direction of one GRU layer, in Keras layout (bias always ``(2, 3U)``)."""
+class _KerasWeights:
+    """One direction of one recurrent layer in Keras layout: ``kernel (I, gates*U)``,
+    ``recurrent_kernel (U, gates*U)`` and the cell's bias."""
 
     kernel: np.ndarray
     recurrent_kernel: np.ndarray
     bias: np.ndarray
+    variant_type: ClassVar[type]
 
     @property
     def units(self) -> int:
@@ -155,50 +157,45 @@ class GRUWeights:
     def input_width(self) -> int:
         return int(self.kernel.shape[0])
 
+    def bias_shape(self) -> tuple[int, ...]:
+        raise NotImplementedError
+
     def validate(self, where: str, input_width: int, variant: CellVariant) -> None:
-        if not isinstance(variant, GRUVariant):
-            raise ModelError(f"{where}: GRU weights in a layer that says {variant}")
-        units = self.units
-        expected = {
-            "kernel": (input_width, 3 * units),
-            "recurrent_kernel": (units, 3 * units),
-            "bias": (2, 3 * units),
-        }
+        if not isinstance(variant, self.variant_type):
+            raise ModelError(f"{where}: {self.variant_type.cell} weights in a layer that says {variant}")
+        gates, units = self.variant_type.gates, self.units
+        expected = {"kernel": (input_width, gates * units), "recurrent_kernel": (units, gates * units),
+                    "bias": self.bias_shape()}
         for name, shape in expected.items():
             actual = getattr(self, name).shape
             if actual != shape:
                 raise ModelError(f"{where}: {name} has shape {actual}, expected {shape}")
-        if not variant.reset_after and np.any(self.bias[1]):
+
+
+@dataclass(frozen=True)
+class GRUWeights(_KerasWeights):
+    """One direction of one GRU layer, in Keras layout (bias always ``(2, 3U)``)."""
+
+    variant_type: ClassVar[type] = GRUVariant
+
+    def bias_shape(self) -> tuple[int, ...]:
+        return (2, 3 * self.units)
+
+    def validate(self, where: str, input_width: int, variant: CellVariant) -> None:
+        super().validate(where, input_width, variant)
+        if not variant.reset_after and np.any(self.bias[1]):  # type: ignore[union-attr]
             raise ModelError(f"{where}: reset_after=False keeps its one bias row in row 0; "
                              "row 1 must be zeros")
 
 
 @dataclass(frozen=True)
-class LSTMWeights:
+class LSTMWeights(_KerasWeights):
     """One direction of one LSTM layer, in Keras layout: gates i, f, c, o; bias ``(4U,)``."""
 
-    kernel: np.ndarray
-    recurrent_kernel: np.ndarray
-    bias: np.ndarray
+    variant_type: ClassVar[type] = LSTMVariant
 
-    @property
-    def units(self) -> int:
-        return int(self.recurrent_kernel.shape[0])
-
-    @property
-    def input_width(self) -> int:
-        return int(self.kernel.shape[0])
-
-    def validate(self, where: str, input_width: int, variant: CellVariant) -> None:
-        if not isinstance(variant, LSTMVariant):
-            raise ModelError(f"{where}: LSTM weights in a layer that says {variant}")
-        units = self.units
-        expected = {"kernel": (input_width, 4 * units), "recurrent_kernel": (units, 4 * units),
-                    "bias": (4 * units,)}
-        for name, shape in expected.items():
-            actual = getattr(self, name).shape
-            if actual != shape:
-                raise ModelError(f"{where}: {name} has shape {actual}, expected {shape}")
+    def bias_shape(self) -> tuple[int, ...]:
+        return (4 * self.units,)
 
 
 CellWeights = GRUWeights | LSTMWeights

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from tests.helpers import tf_keras
-from tests.keras2_taggers import alone
+from tests.keras2_taggers import alone, input_layers
 
 MERGE_STACK = ("concat", "sum", "ave", "mul", None)  # None: a unidirectional layer
 
@@ -45,13 +45,7 @@ def build(tagger: LSTMTagger, cell: str | None = None, seed: int = 0) -> Any:  #
     keras2 = tf_keras()
     layers = keras2.layers
     cell = cell or tagger.cell
-    if tagger.inputs == "tokens":
-        stack = [layers.InputLayer(input_shape=(None,), name="ids"),
-                 layers.Embedding(tagger.vocab, tagger.width, name="embedding")]
-    else:
-        stack = [layers.InputLayer(input_shape=(None, tagger.width), name="features")]
-        if tagger.masking:
-            stack.append(layers.Masking(mask_value=0.0, name="masking"))
+    stack = input_layers(tagger)
     for index, (merge, units) in enumerate(zip(tagger.merges, tagger.units)):
         if cell == "CuDNNLSTM":
             from tf_keras.src.layers import CuDNNLSTM

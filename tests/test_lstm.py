@@ -38,9 +38,8 @@ from tests.reference import (
     random_model,
     run_lstm,
     to_keras_lstm,
-    to_tf1_canonical_lstm,
 )
-from tests.test_sources import torch_state, write_dir
+from tests.test_sources import torch_state, write_dir, write_tf1_checkpoint
 
 TOLERANCE = 1e-5
 LENGTHS = list(range(1, 13))  # MAX_LEN of these tests; the served test goes to 600
@@ -259,25 +258,6 @@ def test_torch_lstm_with_a_projection_is_refused_by_name(tmp_path: Path) -> None
         load_bundle(tmp_path / "m.safetensors")
 
 
-def write_tf1_lstm_checkpoint(prefix: Path, model: NativeModel) -> Path:
-    import tensorflow as tf
-
-    variables = {} if model.embeddings is None else {"embedding/embedding_matrix": model.embeddings}
-    for i, (forward, backward) in enumerate(model.layers):
-        if backward is None:
-            bases = {f"rnn/multi_rnn_cell/cell_{i}/cudnn_compatible_lstm_cell/": forward}
-        else:
-            scope = f"stack_bidirectional_rnn/cell_{i}/bidirectional_rnn"
-            bases = {f"{scope}/fw/cudnn_compatible_lstm_cell/": forward,
-                     f"{scope}/bw/cudnn_compatible_lstm_cell/": backward}
-        for base, native in bases.items():
-            variables |= {base + name: array for name, array in to_tf1_canonical_lstm(native).items()}
-            variables[base + "kernel/Adam"] = np.zeros_like(variables[base + "kernel"])
-    variables |= {"output/dense/kernel": model.head_kernel, "output/dense/bias": model.head_bias}
-    saver = tf.compat.v1.train.Saver(var_list={k: tf.Variable(v) for k, v in variables.items()})
-    return Path(saver.save(None, str(prefix)))
-
-
 @pytest.mark.parametrize(("engine", "layers", "bidirectional", "vocab"), [
     ("onnxruntime", 2, False, 25), ("onnxruntime", 2, True, None), ("openvino", 2, True, 25),
 ])
@@ -287,7 +267,7 @@ def test_tf1_cudnnlstm_checkpoints_match_numpy_reference(tmp_path: Path, engine:
     rng = np.random.default_rng(layers + 10 * bidirectional)
     model = random_model(rng, vocab=vocab, width=5, units=3, layers=layers, bidirectional=bidirectional,
                          variant=REFERENCE_CUDNN_LSTM)
-    write_tf1_lstm_checkpoint(tmp_path / "model.ckpt", model)
+    write_tf1_checkpoint(tmp_path / "model.ckpt", model)
     write_dir(tmp_path, "model.ckpt", architecture={
         "head_activation": "softmax", "input": "features" if vocab is None else "tokens"})
     spec = load_bundle(tmp_path).spec

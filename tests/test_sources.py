@@ -16,7 +16,14 @@ from app.formats import load_bundle
 from app.runtime.selfcheck import run_self_check
 from tests.conftest import DEFAULT_MODEL, FIXTURES
 from tests.helpers import max_diff, outputs, runner_for
-from tests.reference import NativeModel, random_model, to_tf1_canonical, to_torch, to_torch_lstm
+from tests.reference import (
+    NativeModel,
+    random_model,
+    to_tf1_canonical,
+    to_tf1_canonical_lstm,
+    to_torch,
+    to_torch_lstm,
+)
 
 
 def sequences(rng: np.random.Generator, vocab: int, max_len: int = 12) -> list[list[int]]:
@@ -126,15 +133,17 @@ def write_tf1_checkpoint(prefix: Path, model: NativeModel, head_scope: str = "ou
     for index, (kernel, bias, _) in enumerate(model.stack):
         variables |= {f"mlp/dense_{index}/kernel": kernel, f"mlp/dense_{index}/bias": bias}
     for i, (forward, backward) in enumerate(model.layers):
+        lstm = "i" in forward.W  # a CudnnLSTM's gates
+        cell = "cudnn_compatible_lstm_cell" if lstm else "cudnn_compatible_gru_cell"
         if backward is None:
-            bases = {f"rnn/multi_rnn_cell/cell_{i}/cudnn_compatible_gru_cell/": forward}
+            bases = {f"rnn/multi_rnn_cell/cell_{i}/{cell}/": forward}
         else:
             scope = f"stack_bidirectional_rnn/cell_{i}/bidirectional_rnn"
-            bases = {f"{scope}/fw/cudnn_compatible_gru_cell/": forward,
-                     f"{scope}/bw/cudnn_compatible_gru_cell/": backward}
+            bases = {f"{scope}/fw/{cell}/": forward, f"{scope}/bw/{cell}/": backward}
+        encode, kernel = (to_tf1_canonical_lstm, "kernel") if lstm else (to_tf1_canonical, "gates/kernel")
         for base, native in bases.items():
-            variables |= {base + name: array for name, array in to_tf1_canonical(native).items()}
-            variables[base + "gates/kernel/Adam"] = np.zeros_like(variables[base + "gates/kernel"])
+            variables |= {base + name: array for name, array in encode(native).items()}
+            variables[f"{base}{kernel}/Adam"] = np.zeros_like(variables[base + kernel])
     if model.head_kernel is not None:
         variables |= {f"{head_scope}/kernel": model.head_kernel, f"{head_scope}/bias": model.head_bias}
     variables["global_step"] = np.array(1000, np.int64)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from app.errors import ModelError
-from app.formats.layouts import CellRead, float32
+from app.formats.layouts import CellRead, float32, torch_biases
 from app.formats.layouts import check_shape as _check
 from app.spec import GRUWeights
 
@@ -85,16 +85,7 @@ def from_torch_gru(
     bias_ih: np.ndarray | None, bias_hh: np.ndarray | None, where: str,
 ) -> GRUWeights:
     """PyTorch ``nn.GRU``: ``weight_ih (3U, I)`` with row blocks r, z, n (n is Keras' h)."""
-    if weight_hh.ndim != 2 or weight_hh.shape[0] != GATES * weight_hh.shape[1]:
-        raise ModelError(f"{where}: weight_hh has shape {weight_hh.shape}, expected (3U, U)")
-    units = int(weight_hh.shape[1])
-    if weight_ih.ndim != 2 or weight_ih.shape[0] != GATES * units:
-        raise ModelError(f"{where}: weight_ih has shape {weight_ih.shape}, expected (3U, I)")
-    zeros = np.zeros(GATES * units, np.float32)
-    bias_ih = zeros if bias_ih is None else bias_ih
-    bias_hh = zeros if bias_hh is None else bias_hh
-    _check(bias_ih, (GATES * units,), "bias_ih", where)
-    _check(bias_hh, (GATES * units,), "bias_hh", where)
+    bias_ih, bias_hh = torch_biases(weight_ih, weight_hh, bias_ih, bias_hh, GATES, where)
 
     def zrn(rows: np.ndarray) -> list[np.ndarray]:
         r, z, n = np.split(rows, GATES)

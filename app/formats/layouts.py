@@ -47,3 +47,20 @@ def cell_of(recurrent_kernel: np.ndarray, where: str) -> str:
                 return cell
     raise ModelError(f"{where}: recurrent_kernel has shape {recurrent_kernel.shape}, expected "
                      "(U, 3U) (a GRU) or (U, 4U) (an LSTM)")
+
+
+def torch_biases(weight_ih: np.ndarray, weight_hh: np.ndarray, bias_ih: np.ndarray | None,
+                 bias_hh: np.ndarray | None, gates: int, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """Check a PyTorch RNN's ``weight_ih (gates*U, I)`` and ``weight_hh (gates*U, U)``; its two
+    biases, zeros where the module has none (``bias=False``)."""
+    if weight_hh.ndim != 2 or weight_hh.shape[0] != gates * weight_hh.shape[1]:
+        raise ModelError(f"{where}: weight_hh has shape {weight_hh.shape}, expected ({gates}U, U)")
+    rows = gates * int(weight_hh.shape[1])
+    if weight_ih.ndim != 2 or weight_ih.shape[0] != rows:
+        raise ModelError(f"{where}: weight_ih has shape {weight_ih.shape}, expected ({gates}U, I)")
+    zeros = np.zeros(rows, np.float32)
+    bias_ih = zeros if bias_ih is None else bias_ih
+    bias_hh = zeros if bias_hh is None else bias_hh
+    check_shape(bias_ih, (rows,), "bias_ih", where)
+    check_shape(bias_hh, (rows,), "bias_hh", where)
+    return bias_ih, bias_hh

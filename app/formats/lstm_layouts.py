@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from app.errors import ModelError
-from app.formats.layouts import CellRead, check_shape, float32
+from app.formats.layouts import CellRead, check_shape, float32, torch_biases
 from app.spec import LSTMWeights
 
 GATES = 4
@@ -81,16 +81,7 @@ def from_torch_lstm(weight_ih: np.ndarray, weight_hh: np.ndarray,
                     bias_ih: np.ndarray | None, bias_hh: np.ndarray | None, where: str) -> LSTMWeights:
     """PyTorch ``nn.LSTM``: ``weight_ih (4U, I)`` with row blocks i, f, g, o (g is Keras' c),
     the order Keras uses; ``kernel = weight_ih.T`` and ``bias = bias_ih + bias_hh``."""
-    if weight_hh.ndim != 2 or weight_hh.shape[0] != GATES * weight_hh.shape[1]:
-        raise ModelError(f"{where}: weight_hh has shape {weight_hh.shape}, expected (4U, U)")
-    units = int(weight_hh.shape[1])
-    if weight_ih.ndim != 2 or weight_ih.shape[0] != GATES * units:
-        raise ModelError(f"{where}: weight_ih has shape {weight_ih.shape}, expected (4U, I)")
-    zeros = np.zeros(GATES * units, np.float32)
-    bias_ih = zeros if bias_ih is None else bias_ih
-    bias_hh = zeros if bias_hh is None else bias_hh
-    check_shape(bias_ih, (GATES * units,), "bias_ih", where)
-    check_shape(bias_hh, (GATES * units,), "bias_hh", where)
+    bias_ih, bias_hh = torch_biases(weight_ih, weight_hh, bias_ih, bias_hh, GATES, where)
     return LSTMWeights(float32(weight_ih.T), float32(weight_hh.T),
                        float32(bias_ih.astype(np.float64) + bias_hh))
 
