@@ -4,9 +4,10 @@
   widths != input width) against tf_keras's own CuDNNLSTM -> LSTM load converter;
 - Keras 2 / tf.keras ``LSTM`` with its activations (Keras 2's hard_sigmoid included) against
   tf_keras itself; Keras 3 ``.keras`` LSTMs against Keras 3;
-- PyTorch ``nn.LSTM`` safetensors, TF 1.x ``CudnnLSTM`` checkpoints, a mixed GRU + LSTM stack
-  and h5py-written files against the NumPy LSTM of tests/reference.py (itself checked against
-  tf_keras here).
+- PyTorch ``nn.LSTM`` state dicts against PyTorch's own CPU outputs (fixtures recorded in an
+  environment of their own: torch is not in the pinned set) and, with TF 1.x ``CudnnLSTM``
+  checkpoints, a mixed GRU + LSTM stack and h5py-written files, against the NumPy LSTM of
+  tests/reference.py (itself checked against tf_keras here).
 
 Each is run through the project's runner on every engine that serves it, all sequences
 batched in one call and each alone. No GPU was at hand: the references are CPU ones.
@@ -26,6 +27,7 @@ from app.formats import load_bundle
 from app.formats.keras_h5 import read_keras_h5
 from app.formats.manifest import Architecture
 from app.spec import CUDNN, CUDNN_LSTM, LSTMVariant, ModelSpec
+from tests.conftest import FIXTURES
 from tests.helpers import ENGINES, VARIANT_ENGINES, max_diff, runner_for, tf_keras
 from tests.keras2_files import write_full_model, write_weights_only
 from tests.keras2_lstm import LSTMTagger, Saved, save
@@ -368,3 +370,17 @@ def test_inspect_describes_an_lstm_file(workdir: Path, capsys: pytest.CaptureFix
     out = capsys.readouterr().out
     assert "servable: yes, as keras2-h5-model; conversion: cudnn-lstm->keras-lstm" in out
     assert "LSTM(4)" in out and "bidirectional; sigmoid / tanh" in out and "forward; sigmoid / tanh" in out
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("name", ["tokens_bi", "features_uni"])
+def test_torch_lstm_fixtures_reproduce_pytorch(name: str, engine: str) -> None:
+    """State dicts of nn.LSTM modules (2 layers; bidirectional with batch_first, unidirectional
+    without) and what PyTorch 2.13's CPU nn.LSTM computed, recorded by
+    tests/fixtures/torch_lstm/record.py in an environment of its own."""
+    if engine == "keras" and name == "features_uni":
+        pytest.skip("the keras engine runs the bidirectional token model")
+    bundle = load_bundle(FIXTURES / "torch_lstm" / name)
+    assert bundle.parity is not None and bundle.spec.source.conversion == "torch-lstm->keras-lstm"
+    assert [layer.cell for layer in bundle.spec.layers] == ["LSTM", "LSTM"]
+    assert_exact(bundle.spec, bundle.parity.sequences, bundle.parity.outputs, engine)
