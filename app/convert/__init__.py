@@ -1,4 +1,4 @@
-"""The conversion step: a ModelSpec becomes the Keras 3 BiGRU model, saved and checked by Keras.
+"""The conversion step: a ModelSpec becomes the Keras 3 GRU / LSTM model, saved and checked by Keras.
 
 ``keras_model`` builds the model; ``pipeline`` is ``python -m app convert`` (build, save,
 load back, check against the parity data, write the directory of ``directory``);
