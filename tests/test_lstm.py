@@ -384,3 +384,42 @@ def test_torch_lstm_fixtures_reproduce_pytorch(name: str, engine: str) -> None:
     assert bundle.parity is not None and bundle.spec.source.conversion == "torch-lstm->keras-lstm"
     assert [layer.cell for layer in bundle.spec.layers] == ["LSTM", "LSTM"]
     assert_exact(bundle.spec, bundle.parity.sequences, bundle.parity.outputs, engine)
+
+
+def test_a_manual_cudnnlstm_pair_between_reversing_lambdas(tmp_path: Path) -> None:
+    """Keras 2's hand-made bidirectional layer: one CuDNNLSTM on the input, one between two
+    ``Lambda(reverse)`` layers, joined by ``Concatenate``; the Lambdas are recognised, never run."""
+    from tf_keras.src.layers import CuDNNLSTM
+
+    keras2 = tf_keras()
+    layers = keras2.layers
+
+    def build(cell: type) -> object:
+        ids = layers.Input((None,), name="ids")
+        x = layers.Embedding(15, 5, name="embedding")(ids)
+        forward = cell(4, return_sequences=True, name="forward")(x)
+        reverse = layers.Lambda(_reverse_steps, name="reverse_in")(x)
+        backward = cell(4, return_sequences=True, name="backward")(reverse)
+        backward = layers.Lambda(_reverse_steps, name="reverse_out")(backward)
+        merged = layers.Concatenate(name="merge")([forward, backward])
+        return keras2.Model(ids, layers.Dense(3, activation="softmax", name="tags")(merged))
+
+    model = build(CuDNNLSTM)
+    rng = np.random.default_rng(11)
+    model.set_weights([rng.uniform(-0.5, 0.5, w.shape).astype(np.float32) for w in model.get_weights()])
+    model.save(tmp_path / "pair.h5")
+    twin = build(layers.LSTM)
+    twin.load_weights(tmp_path / "pair.h5")
+    inputs = [rng.integers(0, 15, n).astype(np.int32) for n in LENGTHS]
+    expected = [twin(s[None]).numpy()[0] for s in inputs]
+    spec = read_keras_h5(tmp_path / "pair.h5", Architecture(), "pair")
+    assert [(layer.name, layer.cell, layer.merge_mode) for layer in spec.layers] == [
+        ("forward+backward", "LSTM", "concat")]
+    assert_exact(spec, inputs, expected, "onnxruntime")
+
+
+def _reverse_steps(tensor: object) -> object:
+    """A Keras 2 Lambda's body (saved as marshalled code; the service reads, never runs it)."""
+    import tf_keras
+
+    return tf_keras.backend.reverse(tensor, 1)
