@@ -191,7 +191,7 @@ def _gru_variant(step: RecurrentStep, label: str, reset_after: set[bool], cudnn:
 
 
 def _lstm_variant(step: RecurrentStep, label: str, cudnn: bool) -> LSTMVariant:
-    """As :func:`_variant`, for an LSTM: cuDNN's layout is always cuDNN's LSTM; a Keras
+    """As :func:`_gru_variant`, for an LSTM: cuDNN's layout is always cuDNN's LSTM; a Keras
     ``LSTM`` without a description (a weights-only file) needs its activations named, as
     Keras 2's default (hard_sigmoid) and tf.keras 2's (sigmoid) differ."""
     if cudnn:
