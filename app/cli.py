@@ -127,20 +127,21 @@ def describe_bundle(bundle: ModelBundle) -> None:
     else:
         masking = "" if given["mask_value"] is None else f"Masking({given['mask_value']:g})"
         rows = [["input", f"features: {given['features']} per step", masking, ""]]
-    rows += [[layer["name"], f"GRU({layer['units']})",
-              f"{'bidirectional' if layer['bidirectional'] else 'forward'}; " + gru_variant_text(layer),
+    rows += [[layer["name"], f"{layer['type']}({layer['units']})",
+              f"{'bidirectional' if layer['bidirectional'] else 'forward'}; " + variant_text(layer),
               layer["merge_mode"] or ""] for layer in arch["recurrent"]]
     rows += [[dense["name"], f"Dense({dense['units']})", dense["activation"], ""] for dense in arch["dense"]]
     print()
     print_table(["layer", "kind", "direction / variant / activation", "merge"], rows)
 
 
-def gru_variant_text(layer: dict) -> str:
-    """e.g. ``reset_after=False, hard_sigmoid (Keras 2) / tanh``."""
+def variant_text(layer: dict) -> str:
+    """e.g. ``reset_after=False, hard_sigmoid (Keras 2) / tanh`` (an LSTM has no reset_after)."""
     recurrent = layer["recurrent_activation"]
     if recurrent == "hard_sigmoid":
         recurrent += " (Keras 2: clip(0.2x+0.5, 0, 1))"
-    return f"reset_after={layer['reset_after']}, {recurrent} / {layer['activation']}"
+    reset_after = f"reset_after={layer['reset_after']}, " if "reset_after" in layer else ""
+    return f"{reset_after}{recurrent} / {layer['activation']}"
 
 
 # --- convert / verify / export ---------------------------------------------------------

@@ -4,7 +4,10 @@ Every file format is read into a :class:`ModelSpec`; everything downstream (the 
 builder, the ONNX builder, the runner, the API, exports) reads only this.
 
 A model is: an input (token ids through an ``Embedding``, or a float feature vector per
-step) -> one or more (bidirectional) GRU layers -> zero or more per-step ``Dense`` layers.
+step) -> one or more (bidirectional) recurrent layers, each a GRU or an LSTM (a stack may
+mix them) -> zero or more per-step ``Dense`` layers. A layer's cell is told by its variant
+(:class:`GRUVariant` or :class:`LSTMVariant`), and its weights are that cell's
+(:class:`GRUWeights` or :class:`LSTMWeights`).
 
 GRU weights are held in the Keras layout, whatever the source was:
 
@@ -37,6 +40,16 @@ carry are those both engines compute exactly (ONNX ``GRU`` activation in bracket
 Keras 3 redefined ``hard_sigmoid`` as ``relu6(x + 3) / 6``; the name here always means
 Keras 2's formula above (what a Keras 2 file that says ``hard_sigmoid`` was trained with).
 
+LSTM weights are held in the Keras layout too: ``kernel (I, 4U)``, ``recurrent_kernel (U, 4U)``,
+``bias (4U,)``, column blocks the gates i, f, c, o. cuDNN's two bias vectors both add outside
+every product, so their sum is exact in one row. With ``f`` = ``recurrent_activation`` and
+``g`` = ``activation`` (cuDNN's: sigmoid, tanh; Keras 2's LSTM defaulted to hard_sigmoid)::
+
+    z_i, z_f, z_c, z_o = x @ kernel + h @ recurrent_kernel + bias
+    i = f(z_i);  f_ = f(z_f);  o = f(z_o);  c' = f_ * c + i * g(z_c);  h' = o * g(c')
+
+The activations an LSTM may carry are the GRU's list below.
+
 A ``Dense`` layer computes ``y = act(x @ kernel + bias)`` per step, ``act`` one of
 :data:`DENSE_ACTIVATIONS` (softmax over the last axis).
 """
@@ -66,17 +79,16 @@ class GRUVariant:
     reset_after: bool = True
     recurrent_activation: str = "sigmoid"
     activation: str = "tanh"
+    cell: ClassVar[str] = "GRU"
+    gates: ClassVar[int] = 3
+    states: ClassVar[int] = 1  # h
 
     @property
     def is_cudnn(self) -> bool:
         return self == CUDNN
 
     def validate(self, where: str) -> None:
-        for role in ("recurrent_activation", "activation"):
-            value = getattr(self, role)
-            if value not in GRU_ACTIVATIONS:
-                raise ModelError(f"{where}: {role}={value!r} is not supported "
-                                 f"(supported: {', '.join(GRU_ACTIVATIONS)})")
+        _validate_activations(self, where)
 
     def describe(self) -> dict:
         return {"reset_after": self.reset_after, "recurrent_activation": self.recurrent_activation,
@@ -91,12 +103,51 @@ CUDNN = GRUVariant()
 
 
 @dataclass(frozen=True)
-class GRUWeights:
-    """One direction of one GRU layer, in Keras layout (bias always ``(2, 3U)``)."""
+class LSTMVariant:
+    """Which LSTM equations a layer runs (see the module docstring). Default: cuDNN's."""
+
+    recurrent_activation: str = "sigmoid"
+    activation: str = "tanh"
+    cell: ClassVar[str] = "LSTM"
+    gates: ClassVar[int] = 4
+    states: ClassVar[int] = 2  # h and c
+
+    @property
+    def is_cudnn(self) -> bool:
+        return self == CUDNN_LSTM
+
+    def validate(self, where: str) -> None:
+        _validate_activations(self, where)
+
+    def describe(self) -> dict:
+        return {"recurrent_activation": self.recurrent_activation, "activation": self.activation}
+
+    def __str__(self) -> str:
+        return (f"LSTM(recurrent_activation={self.recurrent_activation!r}, "
+                f"activation={self.activation!r})")
+
+
+CUDNN_LSTM = LSTMVariant()
+CellVariant = GRUVariant | LSTMVariant
+
+
+def _validate_activations(variant: CellVariant, where: str) -> None:
+    for role in ("recurrent_activation", "activation"):
+        value = getattr(variant, role)
+        if value not in GRU_ACTIVATIONS:
+            raise ModelError(f"{where}: {role}={value!r} is not supported "
+                             f"(supported: {', '.join(GRU_ACTIVATIONS)})")
+
+
+@dataclass(frozen=True)
+class _KerasWeights:
+    """One direction of one recurrent layer in Keras layout: ``kernel (I, gates*U)``,
+    ``recurrent_kernel (U, gates*U)`` and the cell's bias."""
 
     kernel: np.ndarray
     recurrent_kernel: np.ndarray
     bias: np.ndarray
+    variant_type: ClassVar[type]
 
     @property
     def units(self) -> int:
@@ -106,35 +157,74 @@ class GRUWeights:
     def input_width(self) -> int:
         return int(self.kernel.shape[0])
 
-    def validate(self, where: str, input_width: int, variant: GRUVariant) -> None:
-        units = self.units
-        expected = {
-            "kernel": (input_width, 3 * units),
-            "recurrent_kernel": (units, 3 * units),
-            "bias": (2, 3 * units),
-        }
+    def bias_shape(self) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def validate(self, where: str, input_width: int, variant: CellVariant) -> None:
+        if not isinstance(variant, self.variant_type):
+            raise ModelError(f"{where}: {self.variant_type.cell} weights in a layer that says {variant}")
+        gates, units = self.variant_type.gates, self.units
+        expected = {"kernel": (input_width, gates * units), "recurrent_kernel": (units, gates * units),
+                    "bias": self.bias_shape()}
         for name, shape in expected.items():
             actual = getattr(self, name).shape
             if actual != shape:
                 raise ModelError(f"{where}: {name} has shape {actual}, expected {shape}")
-        if not variant.reset_after and np.any(self.bias[1]):
+
+
+@dataclass(frozen=True)
+class GRUWeights(_KerasWeights):
+    """One direction of one GRU layer, in Keras layout (bias always ``(2, 3U)``)."""
+
+    variant_type: ClassVar[type] = GRUVariant
+
+    def bias_shape(self) -> tuple[int, ...]:
+        return (2, 3 * self.units)
+
+    def validate(self, where: str, input_width: int, variant: CellVariant) -> None:
+        super().validate(where, input_width, variant)
+        if not variant.reset_after and np.any(self.bias[1]):  # type: ignore[union-attr]
             raise ModelError(f"{where}: reset_after=False keeps its one bias row in row 0; "
                              "row 1 must be zeros")
 
 
 @dataclass(frozen=True)
+class LSTMWeights(_KerasWeights):
+    """One direction of one LSTM layer, in Keras layout: gates i, f, c, o; bias ``(4U,)``."""
+
+    variant_type: ClassVar[type] = LSTMVariant
+
+    def bias_shape(self) -> tuple[int, ...]:
+        return (4 * self.units,)
+
+
+CellWeights = GRUWeights | LSTMWeights
+
+
+@dataclass(frozen=True)
 class RecurrentLayer:
-    """A GRU layer: forward only, or forward + backward merged per step."""
+    """A GRU or LSTM layer (as its variant says): forward only, or forward + backward merged
+    per step."""
 
     name: str
-    forward: GRUWeights
-    backward: GRUWeights | None = None
+    forward: CellWeights
+    backward: CellWeights | None = None
     merge_mode: MergeMode = "concat"
-    variant: GRUVariant = CUDNN
+    variant: CellVariant = CUDNN
+
+    @property
+    def cell(self) -> str:
+        """``"GRU"`` or ``"LSTM"``."""
+        return self.variant.cell
 
     @property
     def units(self) -> int:
         return self.forward.units
+
+    @property
+    def state_floats(self) -> int:
+        """Floats of recurrent state one sequence keeps per step (h, and c for an LSTM)."""
+        return self.units * len(self.directions()) * self.variant.states
 
     @property
     def bidirectional(self) -> bool:
@@ -145,7 +235,7 @@ class RecurrentLayer:
         both = self.bidirectional and self.merge_mode == "concat"
         return 2 * self.units if both else self.units
 
-    def directions(self) -> list[GRUWeights]:
+    def directions(self) -> list[CellWeights]:
         return [self.forward] if self.backward is None else [self.forward, self.backward]
 
 
@@ -193,7 +283,7 @@ class TokenInput:
 
     @property
     def width(self) -> int:
-        """The width of what the first GRU layer reads."""
+        """The width of what the first recurrent layer reads."""
         return int(self.embeddings.shape[1])
 
     @property
@@ -219,7 +309,7 @@ class TokenInput:
 
 @dataclass(frozen=True)
 class FeatureInput:
-    """A float vector per step, fed straight to the first GRU layer: ``(steps, features)``.
+    """A float vector per step, fed straight to the first recurrent layer: ``(steps, features)``.
 
     ``mask_value`` is set when the model starts with a ``Masking`` layer: a step whose every
     feature equals it is padding to that model (skipped, state carried over). Requests are
@@ -266,7 +356,7 @@ class Source:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Input -> GRU stack -> per-step Dense stack (possibly empty)."""
+    """Input -> GRU / LSTM stack -> per-step Dense stack (possibly empty)."""
 
     name: str
     input: ModelInput
@@ -291,7 +381,7 @@ class ModelSpec:
         """Check every shape against its neighbours; raise :class:`ModelError` naming the layer."""
         self.input.validate()
         if not self.layers:
-            raise ModelError("the model has no GRU layer")
+            raise ModelError("the model has no recurrent (GRU or LSTM) layer")
         width = self.input.width
         for layer in self.layers:
             if layer.merge_mode not in MERGE_MODES:
@@ -312,7 +402,7 @@ class ModelSpec:
         return {
             "input": self.input.describe(),
             "recurrent": [
-                {"name": layer.name, "type": "GRU", "units": layer.units,
+                {"name": layer.name, "type": layer.cell, "units": layer.units,
                  "bidirectional": layer.bidirectional,
                  "merge_mode": layer.merge_mode if layer.bidirectional else None,
                  "output_width": layer.output_width, **layer.variant.describe()}

@@ -12,22 +12,40 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from tests.reference import Native, NativeModel, to_cudnngru, to_keras_gru
+from tests.reference import (
+    Native,
+    NativeModel,
+    Variant,
+    to_cudnngru,
+    to_cudnnlstm,
+    to_keras_gru,
+    to_keras_lstm,
+)
+
+# Keras 2's class -> the name its weights carry inside a Bidirectional
+CELL_NAMES = {"CuDNNGRU": "cu_dnngru", "GRU": "gru_cell", "CuDNNLSTM": "cu_dnnlstm", "LSTM": "lstm_cell"}
+Cells = str | tuple[str, ...]  # one class for every layer, or one per layer
 
 
-def _gru_config(cell: str, units: int, model: NativeModel) -> dict:
-    config = {"name": "gru", "units": units, "return_sequences": True, "return_state": False,
-              "go_backwards": False, "stateful": False}
+def _cell(cells: Cells, index: int) -> str:
+    return cells if isinstance(cells, str) else cells[index]
+
+
+def _gru_config(cell: str, units: int, variant: Variant) -> dict:
+    config = {"name": "lstm" if "LSTM" in cell else "gru", "units": units, "return_sequences": True,
+              "return_state": False, "go_backwards": False, "stateful": False}
     if cell == "GRU":
-        variant = model.variant
         config |= {"activation": variant.activation, "recurrent_activation": variant.recurrent_activation,
                    "reset_after": variant.reset_after, "use_bias": True}
+    if cell == "LSTM":
+        config |= {"activation": variant.activation, "recurrent_activation": variant.recurrent_activation,
+                   "use_bias": True, "unit_forget_bias": True}
     return {"class_name": cell, "config": config}
 
 
-def model_config(model: NativeModel, cell: str = "CuDNNGRU") -> dict:
+def model_config(model: NativeModel, cell: Cells = "CuDNNGRU") -> dict:
     if model.embeddings is None:
-        width = model.layers[0][0].W["z"].shape[1]
+        width = model.layers[0][0].width
         layers: list[dict] = [{"class_name": "InputLayer", "config": {
             "batch_input_shape": [None, None, width], "name": "features"}}]
     else:
@@ -38,12 +56,13 @@ def model_config(model: NativeModel, cell: str = "CuDNNGRU") -> dict:
                                                    "output_dim": width, "mask_zero": False}},
         ]
     for index, (forward, backward) in enumerate(model.layers):
-        inner = _gru_config(cell, forward.units, model)
+        inner = _gru_config(_cell(cell, index), forward.units, model.layer_variant(index))
         if backward is None:
-            layers.append({"class_name": cell, "config": inner["config"] | {"name": f"gru_{index}"}})
+            layers.append({"class_name": _cell(cell, index),
+                           "config": inner["config"] | {"name": f"gru_{index}"}})
         else:
             layers.append({"class_name": "Bidirectional", "config": {
-                "name": f"bigru_{index}", "layer": inner, "merge_mode": model.merge_mode}})
+                "name": f"bigru_{index}", "layer": inner, "merge_mode": model.layer_merge(index)}})
     for index, (kernel, _, name) in enumerate(model.stack):
         layers.append({"class_name": "Dense", "config": {"name": f"dense_{index}",
                                                          "units": kernel.shape[1], "activation": name}})
@@ -58,25 +77,27 @@ def model_config(model: NativeModel, cell: str = "CuDNNGRU") -> dict:
 LayerWeights = list[tuple[str, list[tuple[str, np.ndarray]]]]
 
 
-def layer_weights(model: NativeModel, cell: str = "CuDNNGRU") -> LayerWeights:
-    def encode(native: Native) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return to_cudnngru(native) if cell == "CuDNNGRU" else to_keras_gru(native, model.variant.reset_after)
+def layer_weights(model: NativeModel, cell: Cells = "CuDNNGRU") -> LayerWeights:
+    def encode(native: Native, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return {"CuDNNGRU": to_cudnngru, "CuDNNLSTM": to_cudnnlstm, "LSTM": to_keras_lstm,
+                "GRU": lambda n: to_keras_gru(n, model.layer_variant(index).reset_after),
+                }[_cell(cell, index)](native)
 
-    cell_name = "cu_dnngru" if cell == "CuDNNGRU" else "gru_cell"
     result: LayerWeights = []
     if model.embeddings is not None:
         result.append(("embedding", [("embedding/embeddings:0", model.embeddings)]))
     for index, (forward, backward) in enumerate(model.layers):
+        cell_name = CELL_NAMES[_cell(cell, index)]
         if backward is None:
             name = f"gru_{index}"
             result.append((name, [(f"{name}/{w}:0", a) for w, a in
-                                  zip(("kernel", "recurrent_kernel", "bias"), encode(forward))]))
+                                  zip(("kernel", "recurrent_kernel", "bias"), encode(forward, index))]))
             continue
         name = f"bigru_{index}"
         weights = []
         for direction, native in (("forward", forward), ("backward", backward)):
             weights += [(f"{name}/{direction}_{cell_name}/{w}:0", a)
-                        for w, a in zip(("kernel", "recurrent_kernel", "bias"), encode(native))]
+                        for w, a in zip(("kernel", "recurrent_kernel", "bias"), encode(native, index))]
         result.append((name, weights))
     for index, (kernel, bias, _) in enumerate(model.stack):
         name = f"dense_{index}"
@@ -97,7 +118,7 @@ def _write_weights(group: h5py.Group, layers: LayerWeights) -> None:
             layer_group.create_dataset(weight_name, data=array)
 
 
-def write_full_model(path: Path, model: NativeModel, cell: str = "CuDNNGRU",
+def write_full_model(path: Path, model: NativeModel, cell: Cells = "CuDNNGRU",
                      config: dict | None = None) -> Path:
     with h5py.File(path, "w") as file:
         file.attrs["keras_version"] = b"2.2.4"
@@ -107,7 +128,7 @@ def write_full_model(path: Path, model: NativeModel, cell: str = "CuDNNGRU",
     return path
 
 
-def write_weights_only(path: Path, model: NativeModel, cell: str = "CuDNNGRU") -> Path:
+def write_weights_only(path: Path, model: NativeModel, cell: Cells = "CuDNNGRU") -> Path:
     with h5py.File(path, "w") as file:
         _write_weights(file, layer_weights(model, cell))
     return path

@@ -43,13 +43,7 @@ def build(tagger: Tagger, seed: int = 0) -> Any:  # a tf_keras.Sequential
     """The tf_keras model, with random weights (biases too) small enough for any activation."""
     keras2 = tf_keras()
     layers = keras2.layers
-    if tagger.inputs == "tokens":
-        stack = [layers.InputLayer(input_shape=(None,), name="ids"),
-                 layers.Embedding(tagger.vocab, tagger.width, name="embedding")]
-    else:
-        stack = [layers.InputLayer(input_shape=(None, tagger.width), name="features")]
-        if tagger.masking:
-            stack.append(layers.Masking(mask_value=0.0, name="masking"))
+    stack = input_layers(tagger)
     for index, merge in enumerate(tagger.merges):
         gru = layers.GRU(tagger.units, return_sequences=True, reset_after=tagger.reset_after,
                          recurrent_activation=tagger.recurrent_activation,
@@ -67,6 +61,19 @@ def build(tagger: Tagger, seed: int = 0) -> Any:  # a tf_keras.Sequential
     rng = np.random.default_rng(seed)
     model.set_weights([rng.uniform(-0.4, 0.4, w.shape).astype(np.float32) for w in model.get_weights()])
     return model
+
+
+def input_layers(tagger: Any) -> list:
+    """Token ids through an Embedding, or feature vectors (through a Masking layer): what a
+    tagger (``inputs``, ``vocab``, ``width``, ``masking``) starts with."""
+    layers = tf_keras().layers
+    if tagger.inputs == "tokens":
+        return [layers.InputLayer(input_shape=(None,), name="ids"),
+                layers.Embedding(tagger.vocab, tagger.width, name="embedding")]
+    stack = [layers.InputLayer(input_shape=(None, tagger.width), name="features")]
+    if tagger.masking:
+        stack.append(layers.Masking(mask_value=0.0, name="masking"))
+    return stack
 
 
 def sequences(tagger: Tagger, rng: np.random.Generator, max_len: int = 12) -> list[np.ndarray]:

@@ -16,7 +16,14 @@ from app.errors import ModelError
 from app.formats.bundle import load_bundle
 from tests.conftest import DEFAULT_MODEL, FIXTURES
 from tests.helpers import max_diff, outputs, runner_for
-from tests.reference import NativeModel, random_model, to_tf1_canonical, to_torch
+from tests.reference import (
+    NativeModel,
+    random_model,
+    to_tf1_canonical,
+    to_tf1_canonical_lstm,
+    to_torch,
+    to_torch_lstm,
+)
 
 
 def sequences(rng: np.random.Generator, vocab: int, max_len: int = 12) -> list[list[int]]:
@@ -56,7 +63,8 @@ def torch_state(model: NativeModel, emb: str = "emb", gru: str = "gru", head: st
     for k, (forward, backward) in enumerate(model.layers):
         for direction, native in (("", forward), ("_reverse", backward)):
             if native is not None:
-                state |= {f"{gru}.{name}_l{k}{direction}": a for name, a in to_torch(native).items()}
+                encode = to_torch_lstm if "i" in native.W else to_torch  # an nn.LSTM's gates
+                state |= {f"{gru}.{name}_l{k}{direction}": a for name, a in encode(native).items()}
     if model.head_kernel is not None:
         state |= {f"{head}.weight": model.head_kernel.T.copy(), f"{head}.bias": model.head_bias}
     return state
@@ -125,15 +133,17 @@ def write_tf1_checkpoint(prefix: Path, model: NativeModel, head_scope: str = "ou
     for index, (kernel, bias, _) in enumerate(model.stack):
         variables |= {f"mlp/dense_{index}/kernel": kernel, f"mlp/dense_{index}/bias": bias}
     for i, (forward, backward) in enumerate(model.layers):
+        lstm = "i" in forward.W  # a CudnnLSTM's gates
+        cell = "cudnn_compatible_lstm_cell" if lstm else "cudnn_compatible_gru_cell"
         if backward is None:
-            bases = {f"rnn/multi_rnn_cell/cell_{i}/cudnn_compatible_gru_cell/": forward}
+            bases = {f"rnn/multi_rnn_cell/cell_{i}/{cell}/": forward}
         else:
             scope = f"stack_bidirectional_rnn/cell_{i}/bidirectional_rnn"
-            bases = {f"{scope}/fw/cudnn_compatible_gru_cell/": forward,
-                     f"{scope}/bw/cudnn_compatible_gru_cell/": backward}
+            bases = {f"{scope}/fw/{cell}/": forward, f"{scope}/bw/{cell}/": backward}
+        encode, kernel = (to_tf1_canonical_lstm, "kernel") if lstm else (to_tf1_canonical, "gates/kernel")
         for base, native in bases.items():
-            variables |= {base + name: array for name, array in to_tf1_canonical(native).items()}
-            variables[base + "gates/kernel/Adam"] = np.zeros_like(variables[base + "gates/kernel"])
+            variables |= {base + name: array for name, array in encode(native).items()}
+            variables[f"{base}{kernel}/Adam"] = np.zeros_like(variables[base + kernel])
     if model.head_kernel is not None:
         variables |= {f"{head_scope}/kernel": model.head_kernel, f"{head_scope}/bias": model.head_bias}
     variables["global_step"] = np.array(1000, np.int64)
@@ -177,5 +187,5 @@ def test_tf1_checkpoint_without_gru_cells_is_refused(tmp_path: Path) -> None:
 
     saver = tf.compat.v1.train.Saver(var_list={"w": tf.Variable(np.zeros((2, 2), np.float32))})
     prefix = saver.save(None, str(tmp_path / "model.ckpt"))
-    with pytest.raises(ModelError, match="no cudnn_compatible_gru_cell variables"):
+    with pytest.raises(ModelError, match="no cudnn_compatible_gru_cell or cudnn_compatible_lstm_cell"):
         load_bundle(Path(prefix))

@@ -69,7 +69,7 @@ def test_shape_errors_name_the_layer(segmenter: ModelSpec) -> None:
     refused(replace(segmenter, input=replace(tokens, embeddings=tokens.embeddings[0])),
             r"embedding: expected a 2-D matrix")
     refused(replace(segmenter, input=FeatureInput(0)), r"^input: 0 features per step$")
-    refused(replace(segmenter, layers=()), r"^the model has no GRU layer$")
+    refused(replace(segmenter, layers=()), r"^the model has no recurrent \(GRU or LSTM\) layer$")
     refused(replace(segmenter, layers=(replace(first, merge_mode="max"), second)),
             r"bigru_0: unsupported merge_mode 'max'")
     narrow = replace(first.forward, kernel=first.forward.kernel[:31])

@@ -70,11 +70,11 @@ def test_head_kernel_that_does_not_fit(tmp_path: Path) -> None:
 
 
 def test_unsupported_layer(tmp_path: Path) -> None:
-    def add_lstm(layers: list) -> None:
-        layers.insert(3, {"class_name": "LSTM", "config": {"name": "lstm", "units": 3}})
+    def add_rnn(layers: list) -> None:
+        layers.insert(3, {"class_name": "SimpleRNN", "config": {"name": "rnn", "units": 3}})
 
-    with pytest.raises(ModelError, match="layer 'lstm': LSTM is not supported"):
-        load_bundle(small_model(tmp_path, add_lstm))
+    with pytest.raises(ModelError, match="layer 'rnn': SimpleRNN is not supported"):
+        load_bundle(small_model(tmp_path, add_rnn))
 
 
 def test_a_gru_config_contradicting_its_cudnn_weights_is_refused(tmp_path: Path) -> None:

@@ -278,5 +278,5 @@ def test_the_openvino_engine_refuses_other_variants_by_name(workdir: str) -> Non
     path, _, _ = saved(next(t for t in TAGGERS if not t.reset_after), workdir)
     spec = read_keras_h5(path, Architecture(), "tagger")
     assert choose_engine("auto", spec, 1, [8], 4).engine.name == "onnxruntime"
-    with pytest.raises(ModelError, match=r"openvino engine runs cuDNN's GRU only, not .*reset_after=False"):
+    with pytest.raises(ModelError, match=r"engine runs cuDNN's GRU and LSTM only, not .*reset_after=False"):
         make_engine("openvino", spec, 1, [8])

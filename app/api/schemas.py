@@ -34,7 +34,7 @@ def make_infer_request(max_batch: int, max_len: int, kind: str = "tokens") -> ty
         sequences: Annotated[list[sequence], Field(  # type: ignore[valid-type]
             min_length=1, max_length=max_batch, description=DESCRIPTIONS[kind])]
         return_hidden: StrictBool = Field(
-            False, description="also return the last GRU layer's per-step merged states")
+            False, description="also return the last recurrent (GRU or LSTM) layer's per-step merged states")
 
     return InferRequest
 

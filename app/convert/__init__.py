@@ -1,4 +1,4 @@
-"""The conversion step: a ModelSpec becomes the Keras 3 model, saved and checked by Keras.
+"""The conversion step: a ModelSpec becomes the Keras 3 GRU / LSTM model, saved and checked by Keras.
 
 ``pipeline`` is ``python -m app convert`` (build the model of
 :mod:`app.lowering.keras_model`, save, load back, check against the parity data, write the

@@ -1,5 +1,5 @@
 """The OpenVINO engine: the ONNX graph of :mod:`app.lowering.onnx_graph`, lowered with
-``backward="reversed"`` so that every ``GRU`` is a forward one without ``sequence_lens``,
+``backward="reversed"`` so that every ``GRU`` / ``LSTM`` is a forward one without ``sequence_lens``,
 which OpenVINO's CPU plugin runs as one fused oneDNN RNN per direction (given
 ``sequence_lens``, it unrolls the loop step by step and mixes padding into the backward
 direction of shorter sequences).
@@ -9,9 +9,10 @@ Compiled once for dynamic shapes (no per-shape compilation on the request path),
 miss the GPU outputs by ~1e-2. An infer request is not thread-safe, so each engine thread
 gets its own.
 
-Only cuDNN's GRU (``reset_after=True``, sigmoid and tanh) is lowered to OpenVINO: its CPU
-plugin refuses most of the other activations Keras 2 GRUs carry (elu, softsign, ...), so a
-model with another variant is refused here and ``ENGINE=auto`` serves it with ONNX Runtime.
+Only cuDNN's cells (GRU ``reset_after=True``, LSTM; sigmoid and tanh) are lowered to
+OpenVINO: its CPU plugin refuses most of the other activations Keras 2 layers carry (elu,
+softsign, ...), so a model with another variant is refused here and ``ENGINE=auto`` serves
+it with ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class OpenVinoEngine:
 
         others = [f"{layer.name} ({layer.variant})" for layer in spec.layers if not layer.variant.is_cudnn]
         if others:
-            raise ModelError(f"the openvino engine runs cuDNN's GRU only, not {', '.join(others)}")
+            raise ModelError(f"the openvino engine runs cuDNN's GRU and LSTM only, not {', '.join(others)}")
         self.input = spec.input
         core = openvino.Core()
         model = core.read_model(build_onnx_model(spec, backward="reversed").SerializeToString())

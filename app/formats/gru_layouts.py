@@ -6,31 +6,14 @@ The derivations, and the numeric checks behind them, are in ``docs/cudnn-gru-for
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from app.errors import ModelError
+from app.formats.layouts import CellRead, float32, torch_biases
+from app.formats.layouts import check_shape as _check
 from app.spec import GRUWeights
 
 GATES = 3
-
-
-@dataclass(frozen=True)
-class GRURead:
-    """One direction as read from a file: its weights, the conversion applied, and what its
-    layout tells: ``reset_after``, and ``cudnn`` when the layout is a cuDNN-trained GRU's
-    (CuDNNGRU, PyTorch, TF 1.x CudnnGRU), which always runs cuDNN's equations."""
-
-    weights: GRUWeights
-    conversion: str
-    reset_after: bool = True
-    cudnn: bool = False
-
-
-def float32(array: np.ndarray) -> np.ndarray:
-    """Contiguous float32, the one dtype the spec holds."""
-    return np.ascontiguousarray(array, dtype=np.float32)
 
 
 def _units_of(recurrent_kernel: np.ndarray, where: str) -> int:
@@ -39,11 +22,6 @@ def _units_of(recurrent_kernel: np.ndarray, where: str) -> int:
             f"{where}: recurrent_kernel has shape {recurrent_kernel.shape}, expected (U, 3U)"
         )
     return int(recurrent_kernel.shape[0])
-
-
-def _check(array: np.ndarray, shape: tuple[int, ...], what: str, where: str) -> None:
-    if array.shape != shape:
-        raise ModelError(f"{where}: {what} has shape {array.shape}, expected {shape}")
 
 
 def from_cudnn_gru(
@@ -91,15 +69,15 @@ def from_keras_gru(
 
 def from_keras2_file(
     kernel: np.ndarray, recurrent_kernel: np.ndarray, bias: np.ndarray, where: str
-) -> GRURead:
+) -> CellRead:
     """A GRU read from a Keras 2 file; the bias shape is the only reliable tell of the layout:
     ``(6U,)`` CuDNNGRU, ``(2, 3U)`` GRU(reset_after=True), ``(3U,)`` GRU(reset_after=False)."""
     units = _units_of(recurrent_kernel, where)
     if bias.shape == (2 * GATES * units,):
-        return GRURead(from_cudnn_gru(kernel, recurrent_kernel, bias, where), "cudnn-gru->keras-gru",
+        return CellRead(from_cudnn_gru(kernel, recurrent_kernel, bias, where), "cudnn-gru->keras-gru",
                        cudnn=True)
     weights, reset_after = from_keras_gru(kernel, recurrent_kernel, bias, where)
-    return GRURead(weights, "none (Keras GRU layout)", reset_after)
+    return CellRead(weights, "none (Keras GRU layout)", reset_after)
 
 
 def from_torch_gru(
@@ -107,16 +85,7 @@ def from_torch_gru(
     bias_ih: np.ndarray | None, bias_hh: np.ndarray | None, where: str,
 ) -> GRUWeights:
     """PyTorch ``nn.GRU``: ``weight_ih (3U, I)`` with row blocks r, z, n (n is Keras' h)."""
-    if weight_hh.ndim != 2 or weight_hh.shape[0] != GATES * weight_hh.shape[1]:
-        raise ModelError(f"{where}: weight_hh has shape {weight_hh.shape}, expected (3U, U)")
-    units = int(weight_hh.shape[1])
-    if weight_ih.ndim != 2 or weight_ih.shape[0] != GATES * units:
-        raise ModelError(f"{where}: weight_ih has shape {weight_ih.shape}, expected (3U, I)")
-    zeros = np.zeros(GATES * units, np.float32)
-    bias_ih = zeros if bias_ih is None else bias_ih
-    bias_hh = zeros if bias_hh is None else bias_hh
-    _check(bias_ih, (GATES * units,), "bias_ih", where)
-    _check(bias_hh, (GATES * units,), "bias_hh", where)
+    bias_ih, bias_hh = torch_biases(weight_ih, weight_hh, bias_ih, bias_hh, GATES, where)
 
     def zrn(rows: np.ndarray) -> list[np.ndarray]:
         r, z, n = np.split(rows, GATES)

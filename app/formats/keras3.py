@@ -3,8 +3,9 @@
 Read with zipfile, json and h5py: no Keras import and nothing deserialised as code. This is
 also the format ``python -m app convert`` writes, already in the Keras 3 layout, so serving
 it needs no conversion. In ``model.weights.h5`` each layer is a group under ``layers/``
-whose ``vars`` group is named by its ``name`` attribute; a GRU's weights sit in
-``cell/vars/{0,1,2}`` (``forward_layer/`` and ``backward_layer/`` in a ``Bidirectional``).
+whose ``vars`` group is named by its ``name`` attribute; a GRU's or LSTM's weights sit in
+``cell/vars/{0,1,2}`` (``forward_layer/`` and ``backward_layer/`` in a ``Bidirectional``),
+already in the spec's layout; the recurrent kernel's shape tells the cell.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ import h5py
 import numpy as np
 
 from app.errors import ModelError
-from app.formats.gru_layouts import GRURead, from_keras_gru
+from app.formats.gru_layouts import from_keras_gru
 from app.formats.keras_config import parse_model_config
+from app.formats.layouts import CellRead, cell_of
+from app.formats.lstm_layouts import from_keras_lstm
 from app.formats.manifest import Architecture
 from app.formats.plan import assemble
 from app.spec import ModelSpec, Source
@@ -71,16 +74,19 @@ class Keras3Weights:
     def embeddings(self, name: str) -> np.ndarray:
         return self._arrays(self._group(name))[0]
 
-    def gru(self, name: str, direction: str | None, claims_cudnn: bool | None) -> GRURead:
+    def recurrent(self, name: str, direction: str | None, claims_cudnn: bool | None) -> CellRead:
         group = self._group(name)
         if direction is not None:
             group = group[f"{direction}_layer"]
         arrays = self._arrays(group)
         if len(arrays) != 3:
-            raise ModelError(f"{self.path}: layer {name!r} has {len(arrays)} GRU variables, expected 3")
+            raise ModelError(f"{self.path}: layer {name!r} has {len(arrays)} recurrent variables, "
+                             "expected 3")
         where = f"layer {name!r}" + (f" ({direction})" if direction else "")
+        if cell_of(arrays[1], where) == "LSTM":
+            return CellRead(from_keras_lstm(*arrays, where), "none (Keras 3 layout)")
         weights, reset_after = from_keras_gru(*arrays, where)
-        return GRURead(weights, "none (Keras 3 layout)", reset_after)
+        return CellRead(weights, "none (Keras 3 layout)", reset_after)
 
     def dense(self, name: str) -> tuple[np.ndarray, np.ndarray | None]:
         arrays = self._arrays(self._group(name))

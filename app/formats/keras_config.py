@@ -4,13 +4,17 @@ layer plan, without running it.
 Handles Sequential models (Keras <= 2.1 stores the layers as a bare list, 2.2+ as
 ``{"name", "layers"}``) and Functional models (Keras 2 and Keras 3 node formats; the first
 output is the one served), including the "manual" bidirectional build:
-two GRU layers joined by a merge layer, one of them fed reversed input through a ``Lambda``.
+two GRU (or LSTM) layers joined by a merge layer, one of them fed reversed input through a
+``Lambda``.
 A ``Lambda``'s body is marshalled bytecode: it is never executed, only searched for the
 name ``reverse`` to recognise the reversing layers.
 
 Each GRU's variant (:class:`~app.spec.GRUVariant`) comes from its config: ``reset_after``
-(missing in Keras <= 2.1 configs: False), ``recurrent_activation``, ``activation``. In a
-Keras 2 description ``hard_sigmoid`` is Keras 2's function; in a Keras 3 one it is Keras 3's
+(missing in Keras <= 2.1 configs: False), ``recurrent_activation``, ``activation``; each
+LSTM's (:class:`~app.spec.LSTMVariant`) from its two activations (a missing
+``recurrent_activation`` is Keras 2's default, ``hard_sigmoid``; ``unit_forget_bias`` only
+initialises). ``CuDNNGRU`` and ``CuDNNLSTM`` are always cuDNN's equations. In a Keras 2
+description ``hard_sigmoid`` is Keras 2's function; in a Keras 3 one it is Keras 3's
 (refused), and Keras 2's appears as the function the builder registers.
 """
 
@@ -24,18 +28,31 @@ from typing import Any
 
 from app.errors import ModelError
 from app.formats.plan import DenseStep, EmbeddingStep, MaskingStep, RecurrentStep, Step
-from app.spec import CUDNN, DENSE_ACTIVATIONS, GRU_ACTIVATIONS, KERAS2_HARD_SIGMOID, GRUVariant
+from app.spec import (
+    CUDNN,
+    CUDNN_LSTM,
+    DENSE_ACTIVATIONS,
+    GRU_ACTIVATIONS,
+    KERAS2_HARD_SIGMOID,
+    CellVariant,
+    GRUVariant,
+    LSTMVariant,
+)
 
-GRU_CLASSES = {"CuDNNGRU": True, "GRU": False, "GRUV2": False}
+# class name -> (cell, whether it claims cuDNN's layout)
+RECURRENT_CLASSES = {
+    "CuDNNGRU": ("GRU", True), "GRU": ("GRU", False), "GRUV2": ("GRU", False),
+    "CuDNNLSTM": ("LSTM", True), "LSTM": ("LSTM", False), "LSTMV2": ("LSTM", False),
+}
 INFERENCE_NO_OPS = {
     "InputLayer", "Dropout", "SpatialDropout1D", "GaussianNoise", "GaussianDropout",
     "AlphaDropout", "ActivityRegularization", "Identity",
 }
 MERGE_LAYERS = {"Concatenate": "concat", "Add": "sum", "Average": "ave", "Multiply": "mul"}
 SUPPORTED = (
-    "Embedding, Masking, Bidirectional(CuDNNGRU | GRU), CuDNNGRU, GRU, Dense, "
-    "TimeDistributed(Dense), Activation, Dropout-like layers, and a manual forward/backward "
-    "pair joined by Concatenate | Add | Average | Multiply"
+    "Embedding, Masking, Bidirectional(CuDNNGRU | GRU | CuDNNLSTM | LSTM), CuDNNGRU, GRU, "
+    "CuDNNLSTM, LSTM, Dense, TimeDistributed(Dense), Activation, Dropout-like layers, and a manual "
+    "forward/backward pair joined by Concatenate | Add | Average | Multiply"
 )
 
 
@@ -98,22 +115,22 @@ def _step(layer: Layer, keras3: bool) -> Step:
         return MaskingStep(layer.name, float(config.get("mask_value", 0.0)))
     if cls == "Bidirectional":
         inner = config.get("layer", {})
-        claims, variant = _check_gru(layer.name, inner.get("class_name", "?"), inner.get("config", {}),
+        claims, variant = _check_recurrent(layer.name, inner.get("class_name", "?"), inner.get("config", {}),
                                      keras3)
         backward = config.get("backward_layer")
-        if backward and _check_gru(layer.name, backward.get("class_name", "?"),
+        if backward and _check_recurrent(layer.name, backward.get("class_name", "?"),
                                    backward.get("config", {}), keras3) != (claims, variant):
-            raise ModelError(f"layer {layer.name!r}: its backward_layer is a different GRU from "
+            raise ModelError(f"layer {layer.name!r}: its backward_layer is a different layer from "
                              "its forward layer; not supported")
         merge_mode = config.get("merge_mode", "concat")
         if merge_mode not in MERGE_LAYERS.values():
             raise ModelError(f"layer {layer.name!r}: merge_mode {merge_mode!r} is not supported "
                              "(concat, sum, ave, mul)")
         return RecurrentStep(layer.name, merge_mode, claims_cudnn=claims, variant=variant)
-    if cls in GRU_CLASSES:
-        claims, variant = _check_gru(layer.name, cls, config, keras3)
+    if cls in RECURRENT_CLASSES:
+        claims, variant = _check_recurrent(layer.name, cls, config, keras3)
         if config.get("go_backwards"):
-            raise ModelError(f"layer {layer.name!r}: a lone GRU with go_backwards=True is not supported")
+            raise ModelError(f"layer {layer.name!r}: a lone {cls} with go_backwards=True is not supported")
         return RecurrentStep(layer.name, None, claims_cudnn=claims, variant=variant)
     if cls == "TimeDistributed" and config.get("layer", {}).get("class_name") == "Dense":
         return DenseStep(layer.name, _dense_activation(layer, config["layer"]["config"]))
@@ -139,34 +156,41 @@ def _activation_name(value: Any) -> str:
     return value.split(">")[-1]  # a registered name is "package>name"
 
 
-def _check_gru(name: str, cls: str, config: dict[str, Any], keras3: bool) -> tuple[bool, GRUVariant]:
-    """Refuse what cannot be served exactly; return whether it claims CuDNNGRU, and its variant.
+def _check_recurrent(name: str, cls: str, config: dict[str, Any], keras3: bool) -> tuple[bool, CellVariant]:
+    """Refuse what cannot be served exactly; return whether it claims cuDNN's layout, and its
+    variant.
 
-    A ``CuDNNGRU`` is always cuDNN's equations. A ``GRU`` config from Keras <= 2.1 has no
-    ``reset_after`` key: that Keras had only the reset-before form, so a missing key means False.
+    A ``CuDNNGRU`` / ``CuDNNLSTM`` is always cuDNN's equations. A ``GRU`` config from Keras
+    <= 2.1 has no ``reset_after`` key: that Keras had only the reset-before form, so a missing
+    key means False.
     """
-    if cls not in GRU_CLASSES:
-        raise ModelError(f"layer {name!r}: {cls} is not supported (only CuDNNGRU and GRU)")
+    if cls not in RECURRENT_CLASSES:
+        raise ModelError(f"layer {name!r}: {cls} is not supported (only CuDNNGRU, GRU, CuDNNLSTM "
+                         "and LSTM)")
+    cell, claims = RECURRENT_CLASSES[cls]
     problems = []
     if not config.get("return_sequences", False):
         problems.append("return_sequences=False (per-step outputs need the whole sequence)")
     if config.get("return_state") or config.get("stateful"):
         problems.append("return_state/stateful")
-    variant = CUDNN
-    if not GRU_CLASSES[cls]:
+    if config.get("time_major"):
+        problems.append("time_major=True")
+    variant: CellVariant = CUDNN if cell == "GRU" else CUDNN_LSTM
+    if not claims:
         activations = {role: _gru_activation(config.get(role, default), keras3, role, problems)
                        for role, default in (("recurrent_activation", "hard_sigmoid"),
                                              ("activation", "tanh"))}
-        variant = GRUVariant(bool(config.get("reset_after", False)), **activations)
+        variant = GRUVariant(bool(config.get("reset_after", False)), **activations) if cell == "GRU" \
+            else LSTMVariant(**activations)
         if config.get("use_bias", True) is False:
             problems.append("use_bias=False")
     if problems:
         raise ModelError(f"layer {name!r} ({cls}): unsupported " + "; ".join(problems))
-    return GRU_CLASSES[cls], variant
+    return claims, variant
 
 
 def _gru_activation(value: Any, keras3: bool, role: str, problems: list[str]) -> str:
-    """The spec's name for a GRU activation; ``hard_sigmoid`` is always Keras 2's formula."""
+    """The spec's name for a GRU or LSTM activation; ``hard_sigmoid`` is always Keras 2's formula."""
     name = _activation_name(value)
     if name == KERAS2_HARD_SIGMOID:
         return "hard_sigmoid"
@@ -188,7 +212,8 @@ class _GraphWalker:
         outputs = body.get("output_layers", [])
         if not outputs:
             raise ModelError("model_config: the model has no output")
-        self.output = outputs[0][0]
+        # [[name, 0, 0], ...], or Keras 3's one output as a bare [name, 0, 0]
+        self.output = outputs[0] if isinstance(outputs[0], str) else outputs[0][0]
 
     @staticmethod
     def _functional_layer(entry: dict[str, Any]) -> Layer:
@@ -229,7 +254,7 @@ class _GraphWalker:
         return self.layers[name]
 
     def _manual_pair(self, merge: Layer) -> list[Step]:
-        """Two branches from one source, each a GRU, the backward one between reversals."""
+        """Two branches from one source, each a GRU or LSTM, the backward one between reversals."""
         if len(merge.inbound) != 2:
             raise ModelError(f"layer {merge.name!r}: expected exactly two inputs (forward and backward)")
         if merge.class_name == "Concatenate" and merge.config.get("axis", -1) not in (-1, 2):
@@ -239,7 +264,7 @@ class _GraphWalker:
         sources = {branch.source for branch in branches}
         if len(sources) != 1:
             raise ModelError(
-                f"layer {merge.name!r}: its two GRU branches start from different layers {sources}")
+                f"layer {merge.name!r}: its two recurrent branches start from different layers {sources}")
         directions = [self._direction(branch) for branch in branches]
         if sorted(directions) != ["backward", "forward"]:
             raise ModelError(
@@ -251,12 +276,12 @@ class _GraphWalker:
         merge_mode = MERGE_LAYERS[merge.class_name]
         if merge_mode == "concat" and directions[0] != "forward":
             raise ModelError(f"layer {merge.name!r}: concatenates backward before forward; not supported")
-        claims, variant = _check_gru(forward.gru.name, forward.gru.class_name, forward.gru.config,
+        claims, variant = _check_recurrent(forward.gru.name, forward.gru.class_name, forward.gru.config,
                                      self.keras3)
-        backward_claims, backward_variant = _check_gru(
+        backward_claims, backward_variant = _check_recurrent(
             backward.gru.name, backward.gru.class_name, backward.gru.config, self.keras3)
         if (claims, variant) != (backward_claims, backward_variant):
-            raise ModelError(f"layer {merge.name!r}: its forward and backward GRUs are different "
+            raise ModelError(f"layer {merge.name!r}: its forward and backward layers are different "
                              f"kinds ({forward.gru.class_name} {variant}, "
                              f"{backward.gru.class_name} {backward_variant})")
         steps = self.steps(forward.source)
@@ -264,7 +289,7 @@ class _GraphWalker:
         return steps
 
     def _branch(self, tail: str) -> _Branch:
-        """Walk back from a merge input over Lambdas and one GRU to the shared source."""
+        """Walk back from a merge input over Lambdas and one GRU or LSTM to the shared source."""
         reversals_after, reversals_before, opaque, gru = 0, 0, 0, None
         name = tail
         while True:
@@ -276,15 +301,15 @@ class _GraphWalker:
                     reversals_after += 1
                 else:
                     reversals_before += 1
-            elif layer.class_name in GRU_CLASSES and gru is None:
+            elif layer.class_name in RECURRENT_CLASSES and gru is None:
                 gru = layer
             else:
                 break
             if len(layer.inbound) != 1:
-                raise ModelError(f"layer {name!r}: expected one input inside a GRU branch")
+                raise ModelError(f"layer {name!r}: expected one input inside a recurrent branch")
             name = layer.inbound[0]
         if gru is None:
-            raise ModelError(f"merge input {tail!r}: no GRU layer on this branch")
+            raise ModelError(f"merge input {tail!r}: no GRU or LSTM layer on this branch")
         return _Branch(gru, name, reversals_before, reversals_after, opaque)
 
     def _direction(self, branch: _Branch) -> str:

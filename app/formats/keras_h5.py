@@ -18,8 +18,10 @@ import h5py
 import numpy as np
 
 from app.errors import ModelError
-from app.formats.gru_layouts import GRURead, from_cudnn_gru, from_keras2_file
+from app.formats.gru_layouts import from_cudnn_gru, from_keras2_file
 from app.formats.keras_config import parse_model_config
+from app.formats.layouts import CellRead, cell_of
+from app.formats.lstm_layouts import from_keras2_lstm_file
 from app.formats.manifest import Architecture
 from app.formats.plan import DenseStep, EmbeddingStep, MaskingStep, RecurrentStep, Step, assemble
 from app.spec import ModelSpec, Source
@@ -104,20 +106,22 @@ class H5Weights:
             raise ModelError(f"{self.path}: layer {name!r} has no embeddings dataset")
         return named["embeddings"]
 
-    def gru(self, name: str, direction: str | None, claims_cudnn: bool | None) -> GRURead:
+    def recurrent(self, name: str, direction: str | None, claims_cudnn: bool | None) -> CellRead:
         named = self._named(name, direction)
         where = f"layer {name!r}" + (f" ({direction})" if direction else "")
         missing = {"kernel", "recurrent_kernel", "bias"} - named.keys()
         if missing:
             raise ModelError(f"{self.path}: {where} lacks {sorted(missing)}")
         kernel, recurrent, bias = named["kernel"], named["recurrent_kernel"], named["bias"]
+        if cell_of(recurrent, where) == "LSTM":
+            return from_keras2_lstm_file(kernel, recurrent, bias, where, claims_cudnn)
         if claims_cudnn:
             if bias.ndim != 1:
                 raise ModelError(
                     f"{where}: claims CuDNNGRU but its bias has shape {bias.shape}, "
                     "not cuDNN's (6*units,)"
                 )
-            return GRURead(from_cudnn_gru(kernel, recurrent, bias, where), "cudnn-gru->keras-gru",
+            return CellRead(from_cudnn_gru(kernel, recurrent, bias, where), "cudnn-gru->keras-gru",
                            cudnn=True)
         return from_keras2_file(kernel, recurrent, bias, where)
 
@@ -131,16 +135,16 @@ class H5Weights:
 def plan_from_weights(source: H5Weights, architecture: Architecture) -> list[Step]:
     """The plan of a weights-only file: layer order from ``layer_names``, roles from names.
 
-    Two GRU layers named in ``architecture.directions`` form a manual bidirectional pair;
-    they must follow each other in ``layer_names``. Without an embedding the model takes
+    Two GRU (or LSTM) layers named in ``architecture.directions`` form a manual bidirectional
+    pair; they must follow each other in ``layer_names``. Without an embedding the model takes
     feature vectors. What weights can't tell (Dense activations, the activations of a
-    ``reset_after=False`` GRU, a Masking value) comes from ``architecture``.
+    ``reset_after=False`` GRU or of a Keras LSTM, a Masking value) comes from ``architecture``.
     """
     steps: list[Step] = []
     if architecture.mask_value is not None:
         steps.append(MaskingStep("masking", architecture.mask_value))
-    activations = (architecture.gru.recurrent_activation, architecture.gru.activation) \
-        if architecture.gru else None
+    activations = {cell: (hint.recurrent_activation, hint.activation)
+                   for cell, hint in (("GRU", architecture.gru), ("LSTM", architecture.lstm)) if hint}
     waiting: str | None = None  # the first half of a manual pair
     for layer in source.layer_names():
         full = source.weight_names(layer)
@@ -178,7 +182,7 @@ def _with_dense_activations(steps: list[Step], architecture: Architecture, where
 
 
 def _pair(first: str, second: str, architecture: Architecture,
-          activations: tuple[str, str] | None) -> RecurrentStep:
+          activations: dict[str, tuple[str, str]]) -> RecurrentStep:
     if architecture.directions[first] == architecture.directions[second]:
         raise ModelError(f"layers {first!r} and {second!r} are both marked {architecture.directions[first]}")
     forward, backward = (first, second) if architecture.directions[first] == "forward" else (second, first)

@@ -24,7 +24,8 @@ class _Strict(BaseModel):
 class TensorPrefixes(_Strict):
     """Which tensors are which, where names don't tell (unset: inferred from shapes).
 
-    PyTorch: module prefixes (``emb`` for ``emb.weight``, ``gru`` for ``gru.weight_ih_l0``).
+    PyTorch: module prefixes (``emb`` for ``emb.weight``, ``gru`` for ``gru.weight_ih_l0``: the
+    ``nn.GRU`` or ``nn.LSTM``).
     TF 1.x checkpoints: the embedding variable's name and the head's variable scope.
     """
 
@@ -47,6 +48,12 @@ class GRUActivations(_Strict):
     activation: GRUActivation = "tanh"
 
 
+class LSTMActivations(GRUActivations):
+    """The activations of every Keras ``LSTM`` layer of a weights-only file (Keras 2's default
+    recurrent activation was ``hard_sigmoid``, tf.keras 2's is ``sigmoid``); a ``CuDNNLSTM``'s
+    ``(8U,)`` bias is always cuDNN's sigmoid / tanh and needs none."""
+
+
 class Architecture(_Strict):
     merge_mode: Literal["concat", "sum", "ave", "mul"] = "concat"
     head_activation: DenseActivation = Field(
@@ -55,6 +62,8 @@ class Architecture(_Strict):
         default=None, description="one activation per Dense layer, in order (a stack)")
     gru: GRUActivations | None = Field(
         default=None, description="weights-only Keras files: the GRU layers' activations")
+    lstm: LSTMActivations | None = Field(
+        default=None, description="weights-only Keras files: the LSTM layers' activations")
     input: Literal["tokens", "features"] | None = Field(
         default=None, description="PyTorch / TF 1.x: token ids through an embedding, or feature "
         "vectors (no embedding); default: tokens when an embedding tensor is found")

@@ -1,7 +1,11 @@
-"""PyTorch ``nn.GRU`` state_dicts saved as safetensors (plain tensors; nothing is unpickled).
+"""PyTorch ``nn.GRU`` and ``nn.LSTM`` state_dicts saved as safetensors (plain tensors; nothing
+is unpickled).
 
-``<gru>.weight_ih_l{k}``, ``weight_hh_l{k}``, ``bias_ih_l{k}``, ``bias_hh_l{k}``, with the
+``<rnn>.weight_ih_l{k}``, ``weight_hh_l{k}``, ``bias_ih_l{k}``, ``bias_hh_l{k}``, with the
 suffix ``_reverse`` for the backward direction; stacked bidirectional layers concatenate.
+``weight_hh (3U, U)`` is an ``nn.GRU``'s, ``(4U, U)`` an ``nn.LSTM``'s. An ``nn.LSTM`` with
+``proj_size > 0`` (its ``weight_hr_l{k}`` projects h to fewer units) has no Keras
+equivalent and is refused by name; ``batch_first`` changes no weight.
 The embedding (``<emb>.weight (V, D)``) and an ``nn.Linear`` head (``<head>.weight (C, H)``)
 are found by shape unless ``architecture.tensors`` names them (a Dense stack is named as a list
 in order, with ``head_activations``); ``architecture.input = "features"`` says there is no
@@ -18,7 +22,9 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file
 
 from app.errors import ModelError
-from app.formats.gru_layouts import GRURead, from_torch_gru
+from app.formats.gru_layouts import from_torch_gru
+from app.formats.layouts import CellRead
+from app.formats.lstm_layouts import from_torch_lstm
 from app.formats.manifest import Architecture
 from app.formats.named_tensors import find_by_shape, pick_one
 from app.formats.plan import DenseStep, EmbeddingStep, RecurrentStep, Step, assemble
@@ -40,7 +46,7 @@ def read_torch_safetensors(path: Path, architecture: Architecture, name: str) ->
     steps += [RecurrentStep(f"{source.gru_prefix}l{k}", merge) for k in range(source.layers)]
     activations = architecture.dense_activations(len(source.head_prefixes), str(path))
     steps += [DenseStep(prefix, act) for prefix, act in zip(source.head_prefixes, activations)]
-    return assemble(name, steps, source, Source(str(path), "pytorch-safetensors", "torch-gru->keras-gru"))
+    return assemble(name, steps, source, Source(str(path), "pytorch-safetensors", "auto"))
 
 
 class TorchWeights:
@@ -53,6 +59,12 @@ class TorchWeights:
         self.layers = sum(1 for key in tensors if re.fullmatch(
             re.escape(self.gru_prefix) + r"weight_ih_l\d+", key))
         self.bidirectional = f"{self.gru_prefix}weight_ih_l0_reverse" in tensors
+        projections = sorted(key for key in tensors if re.fullmatch(
+            re.escape(self.gru_prefix) + r"weight_hr_l\d+(_reverse)?", key))
+        if projections:
+            raise ModelError(f"{path}: {self.gru_prefix}* is an nn.LSTM with proj_size > 0 "
+                             f"({projections[0]} projects h to fewer units), which Keras' LSTM has "
+                             "no equivalent for; not supported")
         gru_keys = {key for key in tensors if key.startswith(self.gru_prefix)}
         self.embedding_key = None if architecture.input == "features" else \
             self._embedding_key(names.embedding if names else None, gru_keys)
@@ -67,8 +79,8 @@ class TorchWeights:
             return prefix
         matches = [m["prefix"] for key in self.tensors if (m := GRU_KEY.match(key))]
         if len(matches) != 1:
-            raise ModelError(f"{self.path}: expected one nn.GRU (a *.weight_ih_l0 tensor), found "
-                             f"{len(matches)}; name it in the architecture file's tensors.gru")
+            raise ModelError(f"{self.path}: expected one nn.GRU or nn.LSTM (a *.weight_ih_l0 tensor), "
+                             f"found {len(matches)}; name it in the architecture file's tensors.gru")
         return f"{matches[0]}." if matches[0] else ""
 
     def _embedding_key(self, named: str | None, exclude: set[str]) -> str:
@@ -99,7 +111,7 @@ class TorchWeights:
     def embeddings(self, name: str) -> np.ndarray:
         return self.tensors[name]
 
-    def gru(self, name: str, direction: str | None, claims_cudnn: bool | None) -> GRURead:
+    def recurrent(self, name: str, direction: str | None, claims_cudnn: bool | None) -> CellRead:
         layer = name.removeprefix(self.gru_prefix)
         suffix = f"_{layer}" + ("_reverse" if direction == "backward" else "")
         get = self.tensors.get
@@ -108,8 +120,12 @@ class TorchWeights:
         if keys[0] not in self.tensors or keys[1] not in self.tensors:
             raise ModelError(f"{self.path}: missing {keys[0]} or {keys[1]}")
         where = f"{self.path}: {self.gru_prefix}*{suffix}"
-        weights = from_torch_gru(get(keys[0]), get(keys[1]), get(keys[2]), get(keys[3]), where)
-        return GRURead(weights, "torch-gru->keras-gru", cudnn=True)  # PyTorch's GRU: reset_after
+        weight_hh = get(keys[1])
+        if weight_hh.ndim == 2 and weight_hh.shape[0] == 4 * weight_hh.shape[1]:
+            lstm = from_torch_lstm(get(keys[0]), weight_hh, get(keys[2]), get(keys[3]), where)
+            return CellRead(lstm, "torch-lstm->keras-lstm", cudnn=True)
+        weights = from_torch_gru(get(keys[0]), weight_hh, get(keys[2]), get(keys[3]), where)
+        return CellRead(weights, "torch-gru->keras-gru", cudnn=True)  # PyTorch's GRU: reset_after
 
     def dense(self, name: str) -> tuple[np.ndarray, np.ndarray | None]:
         # nn.Linear computes x @ weight.T

@@ -5,7 +5,8 @@ The ``.npz`` layout (what a C++ engine reads; every array float32, row-major):
 - ``embeddings (V, D)`` for a token model (``meta.input.kind == "tokens"``); a feature model
   (``"features"``) has none and its GRU reads the ``(steps, F)`` vectors directly.
 - ``layer{i}.forward.kernel (I, 3U)``, ``layer{i}.forward.recurrent_kernel (U, 3U)``,
-  ``layer{i}.forward.bias (2, 3U)``, and ``layer{i}.backward.*`` for bidirectional layers;
+  ``layer{i}.forward.bias (2, 3U)``, and ``layer{i}.backward.*`` for bidirectional layers
+  (a GRU: ``meta.recurrent[i].type == "GRU"``; ``meta.layout`` stays ``"keras-gru"``);
   column blocks are the gates z, r, h; bias row 0 is the input bias, row 1 the recurrent one.
   One step, with ``f`` = ``meta.recurrent[i].recurrent_activation``, ``g`` = ``.activation``
   (``hard_sigmoid`` is Keras 2's ``clip(0.2 x + 0.5, 0, 1)``; the others in app/spec.py)::
@@ -15,6 +16,13 @@ The ``.npz`` layout (what a C++ engine reads; every array float32, row-major):
       hh = g(x_h + r * m_h)                                 if meta.recurrent[i].reset_after
       hh = g(x_h + (r * h) @ recurrent_kernel[:, 2U:])      otherwise (bias[1] is then zeros)
       h' = z * h + (1 - z) * hh
+
+  An LSTM layer (``meta.recurrent[i].type == "LSTM"``; a stack may mix cells) has
+  ``kernel (I, 4U)``, ``recurrent_kernel (U, 4U)``, ``bias (4U,)`` (one row: cuDNN's two
+  bias vectors summed), column blocks the gates i, f, c, o, and state ``(h, c)`` from zeros::
+
+      z_i, z_f, z_c, z_o = x @ kernel + h @ recurrent_kernel + bias
+      i, f_, o = f(z_i), f(z_f), f(z_o);  c' = f_ * c + i * g(z_c);  h' = o * g(c')
 
   The backward direction runs from each sequence's last step to its first and its outputs
   are put back in order before merging (``meta.recurrent[i].merge_mode``).

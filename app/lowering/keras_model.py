@@ -3,9 +3,13 @@
 The model takes ``(inputs, mask)``: the right-padded inputs, ``ids (batch, steps) int32``
 or ``features (batch, steps, F) float32`` (named as the spec's input), and ``mask (batch,
 steps) bool`` true on real steps. Keras 3's recurrent layers honour the mask in both
-directions, so the backward GRU starts at each sequence's last real step, never at padding.
-Outputs are ``[outputs, hidden]``: the last Dense layer's per-step output (or the hidden
-states when there is none) and the last GRU layer's merged per-step states.
+directions, so the backward GRU or LSTM starts at each sequence's last real step, never at
+padding. Outputs are ``[outputs, hidden]``: the last Dense layer's per-step output (or the
+hidden states when there is none) and the last recurrent layer's merged per-step states.
+
+Each spec layer becomes ``keras.layers.GRU`` or ``keras.layers.LSTM`` (as its variant says),
+set from the spec's weights as they are: the spec holds both cells in Keras' own layout
+(an LSTM's ``bias (4U,)`` is Keras' single bias row).
 
 Keras 3's ``hard_sigmoid`` is ``relu6(x + 3) / 6``, not Keras 2's ``clip(0.2 x + 0.5, 0, 1)``
 that the spec means, so Keras 2's is registered here as a serializable function: a saved
@@ -27,10 +31,10 @@ import numpy as np
 
 from app.spec import (
     KERAS2_HARD_SIGMOID,
+    CellVariant,
     DenseLayer,
     FeatureInput,
     GRUVariant,
-    GRUWeights,
     ModelSpec,
     RecurrentLayer,
     TokenInput,
@@ -52,7 +56,7 @@ def build_keras_model(spec: ModelSpec) -> keras.Model:
     mask = keras.Input(shape=(None,), dtype="bool", name="mask")
     inputs, x = _input(spec.input)
     for index, layer in enumerate(spec.layers):
-        x = _recurrent(layer, f"gru{index}_{_keras_name(layer.name)}", x, mask)
+        x = _recurrent(layer, f"{layer.cell.lower()}{index}_{_keras_name(layer.name)}", x, mask)
     hidden = keras.layers.Identity(name="hidden")(x)
     for index, dense in enumerate(spec.dense):
         last = index == len(spec.dense) - 1
@@ -86,34 +90,36 @@ def _input(spec_input: TokenInput | FeatureInput) -> tuple[keras.KerasTensor, ke
     return features, keras.layers.Masking(spec_input.mask_value, name="masking")(features)
 
 
-def _gru(units: int, variant: GRUVariant, name: str) -> keras.layers.GRU:
-    return keras.layers.GRU(
-        units, activation=gru_activation(variant.activation),
-        recurrent_activation=gru_activation(variant.recurrent_activation),
-        reset_after=variant.reset_after, return_sequences=True, name=name,
-    )
+def _cell_layer(units: int, variant: CellVariant, name: str) -> keras.layers.RNN:
+    """``keras.layers.GRU`` or ``keras.layers.LSTM`` running the variant's equations."""
+    activations = {"activation": gru_activation(variant.activation),
+                   "recurrent_activation": gru_activation(variant.recurrent_activation)}
+    if isinstance(variant, GRUVariant):
+        return keras.layers.GRU(units, reset_after=variant.reset_after, return_sequences=True,
+                                name=name, **activations)
+    return keras.layers.LSTM(units, return_sequences=True, name=name, **activations)
 
 
-def _gru_weights(layer: RecurrentLayer) -> list:
-    """Keras' own weight lists: ``reset_after=False`` keeps one bias row (see app.spec)."""
-    def bias(weights: GRUWeights) -> object:
-        return weights.bias if layer.variant.reset_after else weights.bias[0]
-
-    return [w for d in layer.directions() for w in (d.kernel, d.recurrent_kernel, bias(d))]
+def _cell_weights(layer: RecurrentLayer) -> list:
+    """Keras' own weight lists: a ``reset_after=False`` GRU keeps one bias row (see app.spec);
+    an LSTM's bias is already Keras' one row."""
+    one_row = isinstance(layer.variant, GRUVariant) and not layer.variant.reset_after
+    return [w for d in layer.directions()
+            for w in (d.kernel, d.recurrent_kernel, d.bias[0] if one_row else d.bias)]
 
 
 def _recurrent(
     layer: RecurrentLayer, name: str, x: keras.KerasTensor, mask: keras.KerasTensor
 ) -> keras.KerasTensor:
     if layer.backward is None:
-        gru = _gru(layer.units, layer.variant, name)
-        x = gru(x, mask=mask)
-        gru.set_weights(_gru_weights(layer))
+        cell = _cell_layer(layer.units, layer.variant, name)
+        x = cell(x, mask=mask)
+        cell.set_weights(_cell_weights(layer))
         return x
-    wrapper = keras.layers.Bidirectional(_gru(layer.units, layer.variant, "gru"),
+    wrapper = keras.layers.Bidirectional(_cell_layer(layer.units, layer.variant, layer.cell.lower()),
                                          merge_mode=layer.merge_mode, name=name)
     x = wrapper(x, mask=mask)
-    wrapper.set_weights(_gru_weights(layer))
+    wrapper.set_weights(_cell_weights(layer))
     return x
 
 

@@ -19,6 +19,14 @@ reversed back afterwards: the same numbers, and every ``GRU`` a plain forward on
 ``sequence_lens`` it unrolls the loop, and gets padded batches wrong). Steps past a
 sequence's length then hold padding's outputs instead of zeros; callers ignore them.
 
+ONNX's ``LSTM`` operator computes the spec's LSTM: ``W (dirs, 4U, I)``, ``R (dirs, 4U, U)``
+in gate order i, o, f, c (the Keras i, f, c, o blocks reordered and transposed), ``B (dirs,
+8U)`` = ``[Wb | Rb]``: the spec's one bias row in ``Wb`` and zeros in ``Rb`` (both add outside
+every product, so the sum is exact). Its ``activations`` ``[f, g, h]`` per direction are
+the recurrent activation (gates i, f, o), the activation (candidate c) and the activation
+again (the output's ``g(c')``); no peepholes (``P`` absent). ``sequence_lens`` and the
+``reversed`` lowering work as for the GRU; a stack may mix the two ops.
+
 Inputs: ``ids (batch, steps) int32`` or ``features (batch, steps, F) float32`` (the spec's
 input name), and ``lengths (batch,) int32``.
 Outputs: ``outputs (batch, steps, C)`` and ``hidden (batch, steps, H)``.
@@ -32,7 +40,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from app.spec import DenseLayer, GRUVariant, ModelSpec, RecurrentLayer, TokenInput
+from app.spec import CellVariant, CellWeights, DenseLayer, GRUVariant, ModelSpec, RecurrentLayer, TokenInput
 
 OPSET = 18
 IR_VERSION = 10  # what ONNX Runtime 1.2x reads; opset 18 needs IR >= 8
@@ -49,6 +57,7 @@ GRU_ACTIVATION_OPS: dict[str, tuple[str, float | None, float | None]] = {
     "softplus": ("Softplus", None, None),
     "elu": ("Elu", 1.0, None),
 }
+LSTM_GATE_ORDER = (0, 3, 1, 2)  # Keras' i, f, c, o blocks taken in ONNX's order i, o, f, c
 
 
 class _Graph:
@@ -83,7 +92,7 @@ def build_onnx_model(spec: ModelSpec, backward: Backward = "sequence_lens") -> o
         steps = spec.input.name
         input_info = helper.make_tensor_value_info(spec.input.name, TensorProto.FLOAT,
                                                    ["batch", "steps", spec.input.features])
-    x = graph.op("Transpose", [steps], perm=[1, 0, 2])  # time-major for the GRU op
+    x = graph.op("Transpose", [steps], perm=[1, 0, 2])  # time-major for the GRU / LSTM ops
     for index, layer in enumerate(spec.layers):
         x = recurrent(graph, layer, index, x)
     hidden = graph.op("Transpose", [x], "hidden", perm=[1, 0, 2])
@@ -105,42 +114,56 @@ def build_onnx_model(spec: ModelSpec, backward: Backward = "sequence_lens") -> o
 
 
 def _recurrent(graph: _Graph, layer: RecurrentLayer, index: int, x: str) -> str:
-    """One GRU layer on ``x (steps, batch, I)``; returns ``(steps, batch, width)``."""
+    """One GRU or LSTM layer on ``x (steps, batch, I)``; returns ``(steps, batch, width)``."""
     directions = layer.directions()
-    prefix = f"gru{index}"
-    w = graph.const(f"{prefix}_W", np.stack([d.kernel.T for d in directions]))
-    r = graph.const(f"{prefix}_R", np.stack([d.recurrent_kernel.T for d in directions]))
-    b = graph.const(f"{prefix}_B", np.stack([d.bias.reshape(-1) for d in directions]))
+    prefix = f"{layer.cell.lower()}{index}"
+    w, r, b = _initializers(graph, layer.variant, prefix, directions)
     y = graph.op(
-        "GRU", [x, w, r, b, "lengths"], hidden_size=layer.units,
-        linear_before_reset=int(layer.variant.reset_after),
+        layer.cell, [x, w, r, b, "lengths"], hidden_size=layer.units,
         direction="bidirectional" if layer.bidirectional else "forward",
-        **gru_activation_attributes(layer.variant, len(directions)),
+        **cell_attributes(layer.variant, len(directions)),
     )  # y: (steps, dirs, batch, U)
     return _merge(graph, layer, prefix, y)
 
 
 def _recurrent_reversed(graph: _Graph, layer: RecurrentLayer, index: int, x: str) -> str:
-    """:func:`_recurrent` with forward-only ``GRU`` ops: the backward one reads each sequence
-    reversed by its own length, so padding comes after its real steps, never before."""
-    prefix = f"gru{index}"
+    """:func:`_recurrent` with forward-only ``GRU`` / ``LSTM`` ops: the backward one reads
+    each sequence reversed by its own length, so padding comes after its real steps, never
+    before."""
+    prefix = f"{layer.cell.lower()}{index}"
     lengths = graph.op("Cast", ["lengths"], to=TensorProto.INT64)
     dir_axis = graph.const(f"{prefix}_dir_axis", np.array([1], np.int64))
     per_direction = []
     for name, direction in zip(("forward", "backward"), layer.directions()):
-        w = graph.const(f"{prefix}_{name}_W", direction.kernel.T[None])
-        r = graph.const(f"{prefix}_{name}_R", direction.recurrent_kernel.T[None])
-        b = graph.const(f"{prefix}_{name}_B", direction.bias.reshape(1, -1))
+        w, r, b = _initializers(graph, layer.variant, f"{prefix}_{name}", [direction])
         inputs = x if name == "forward" else _reverse(graph, x, lengths)
-        y = graph.op("GRU", [inputs, w, r, b], hidden_size=layer.units,
-                     linear_before_reset=int(layer.variant.reset_after),
-                     **gru_activation_attributes(layer.variant, 1))
+        y = graph.op(layer.cell, [inputs, w, r, b], hidden_size=layer.units,
+                     **cell_attributes(layer.variant, 1))
         if name == "backward":  # y: (steps, 1, batch, U)
             steps = _reverse(graph, graph.op("Squeeze", [y, dir_axis]), lengths)
             y = graph.op("Unsqueeze", [steps, dir_axis])
         per_direction.append(y)
     y = graph.op("Concat", per_direction, axis=1) if layer.bidirectional else per_direction[0]
     return _merge(graph, layer, prefix, y)
+
+
+def _initializers(graph: _Graph, variant: CellVariant, prefix: str,
+                  directions: list[CellWeights]) -> tuple[str, str, str]:
+    """``W``, ``R``, ``B`` of the op, one row per direction (see the module docstring)."""
+    if isinstance(variant, GRUVariant):
+        kernels = [(d.kernel, d.recurrent_kernel, d.bias.reshape(-1)) for d in directions]
+    else:
+        kernels = [(_onnx_gates(d.kernel), _onnx_gates(d.recurrent_kernel),
+                    np.concatenate([_onnx_gates(d.bias), np.zeros_like(d.bias)])) for d in directions]
+    return (graph.const(f"{prefix}_W", np.stack([k.T for k, _, _ in kernels])),
+            graph.const(f"{prefix}_R", np.stack([r.T for _, r, _ in kernels])),
+            graph.const(f"{prefix}_B", np.stack([b for _, _, b in kernels])))
+
+
+def _onnx_gates(array: np.ndarray) -> np.ndarray:
+    """An LSTM kernel's (or bias's) Keras gate blocks i, f, c, o in ONNX's order i, o, f, c."""
+    blocks = np.split(array, 4, axis=-1)
+    return np.concatenate([blocks[g] for g in LSTM_GATE_ORDER], axis=-1)
 
 
 def _reverse(graph: _Graph, x: str, lengths: str) -> str:
@@ -160,14 +183,24 @@ def _merge(graph: _Graph, layer: RecurrentLayer, prefix: str, y: str) -> str:
     return graph.op(MERGE_REDUCERS[layer.merge_mode], [y, axis], keepdims=0)
 
 
-def gru_activation_attributes(variant: GRUVariant, directions: int) -> dict[str, list]:
-    """``activations`` ``[f, g]`` per direction; alphas and betas are listed only for the
-    functions that take them, in order (ONNX consumes them that way). ONNX's defaults
-    (Sigmoid, Tanh) are cuDNN's: then nothing is set, and a cuDNN model's graph is as before."""
-    if variant.recurrent_activation == "sigmoid" and variant.activation == "tanh":
+def cell_attributes(variant: CellVariant, directions: int) -> dict[str, object]:
+    """The op's variant attributes: a GRU's ``linear_before_reset``, and each cell's
+    activations (``[f, g]`` per GRU direction, ``[f, g, h]`` per LSTM direction)."""
+    if isinstance(variant, GRUVariant):
+        roles = [variant.recurrent_activation, variant.activation]
+        return {"linear_before_reset": int(variant.reset_after), **activation_attributes(roles, directions)}
+    roles = [variant.recurrent_activation, variant.activation, variant.activation]
+    return activation_attributes(roles, directions)
+
+
+def activation_attributes(roles: list[str], directions: int) -> dict[str, list]:
+    """``activations`` (the spec's names ``roles``, per direction); alphas and betas are listed
+    only for the functions that take them, in order (ONNX consumes them that way). ONNX's
+    defaults (Sigmoid, Tanh[, Tanh]) are cuDNN's: then nothing is set, and a cuDNN model's
+    graph is as before."""
+    if roles[0] == "sigmoid" and all(role == "tanh" for role in roles[1:]):
         return {}
-    names = [GRU_ACTIVATION_OPS[variant.recurrent_activation], GRU_ACTIVATION_OPS[variant.activation]]
-    names *= directions
+    names = [GRU_ACTIVATION_OPS[role] for role in roles] * directions
     attributes: dict[str, list] = {"activations": [op for op, _, _ in names]}
     alphas = [alpha for _, alpha, _ in names if alpha is not None]
     betas = [beta for _, _, beta in names if beta is not None]

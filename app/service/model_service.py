@@ -190,7 +190,7 @@ class ModelService:
         spec, settings = self.bundle.spec, self.settings
         self.costs = CostModel(
             length_buckets(settings.max_len), spec.output_width, spec.hidden_width,
-            sum(layer.units * len(layer.directions()) for layer in spec.layers),
+            sum(layer.state_floats for layer in spec.layers),
             settings.max_batch_tokens, settings.max_batch_size)
         per_call = self.costs.engine_reserve(1)
         self.budget, affordable = sized_budget(settings.memory_budget_bytes, workers, per_call)

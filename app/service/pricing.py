@@ -99,7 +99,7 @@ class CostModel:
     buckets: list[int]
     output_width: int
     hidden_width: int
-    state_floats: int  # sum over GRU layers of directions x units
+    state_floats: int  # sum over recurrent layers of directions x units x states (h; h and c)
     max_batch_tokens: int
     max_batch_size: int
 

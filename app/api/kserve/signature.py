@@ -5,7 +5,7 @@ Inputs: ``ids`` (INT32 or INT64, ``[batch, steps]``) for a model taking tokens, 
 right-padded rows, ``lengths`` (``[batch]``, each in ``1..steps``); without ``lengths`` every
 row is one whole sequence of ``steps`` steps. The values are checked by :mod:`app.api.inputs`,
 as ``/infer``'s are. Outputs: ``outputs`` (FP32 ``[batch, steps, C]``) and ``hidden`` (FP32
-``[batch, steps, H]``, the last GRU layer's merged states), rows zeroed past each length.
+``[batch, steps, H]``, the last recurrent layer's merged states), rows zeroed past each length.
 Each row is computed as if alone, exactly as ``/infer`` computes it.
 """
 
