@@ -23,7 +23,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from app.errors import ModelError
-from app.formats import load_bundle
+from app.formats.bundle import load_bundle
 from app.formats.keras_h5 import read_keras_h5
 from app.formats.manifest import Architecture
 from app.spec import CUDNN, CUDNN_LSTM, LSTMVariant, ModelSpec

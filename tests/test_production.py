@@ -187,7 +187,7 @@ def test_probes_and_metrics_stay_out_of_the_log(small_server: Server) -> None:
 
 
 def test_sigterm_drains_then_finishes_every_accepted_request() -> None:
-    server = Server({"DRAIN_DELAY_S": "1.5", "GRACE_PERIOD_S": "20", "WORKERS": "1"}, serve=True)
+    server = Server({"DRAIN_DELAY_S": "3", "GRACE_PERIOD_S": "20", "WORKERS": "1"}, serve=True)
     server.wait_until()
     results: list[int] = []
 
