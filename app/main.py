@@ -18,6 +18,7 @@ from app import __version__
 from app.api.dataplane import most_requests
 from app.api.docs import include_docs
 from app.api.errors import install_error_handlers
+from app.api.kserve import PREFIX as PROTOCOL_PREFIX
 from app.api.kserve.grpc_service import start_grpc_server
 from app.api.kserve.rest import build_kserve_router
 from app.api.middleware import RequestEnvelope
@@ -67,7 +68,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestEnvelope, metrics=metrics, max_body_bytes=settings.max_body_bytes,
                        discard_body_bytes=settings.discard_body_bytes, body_timeout_s=settings.body_timeout_s,
                        most_requests=lambda: most_requests(getattr(app.state, "service", None),
-                                                           settings.max_requests))
+                                                           settings.max_requests),
+                       protocol_prefix=PROTOCOL_PREFIX)
     install_error_handlers(app)
     include_routes(app, settings)
     include_docs(app)

@@ -17,6 +17,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, Router
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.api.kserve import PREFIX as PROTOCOL_PREFIX
 from app.api.middleware import BodyTooLarge, RequestEnvelope
 from app.api.streaming import ClientStalled
 from app.observability import Metrics
@@ -90,7 +91,8 @@ class Envelope:
                  most_requests: int = 100) -> None:
         self.metrics = metrics
         self.envelope = RequestEnvelope(app, metrics, max_body_bytes=LIMIT, discard_body_bytes=CAP,
-                                        body_timeout_s=timeout_s, most_requests=lambda: most_requests)
+                                        body_timeout_s=timeout_s, most_requests=lambda: most_requests,
+                                        protocol_prefix=PROTOCOL_PREFIX)
 
     def request(self, path: str, chunks: list[bytes] | None = None, headers: dict[str, str] | None = None,
                 method: str = "POST", scope: dict | None = None, stuck: bool = False,

@@ -29,7 +29,6 @@ from collections.abc import Callable, Iterable
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.errors import error_response, protocol_error_response
-from app.api.kserve import PREFIX as PROTOCOL_PREFIX
 from app.api.streaming import ClientStalled
 from app.observability import QUIET_PATHS, Metrics
 
@@ -105,8 +104,10 @@ class BodyReader:
 
 class RequestEnvelope:
     def __init__(self, app: ASGIApp, metrics: Metrics, max_body_bytes: int,
-                 discard_body_bytes: int, body_timeout_s: float, most_requests: Callable[[], int]) -> None:
+                 discard_body_bytes: int, body_timeout_s: float, most_requests: Callable[[], int],
+                 protocol_prefix: str) -> None:
         self.app = app
+        self.protocol_prefix = protocol_prefix  # under it, errors take the Open Inference Protocol's form
         self.most_requests = most_requests
         self.active = 0  # requests in flight, probes and scrapes aside
         self.metrics = metrics
@@ -144,8 +145,9 @@ class RequestEnvelope:
         try:
             if counted and self.active > self.most_requests():
                 self.metrics.rejected.labels("too_many_requests").inc()
-                await _error(scope, request_id, 503, "overloaded", "too many requests in flight; retry "
-                             "shortly", {"Retry-After": "1"})(scope, receive, send_with_id)
+                refusal = _error(scope, request_id, 503, "overloaded", "too many requests in flight; retry "
+                                 "shortly", self.protocol_prefix, {"Retry-After": "1"})
+                await refusal(scope, receive, send_with_id)
                 return
             await self.app(scope, body.receive, send_with_id)
         except ClientStalled:
@@ -158,7 +160,8 @@ class RequestEnvelope:
                 (413, "body_too_large", f"the body exceeds {self.max_body_bytes} bytes")
                 if isinstance(exc, BodyTooLarge) else
                 (408, "body_timeout", f"the body did not arrive within {self.body_timeout_s:g} s"))
-            await _error(scope, request_id, status_code, type_, message)(scope, receive, send_with_id)
+            await _error(scope, request_id, status_code, type_, message,
+                         self.protocol_prefix)(scope, receive, send_with_id)
         finally:
             self.active -= counted
             self.metrics.in_flight.dec()
@@ -187,17 +190,16 @@ def request_id_from(given: Iterable[str]) -> str:
     return uuid.uuid4().hex
 
 
-def _error(scope: Scope, request_id: str, status: int, type_: str, message: str,
+def _error(scope: Scope, request_id: str, status: int, type_: str, message: str, protocol_prefix: str,
            headers: dict[str, str] | None = None) -> ASGIApp:
-    """An error in the form of the request's path: the protocol's under ``/v2``, else ours."""
-    if _is_protocol_path(scope["path"]):
+    """An error in the form of the request's path: the protocol's under its prefix, else ours."""
+    if _is_protocol_path(scope["path"], protocol_prefix):
         return protocol_error_response(status, message, headers)
     return error_response(status, type_, message, headers=headers, request_id=request_id)
 
 
-def _is_protocol_path(path: str) -> bool:
-    """Under ``/v2``, errors take the Open Inference Protocol's form."""
-    return path == PROTOCOL_PREFIX or path.startswith(PROTOCOL_PREFIX + "/")
+def _is_protocol_path(path: str, prefix: str) -> bool:
+    return path == prefix or path.startswith(prefix + "/")
 
 
 def _header(scope: Scope, wanted: bytes) -> bytes:
