@@ -67,7 +67,7 @@ MODULES = {
     "system": Module("app/system.py", ("tests/test_limits.py",),
                      "cgroup_limit or cgroup_v1 or cgroup_paths or rss or freed_blocks"),
 }
-COPIED = ("app", "tests", "models", "docs", "README.md")
+COPIED = ("app", "tests", "bench", "models", "docs", "README.md")  # tests import bench helpers
 RESULT = re.compile(r"^\s+(\S+__mutmut_\d+): (.+)$")
 
 
