@@ -48,6 +48,12 @@ _large_body_turns: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.
 PARSING = ThreadPoolExecutor(max_workers=1, thread_name_prefix="body-parsing")
 
 
+def overloaded(metrics: Metrics, reason: str, what: str) -> ApiError:
+    """A ``503 overloaded`` with Retry-After, counted under ``reason``: ``what`` is taken."""
+    metrics.rejected.labels(reason).inc()
+    return ApiError(503, "overloaded", f"{what}; retry shortly", headers={"Retry-After": "1"})
+
+
 async def off_loop(work: Callable[..., T], *args: Any) -> T:
     """``work(*args)`` on the parsing thread; the caller waits for it even when cancelled,
     so that what it holds is freed before the caller releases its price."""
@@ -86,9 +92,7 @@ class BodyHold:
             async with asyncio.timeout_at(self.deadline):
                 await turns.acquire()
         except TimeoutError:
-            self.metrics.rejected.labels("large_bodies").inc()
-            raise ApiError(503, "overloaded", "too many large bodies arriving; retry shortly",
-                           headers={"Retry-After": "1"}) from None
+            raise overloaded(self.metrics, "large_bodies", "too many large bodies arriving") from None
         try:
             yield
         finally:
@@ -107,9 +111,7 @@ class BodyHold:
         try:
             await self.budget.admit(Cost(min(more, UNREAD_BODY_BYTES), more), max(remaining, 0))
         except BudgetTaken:
-            self.metrics.rejected.labels("memory_budget").inc()
-            raise ApiError(503, "overloaded", "the memory budget is taken; retry shortly",
-                           headers={"Retry-After": "1"}) from None
+            raise overloaded(self.metrics, "memory_budget", "the memory budget is taken") from None
         self.held = amount
 
 
@@ -222,9 +224,7 @@ async def admit_and_start(service: ModelService, sequences: list[np.ndarray], pr
         raise ApiError(413, "over_memory_budget",
                        over_budget_message(cost, budget, lengths, lighter is not None, advice)) from None
     except BudgetTaken:
-        metrics.rejected.labels("memory_budget").inc()
-        raise ApiError(503, "overloaded", "the memory budget is taken; retry shortly",
-                       headers={"Retry-After": "1"}) from None
+        raise overloaded(metrics, "memory_budget", "the memory budget is taken") from None
     parts_of = costs.parts(lengths)
     admitted = Admitted(service.infer_parts([[sequences[i] for i in part] for part in parts_of]),
                         len(parts_of), budget, cost)
@@ -243,9 +243,7 @@ async def within_deadline(work: Awaitable[T], remaining_s: float, timeout_s: flo
     try:
         return await asyncio.wait_for(work, max(remaining_s, 0))
     except QueueFull:
-        metrics.rejected.labels("queue_full").inc()
-        raise ApiError(503, "overloaded", "the queue is full; retry shortly",
-                       headers={"Retry-After": "1"}) from None
+        raise overloaded(metrics, "queue_full", "the queue is full") from None
     except TimeoutError:
         metrics.rejected.labels("deadline").inc()
         raise ApiError(504, "deadline_exceeded", f"no result within {timeout_s:g} s") from None
