@@ -8,7 +8,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "segmenter"
@@ -25,6 +25,29 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", extra="ignore", protected_namespaces=())
 
     model_path: Path = Field(DEFAULT_MODEL, description="model directory (with model.json) or file")
+    model_repository: Path | None = Field(
+        None, description="a directory of models, <name>/<version>/<model> (docs/repository.md), "
+        "served together; MODEL_PATH is then not read")
+    default_model: str | None = Field(
+        None, description="the model /infer, /v1/model and the OpenAPI request schema serve "
+        "(default: the only one; with several and none named, /infer answers 400)")
+    version_policy: str = Field(
+        "latest:1", pattern=r"^(latest:[1-9][0-9]*|all|specific:[0-9]+(,[0-9]+)*)$",
+        description="the versions of each model served: latest:N, all or specific:1,3 (a model's "
+        "config.json may say otherwise)")
+    model_control: Literal["none", "poll", "explicit"] = Field(
+        "none", description="none: load the repository at start-up; poll: also re-scan it every "
+        "REPOSITORY_POLL_S; explicit: load at start-up only LOAD_MODELS, then what the repository "
+        "API's load and unload say")
+    repository_poll_s: float = Field(10.0, gt=0, description="MODEL_CONTROL=poll: seconds between scans")
+    load_models: str = Field("", description="MODEL_CONTROL=explicit: the models loaded at start-up, "
+                             "comma-separated (* for all)")
+    repository_api: bool = Field(
+        False, description="serve the repository extension (index, load, unload; REST and gRPC), "
+        "to callers bearing ADMIN_TOKEN")
+    admin_token: SecretStr | None = Field(None, description="the bearer token of the repository API")
+    admin_token_file: Path | None = Field(None, description="a file holding the bearer token "
+                                          "(e.g. a mounted Kubernetes secret); read at start-up")
     model_cache_dir: Path = Field(
         default_factory=default_cache_dir, description="where Keras conversions are kept, by the "
         "source's content hash (restarts and replicas sharing it convert once); read-only is fine "

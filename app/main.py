@@ -1,5 +1,5 @@
 """The ASGI application: ``uvicorn app.main:app``, or ``python -m app serve`` (which adds the
-draining shutdown of :mod:`app.server`). The server listens at once; the model is converted,
+draining shutdown of :mod:`app.server`). The server listens at once; the models are converted,
 loaded and checked in the background while ``/readyz`` reports the stage."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from app.api.routes import include_routes
 from app.config import Settings, get_settings
 from app.errors import ModelError
 from app.observability import Metrics, configure_logging
-from app.service.model_service import ModelService
+from app.service.repository import Repository
 from app.system import return_freed_memory
 
 log = logging.getLogger("app")
@@ -40,19 +40,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        service = ModelService(settings, metrics)
-        app.state.service = service
-        grpc_server = await _start_grpc(service, settings)
+        repository = Repository(settings, metrics)
+        app.state.repository = repository
+        grpc_server = await _start_grpc(repository, settings)
         grace = settings.shutdown_grace_s
         # New calls refused, calls in flight finish within the grace. app.server stops it as soon
         # as HTTP stops accepting; plain uvicorn here, once HTTP has finished.
         app.state.stop_grpc = (lambda: grpc_server.stop(grace)) if grpc_server else None
-        starting = asyncio.create_task(_start(service, settings))
+        starting = asyncio.create_task(_start(repository, settings))
         yield
         starting.cancel()
         if grpc_server is not None:
             await grpc_server.stop(grace)
-        await service.close()
+        await repository.close()
         log.info("stopped")
 
     app = FastAPI(
@@ -67,7 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     app.add_middleware(RequestEnvelope, metrics=metrics, max_body_bytes=settings.max_body_bytes,
                        discard_body_bytes=settings.discard_body_bytes, body_timeout_s=settings.body_timeout_s,
-                       most_requests=lambda: most_requests(getattr(app.state, "service", None),
+                       most_requests=lambda: most_requests(getattr(app.state, "repository", None),
                                                            settings.max_requests),
                        protocol_prefix=PROTOCOL_PREFIX)
     install_error_handlers(app)
@@ -77,12 +77,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-async def _start_grpc(service: ModelService, settings: Settings) -> grpc.aio.Server | None:
+async def _start_grpc(repository: Repository, settings: Settings) -> grpc.aio.Server | None:
     """The Open Inference Protocol's gRPC service on GRPC_PORT (0: none)."""
     if not settings.grpc_port:
         return None
     try:
-        server = await start_grpc_server(service, settings)
+        server = await start_grpc_server(repository, settings)
     except RuntimeError as exc:
         log.error("cannot serve gRPC on %s:%d: %s", settings.host, settings.grpc_port, exc)
         raise
@@ -90,19 +90,23 @@ async def _start_grpc(service: ModelService, settings: Settings) -> grpc.aio.Ser
     return server
 
 
-async def _start(service: ModelService, settings: Settings) -> None:
-    """Convert and load (while /readyz reports the stage), then prepare the engine.
+async def _start(repository: Repository, settings: Settings) -> None:
+    """Load the models (while /readyz reports the stage), then serve.
 
-    A model that can't be converted or read ends the process, as a failed start-up does
-    (exit 3, uvicorn's own code for it), with one line naming the file and the problem."""
+    ``MODEL_PATH`` that can't be converted or read ends the process, as a failed start-up does
+    (exit 3, uvicorn's own code for it), with one line naming the file and the problem; with
+    ``EXIT_ON_FAILURE`` any version that fails does (exit 1)."""
     try:
-        await asyncio.to_thread(service.load)
-    except ModelError as exc:
-        log.error("cannot serve %s: %s", settings.model_path, exc)
+        failed = await repository.start()
+    except (ModelError, FileNotFoundError) as exc:
+        log.error("cannot serve %s: %s", settings.model_repository, exc)
         _exit(3)
-    await service.prepare()
+    unreadable = [instance for instance in failed if instance.unreadable]
+    if settings.model_repository is None and unreadable:
+        log.error("cannot serve %s: %s", settings.model_path, unreadable[0].status.error)
+        _exit(3)
     gc.freeze()  # start-up's objects live for good: no collection need walk them (a walk blocks the loop)
-    if service.status.stage == "failed" and settings.exit_on_failure:
+    if failed and settings.exit_on_failure:
         _exit(1)  # EXIT_ON_FAILURE: let the orchestrator restart or report us
 
 

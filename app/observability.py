@@ -36,37 +36,42 @@ class Metrics:
         self.latency = Histogram("bigru_http_request_duration_seconds", "time to answer a request",
                                  ["route"], buckets=LATENCY_BUCKETS, registry=r)
         self.in_flight = Gauge("bigru_http_requests_in_flight", "requests being answered", registry=r)
+        model = ["model", "version"]  # a model's name and version number
         self.queue_wait = Histogram("bigru_queue_wait_seconds", "time a request waited for the engine",
-                                    buckets=LATENCY_BUCKETS, registry=r)
+                                    model, buckets=LATENCY_BUCKETS, registry=r)
         self.compute = Histogram("bigru_engine_compute_seconds", "time of one engine call (a batch)",
-                                 buckets=LATENCY_BUCKETS, registry=r)
+                                 model, buckets=LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram("bigru_engine_batch_sequences", "sequences in one engine call",
-                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+                                    model, buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         self.sequence_length = Histogram("bigru_sequence_tokens", "tokens per requested sequence",
-                                         buckets=(1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096),
+                                         model, buckets=(1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096),
                                          registry=r)
-        self.queue_depth = Gauge("bigru_queue_sequences", "sequences waiting for the engine", registry=r)
+        self.queue_depth = Gauge("bigru_queue_sequences", "sequences waiting for the engine", model,
+                                 registry=r)
         self.memory_used = Gauge("bigru_memory_budget_used_bytes",
                                  "memory reserved by the /infer requests admitted", registry=r)
         self.memory_waiting = Gauge("bigru_memory_budget_waiting_bytes",
                                     "input held by the requests waiting for room in the budget", registry=r)
         self.rejected = Counter("bigru_rejected_requests", "requests refused before compute, by reason",
                                 ["reason"], registry=r)
-        self.model_info = Gauge("bigru_model_info", "the served model (value 1)",
-                                ["name", "version", "source_format", "conversion", "engine"], registry=r)
+        self.model_info = Gauge("bigru_model_info", "each model version loaded (value 1); version: "
+                                "the service's", ["name", "model_version", "version", "source_format",
+                                                  "conversion", "engine"], registry=r)
         self.self_check_diff = Gauge("bigru_self_check_max_abs_diff",
-                                     "the start-up self-check's max abs difference", registry=r)
+                                     "the self-check's max abs difference at load", model, registry=r)
         self.ready = Gauge("bigru_ready", "1 when the service is ready", registry=r)
+        self.model_ready = Gauge("bigru_model_ready", "1 while a model version serves", model, registry=r)
         self.grpc_requests = Counter("bigru_grpc_requests", "gRPC calls by method and status code",
                                      ["method", "code"], registry=r)
         self.grpc_latency = Histogram("bigru_grpc_request_duration_seconds", "time to answer a gRPC call",
                                       ["method"], buckets=LATENCY_BUCKETS, registry=r)
 
-    def observe_batch(self, stats: BatchStats) -> None:
-        self.compute.observe(stats.compute_s)
-        self.batch_size.observe(stats.sequences)
+    def observe_batch(self, stats: BatchStats, model: str, version: str) -> None:
+        self.compute.labels(model, version).observe(stats.compute_s)
+        self.batch_size.labels(model, version).observe(stats.sequences)
+        queue_wait = self.queue_wait.labels(model, version)
         for wait in stats.queue_wait_s:
-            self.queue_wait.observe(wait)
+            queue_wait.observe(wait)
 
 
 def _drop_color_message(record: logging.LogRecord) -> bool:

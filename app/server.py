@@ -30,9 +30,9 @@ class DrainingServer(uvicorn.Server):
             super().handle_exit(sig, frame)
             return
         self.draining = True
-        service = getattr(self.app.state, "service", None)
-        if service is not None:
-            service.drain()
+        repository = getattr(self.app.state, "repository", None)
+        if repository is not None:
+            repository.drain()
         stop = super().handle_exit
         loop = asyncio.get_event_loop()
         loop.call_soon_threadsafe(loop.call_later, self.drain_delay_s, stop, sig, frame)

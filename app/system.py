@@ -67,6 +67,15 @@ def return_freed_memory() -> None:
     libc.mallopt(m_mmap_threshold, 128 * 1024)
 
 
+def trim_heap() -> None:
+    """Hand the heap's free pages back to the kernel (glibc ``malloc_trim``): after a model is
+    unloaded, its freed blocks below the mmap threshold would otherwise stay resident."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        return  # not glibc
+
+
 def process_rss() -> int:
     """This process's resident memory in bytes."""
     resident_pages = int(Path("/proc/self/statm").read_text().split()[1])

@@ -26,6 +26,7 @@ from app.service.pricing import (
     Held,
     MemoryBudget,
     NeverFits,
+    affordable_calls,
     sized_budget,
     split_parts,
 )
@@ -215,10 +216,10 @@ def test_the_line_moves_past_who_left_and_fills_to_the_byte() -> None:
 
 
 def test_a_configured_budget_is_taken_as_it_is() -> None:
-    budget, workers = sized_budget(800, workers=3, per_call=10)
-    assert (budget.total, budget.waiting_room, workers) == (700, 100, 3)
+    budget, workers = sized_budget(800, [(3, 10)])
+    assert (budget.total, budget.waiting_room, workers) == (700, 100, [3])
     assert budget.derivation == "MEMORY_BUDGET_BYTES"
-    assert sized_budget(-5, 1, 1)[0].total == 0
+    assert sized_budget(-5, [(1, 1)])[0].total == 0
 
 
 def test_a_budget_sized_from_a_cgroup_limit(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -228,17 +229,17 @@ def test_a_budget_sized_from_a_cgroup_limit(monkeypatch: pytest.MonkeyPatch) -> 
 
     monkeypatch.setattr(pricing, "process_rss", lambda: 100 * MiB)
     monkeypatch.setattr(pricing, "cgroup_memory_limit", lambda: 1000 * MiB)
-    budget, workers = sized_budget(None, workers=8, per_call=100 * MiB)
+    budget, workers = sized_budget(None, [(8, 100 * MiB)])
     available = 1000 * MiB - 100 * MiB - 100 * MiB  # 800 MiB: half of it holds 4 calls
-    assert workers == 4 and budget.total + budget.waiting_room == available - 4 * 100 * MiB
+    assert workers == [4] and budget.total + budget.waiting_room == available - 4 * 100 * MiB
     assert budget.derivation == ("cgroup limit 1000 MiB - RSS at ready 100 MiB - headroom 100 MiB - "
                                  "4 engine calls 400 MiB")
     monkeypatch.setattr(pricing, "cgroup_memory_limit", lambda: 300 * MiB)
-    budget, workers = sized_budget(None, workers=8, per_call=100 * MiB)  # headroom 32 MiB, 168 left
-    assert workers == 1 and budget.total + budget.waiting_room == 68 * MiB  # at least one call
+    budget, workers = sized_budget(None, [(8, 100 * MiB)])  # headroom 32 MiB, 168 left
+    assert workers == [1] and budget.total + budget.waiting_room == 68 * MiB  # at least one call
     monkeypatch.setattr(pricing, "cgroup_memory_limit", lambda: None)
-    budget, workers = sized_budget(None, workers=8, per_call=100 * MiB)
-    assert (budget.total + budget.waiting_room, workers) == (pricing.DEFAULT_BUDGET, 8)
+    budget, workers = sized_budget(None, [(8, 100 * MiB)])
+    assert (budget.total + budget.waiting_room, workers) == (pricing.DEFAULT_BUDGET, [8])
     assert budget.derivation == "default (no cgroup memory limit)"
 
 
@@ -520,3 +521,30 @@ def test_in_a_512_mib_cgroup_the_budget_is_derived_and_the_maximal_request_survi
         server.stop()
         assert cgroup.oom_kills() == 0
         cgroup.remove()
+
+
+def test_engine_calls_of_several_models_shrink_the_costliest_first() -> None:
+    assert affordable_calls([(4, 100), (4, 10)], room=1000) == [4, 4]
+    assert affordable_calls([(4, 100), (4, 10)], room=300) == [2, 4]  # 200 + 40
+    assert affordable_calls([(4, 100), (4, 10)], room=50) == [1, 4]  # at least one call each
+    assert affordable_calls([], room=0) == []
+
+
+def test_a_model_loaded_later_takes_its_memory_out_of_the_budget_and_gives_it_back() -> None:
+    async def scenario() -> None:
+        budget = MemoryBudget(80, "test")  # 70 for requests
+        await budget.admit(Cost(0, 50), 1)
+        reserving = asyncio.create_task(budget.reserve(30, 5))  # waits for the request to finish
+        await asyncio.sleep(0.05)
+        assert not reserving.done()
+        budget.release(50)
+        await reserving
+        assert (budget.total, budget.used) == (40, 0)
+        with pytest.raises(NeverFits):
+            await budget.reserve(41, 1)
+        with pytest.raises(NeverFits):  # requests now meet the smaller budget
+            await budget.admit(Cost(0, 41), 1)
+        budget.unreserve(30)
+        assert budget.total == 70
+
+    asyncio.run(scenario())

@@ -30,8 +30,9 @@ from app.api.errors import ApiError
 from app.engine.runner import Result
 from app.observability import Metrics
 from app.service.batcher import QueueFull
-from app.service.model_service import ModelService
+from app.service.model_service import Lease, ModelService
 from app.service.pricing import ENCODING_BYTES, BudgetTaken, Cost, Held, MemoryBudget, NeverFits
+from app.service.repository import ControlError, NotReady, Repository, UnknownModel
 from app.system import MiB
 
 T = TypeVar("T")
@@ -69,9 +70,9 @@ class BodyHold:
     """The memory budget's share held for a body being read and parsed (``async with``: freed
     at the end); :meth:`to` raises it, waiting for room up to the request's deadline."""
 
-    def __init__(self, service: ModelService, timeout_s: float, metrics: Metrics) -> None:
-        assert service.budget is not None
-        self.budget, self.metrics = service.budget, metrics
+    def __init__(self, budget: MemoryBudget | None, timeout_s: float, metrics: Metrics) -> None:
+        assert budget is not None, "a model is served only once the budget is sized"
+        self.budget, self.metrics = budget, metrics
         self.deadline = asyncio.get_running_loop().time() + timeout_s
         self.held = 0
 
@@ -137,29 +138,36 @@ async def read_body(request: Request, hold: BodyHold, price: Callable[[int], int
 
 
 # Async, so that FastAPI calls it in place: a sync dependency takes a thread-pool round trip.
-async def get_service(request: Request) -> ModelService:
-    return request.app.state.service
+async def get_repository(request: Request) -> Repository:
+    return request.app.state.repository
 
 
-Service = Annotated[ModelService, Depends(get_service)]
+Models = Annotated[Repository, Depends(get_repository)]
 
 
-def most_requests(service: ModelService | None, configured: int | None) -> int:
+def most_requests(repository: Repository | None, configured: int | None) -> int:
     """``MAX_REQUESTS``, else as many as the budget holds of the cheapest request (its answer
     being encoded and sent)."""
     if configured is not None:
         return configured
-    budget = service.budget if service is not None else None
+    budget = repository.budget if repository is not None else None
     if budget is None:
         return REQUESTS_BEFORE_READY
     return max(16, (budget.total + budget.waiting_room) // ENCODING_BYTES)
 
 
-def check_ready(service: ModelService) -> None:
-    """Before anything else: 503 with Retry-After until the model is ready."""
-    if not service.accepting:
-        raise ApiError(503, "not_ready", f"model not ready ({service.status.stage})",
-                       headers={"Retry-After": "1"})
+def served(repository: Repository, name: str | None, version: str | None = None) -> ModelService:
+    """The version serving model ``name`` (None: the default model): 404 when there is no
+    such model or version, 503 with Retry-After while it is not ready, 400 when no model is
+    the default."""
+    try:
+        return repository.default() if name is None else repository.serving(name, version)
+    except UnknownModel as exc:
+        raise ApiError(404, "unknown_model", str(exc)) from None
+    except NotReady as exc:
+        raise ApiError(503, "not_ready", str(exc), headers={"Retry-After": "1"}) from None
+    except ControlError as exc:
+        raise ApiError(400, "no_default_model", str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -174,12 +182,13 @@ class Pricing:
 
 class Admitted:
     """An admitted request: ``parts`` gives every part's results in sequence order (the first
-    one already computed); :meth:`finish` (idempotent) drops what is left and frees the budget."""
+    one already computed); :meth:`finish` (idempotent) drops what is left, frees the budget
+    and lets go of the model version (its lease)."""
 
     def __init__(self, parts: AsyncIterator[list[Result]], count: int, budget: MemoryBudget,
-                 cost: Cost) -> None:
+                 cost: Cost, lease: Lease) -> None:
         self._rest, self.count = parts, count
-        self._budget, self._cost = budget, cost
+        self._budget, self._cost, self._lease = budget, cost, lease
         self._first: list[Result] | None = None
         self._finished = False
 
@@ -201,17 +210,31 @@ class Admitted:
         if not self._finished:
             self._finished = True
             self._budget.release(self._cost.total)
+            self._lease.release()
 
 
-async def admit_and_start(service: ModelService, sequences: list[np.ndarray], pricing: Pricing,
+async def admit_and_start(lease: Lease, sequences: list[np.ndarray], pricing: Pricing,
                           body_bytes: int, timeout_s: float, metrics: Metrics) -> Admitted:
     """Admit the request by its memory cost (waiting for room up to ``timeout_s``), start it
-    part by part and wait for its first part; the deadline covers admission and that part."""
+    part by part and wait for its first part; the deadline covers admission and that part.
+    The returned :class:`Admitted` holds ``lease`` from here on (released when it is done)."""
+    lease.take()
+    try:
+        return await _admit_and_start(lease, sequences, pricing, body_bytes, timeout_s, metrics)
+    except BaseException:
+        lease.release()
+        raise
+
+
+async def _admit_and_start(lease: Lease, sequences: list[np.ndarray], pricing: Pricing,
+                           body_bytes: int, timeout_s: float, metrics: Metrics) -> Admitted:
+    service = lease.service
     costs, budget = service.costs, service.budget
     assert costs is not None and budget is not None
     lengths = [len(sequence) for sequence in sequences]
+    observe = metrics.sequence_length.labels(*service.labels).observe
     for length in lengths:
-        metrics.sequence_length.observe(length)
+        observe(length)
     cost = costs.price(lengths, pricing.held, body_bytes)
     deadline = asyncio.get_running_loop().time() + timeout_s
     try:
@@ -227,7 +250,7 @@ async def admit_and_start(service: ModelService, sequences: list[np.ndarray], pr
         raise overloaded(metrics, "memory_budget", "the memory budget is taken") from None
     parts_of = costs.parts(lengths)
     admitted = Admitted(service.infer_parts([[sequences[i] for i in part] for part in parts_of]),
-                        len(parts_of), budget, cost)
+                        len(parts_of), budget, cost, lease)
     try:
         admitted._first = await within_deadline(anext(admitted._rest),
                                                 deadline - asyncio.get_running_loop().time(),

@@ -175,10 +175,11 @@ class RequestEnvelope:
         if scope["path"] in QUIET_PATHS:
             return  # probes and scrapes; the service logs its own state changes
         client = scope.get("client")
+        model, version = scope.get("state", {}).get("model", (None, None))
         log.info("request", extra={
             "request_id": request_id, "method": scope["method"], "path": scope["path"],
             "status": status, "duration_ms": round(seconds * 1000, 3),
-            "client": client[0] if client else None,
+            "client": client[0] if client else None, "model": model, "model_version": version,
         })
 
 

@@ -10,7 +10,7 @@ from fastapi import FastAPI
 
 from app.api.schemas import make_infer_request
 from app.config import Settings
-from app.service.model_service import ModelService
+from app.service.repository import NotReady, Repository, UnknownModel
 from app.spec import ModelInput, TokenInput
 
 
@@ -43,7 +43,12 @@ def publish_model_schema(app: FastAPI, settings: Settings) -> None:
         """The schema of the loaded model's input: token ids up to its vocabulary, or
         feature vectors of its width."""
         schema = generate()
-        service: ModelService | None = getattr(app.state, "service", None)
+        repository: Repository | None = getattr(app.state, "repository", None)
+        name = repository.default_name() if repository is not None else None
+        try:
+            service = repository.described(name) if repository is not None and name else None
+        except (UnknownModel, NotReady):
+            service = None
         if service is not None and service.bundle is not None:
             body = schema["paths"]["/infer"]["post"]["requestBody"]["content"]["application/json"]
             body["schema"] = request_schema(settings, service.model_input)

@@ -72,6 +72,17 @@ def read_spec(path: Path, architecture: Architecture, name: str) -> ModelSpec:
     return read_tf1_checkpoint(path, architecture, name)
 
 
+def served_name(path: Path) -> str:
+    """The name a model is served under when ``MODEL_PATH`` names it (as :func:`load_bundle`
+    names its spec): its manifest's name, else the directory's or the file's."""
+    if path.is_dir():
+        try:
+            return read_manifest(path).name or path.name
+        except ModelError:
+            return path.name  # the load reports what is wrong with it
+    return path.stem
+
+
 def load_bundle(path: Path) -> ModelBundle:
     path = Path(path)
     if path.is_dir():

@@ -1,19 +1,23 @@
-"""The model service: convert -> load -> build engine -> self-check -> warm up -> ready.
+"""One version of one model: convert -> load -> self-check -> warm up -> serve -> unload.
 
-The server answers ``/healthz`` (and ``/readyz``: 503 with the stage) from the start, while:
+:class:`~app.service.repository.Repository` brings each version up while the server answers
+``/healthz`` (and reports the stage), through:
 
-1. ``converting``: ``MODEL_PATH`` becomes a Keras 3 model saved by Keras and checked by Keras
-   against the parity data, in a child process, or is found converted already
-   (:mod:`app.convert.cache`); this process never imports TensorFlow for it;
+1. ``converting``: the source (``MODEL_PATH``, or a version directory of ``MODEL_REPOSITORY``)
+   becomes a Keras 3 model saved by Keras and checked by Keras against the parity data, in a
+   child process, or is found converted already (:mod:`app.convert.cache`); this process never
+   imports TensorFlow for it;
 2. ``loading``: the saved ``.keras`` file is read back (h5py, no Keras) into the spec the
    engine is lowered from;
 3. ``self-check``: the Keras model's own check is held to our tolerance, then the engine is
    checked against the parity data (GPU outputs) and against the Keras model's outputs;
-4. ``warm-up``, then ``ready``.
+4. ``warm-up``, then ``ready`` once the repository gives it its engine calls
+   (:meth:`ModelService.start`);
+5. ``unloading`` once another version replaces it or it is unloaded: requests already holding
+   it (a :class:`Lease`) finish on it, then its batcher stops and its memory is given back.
 
-A source that can't be converted (a :class:`~app.errors.ModelError` in 1 or 2) stops start-up
-with a message naming the file and the problem; a failed check leaves the service up and
-not ready (or exits with ``EXIT_ON_FAILURE``).
+A source that can't be converted raises :class:`~app.errors.ModelError` from :meth:`load`
+naming the file and the problem; a failed check leaves the version ``failed`` with the reason.
 """
 
 from __future__ import annotations
@@ -25,13 +29,13 @@ import platform
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from app import __version__
 from app.config import Settings
 from app.convert.cache import Resolved, resolve
-from app.convert.child import stop_conversions
 from app.engine.buckets import length_buckets
 from app.engine.engine_choice import EngineChoice, choose_engine
 from app.engine.runner import Result, Runner
@@ -40,15 +44,18 @@ from app.formats.bundle import ModelBundle, load_bundle
 from app.formats.parity import ParityData
 from app.observability import Metrics
 from app.service.batcher import MicroBatcher
-from app.service.pricing import CostModel, MemoryBudget, sized_budget
+from app.service.pricing import CostModel, MemoryBudget
 from app.spec import ModelInput
 
 log = logging.getLogger("app.service")
 
+LOADING, READY, UNLOADING, UNAVAILABLE = "LOADING", "READY", "UNLOADING", "UNAVAILABLE"
+
 
 @dataclass
 class Status:
-    # starting -> converting -> loading -> self-check -> warm-up -> ready | failed | draining
+    # starting -> converting -> loading -> self-check -> warm-up -> ready -> unloading -> unloaded
+    # | failed; the server's draining shows here too (requests are still answered)
     stage: str = "starting"
     detail: str | None = None  # the conversion's current step
     ready: bool = False
@@ -58,44 +65,67 @@ class Status:
 
 
 class ModelService:
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, name: str, version: int, source: Path, settings: Settings, metrics: Metrics) -> None:
+        self.name, self.version, self.source_path = name, version, source
         self.settings = settings
         self.metrics = metrics
+        self.labels = (name, str(version))
         self.status = Status()
         self.resolved: Resolved | None = None
         self.bundle: ModelBundle | None = None
+        self.runner: Runner | None = None
         self.batcher: MicroBatcher | None = None
         self.keras_check: SelfCheck | None = None  # the Keras model vs the parity data
         self.self_check: SelfCheck | None = None  # the engine vs the parity data
         self.engine_vs_keras: SelfCheck | None = None  # the engine vs the Keras model's outputs
         self.engine_choice: EngineChoice | None = None
-        self.costs: CostModel | None = None  # set once ready: memory admission prices with it
-        self.budget: MemoryBudget | None = None
+        self.costs: CostModel | None = None  # memory admission prices its requests with it
+        self.budget: MemoryBudget | None = None  # the server's, once started
+        self.held_bytes = 0  # its resident memory and engine calls' reserve, counted in the budget
+        self.unreadable = False  # its source could not be converted or read (ModelError)
+        self.users = 0  # requests holding it (leases): it is unloaded once none is left
+        self._unused: asyncio.Event | None = None
+        self._info: tuple[str, ...] = ()  # its bigru_model_info labels
+
+    @property
+    def state(self) -> str:
+        """The repository's word for the stage: LOADING, READY, UNLOADING or UNAVAILABLE."""
+        stage = self.status.stage
+        if stage in ("ready", "draining"):
+            return READY
+        if stage == "unloading":
+            return UNLOADING
+        return UNAVAILABLE if stage in ("failed", "unloaded") else LOADING
+
+    @property
+    def reason(self) -> str | None:
+        return self.status.error if self.status.stage == "failed" else (
+            "unloaded" if self.status.stage == "unloaded" else None)
 
     def load(self) -> ModelBundle:
         """Find or make the Keras conversion and read it; raises :class:`~app.errors.ModelError`."""
         settings = self.settings
         self.status.stage = "converting"
-        self.resolved = resolve(settings.model_path, settings.model_cache_dir, settings.convert_timeout_s,
+        self.resolved = resolve(self.source_path, settings.model_cache_dir, settings.convert_timeout_s,
                                 self._conversion_step)
         self._log_resolved(self.resolved)
         self.status.stage, self.status.detail = "loading", None
         self.bundle = load_bundle(self.resolved.directory)
         source = self.source
-        log.info("model loaded: %s (%s, %s) as %s", self.bundle.spec.name, source["format"],
+        log.info("model loaded: %s version %d (%s, %s) as %s", self.name, self.version, source["format"],
                  source["conversion"], self.bundle.spec.source.path,
-                 extra={"model": self.bundle.spec.name, "format": source["format"],
+                 extra={"model": self.name, "version": self.version, "format": source["format"],
                         "conversion": source["conversion"], "path": source["path"],
                         "keras_file": self.bundle.spec.source.path})
         return self.bundle
 
     def _conversion_step(self, step: str, message: str) -> None:
         self.status.detail = message
-        log.info("converting: %s", message, extra={"step": step})
+        log.info("converting: %s", message, extra={"step": step, "model": self.name, "version": self.version})
 
-    @staticmethod
-    def _log_resolved(resolved: Resolved) -> None:
-        extra = {"how": resolved.how, "directory": str(resolved.directory), **resolved.conversion}
+    def _log_resolved(self, resolved: Resolved) -> None:
+        extra = {"how": resolved.how, "directory": str(resolved.directory), "model": self.name,
+                 "version": self.version, **resolved.conversion}
         if resolved.conversion:
             log.info("converted in %.1f s, peak RSS %.0f MiB: %s", resolved.conversion["seconds"],
                      resolved.conversion["peak_rss_mib"], resolved.directory, extra=extra)
@@ -104,7 +134,7 @@ class ModelService:
 
     @property
     def source(self) -> dict[str, object]:
-        """What ``MODEL_PATH`` holds: the original file, even when a cached conversion serves it."""
+        """What the source holds: the original file, even when a cached conversion serves it."""
         assert self.bundle is not None and self.resolved is not None
         spec, bundle = self.bundle.spec, self.bundle
         if self.resolved.how == "converted directory" or not bundle.converted_from:
@@ -113,19 +143,37 @@ class ModelService:
                     "converted_from": bundle.converted_from}
         return {**bundle.converted_from, "converted_from": None}
 
-    async def prepare(self) -> None:
-        """Engine, self-checks, warm-up; sets the status to ready or failed."""
+    def fail(self, error: str) -> None:
+        self.status.stage, self.status.error, self.status.ready = "failed", error, False
+        log.error("model %s version %d not ready: %s", self.name, self.version, error,
+                  extra={"model": self.name, "version": self.version})
+
+    async def prepare(self) -> bool:
+        """Engine, self-checks, warm-up; False (and ``failed``, with the reason) when one fails."""
         try:
             await self._prepare()
         except Exception as exc:
-            self.status.stage, self.status.error = "failed", f"{type(exc).__name__}: {exc}"
-            log.error("model not ready: %s", self.status.error)
-            return
+            self.fail(f"{type(exc).__name__}: {exc}")
+            return False
+        return True
+
+    def start(self, budget: MemoryBudget, workers: int) -> None:
+        """Serve: ``workers`` engine calls at once, requests admitted in ``budget``."""
+        assert self.runner is not None
+        settings = self.settings
+        self.budget = budget
+        self.batcher = MicroBatcher(self.runner, workers, settings.max_batch_size,
+                                    settings.max_queue_delay_ms / 1000, settings.max_queue)
+        self.batcher.on_batch.append(lambda stats: self.metrics.observe_batch(stats, *self.labels))
+        self.metrics.queue_depth.labels(*self.labels).set_function(
+            lambda: self.batcher.pending if self.batcher else 0)
+        self.batcher.start()
         self.status.seconds_to_ready = time.perf_counter() - self.status.started_at
         self.status.stage, self.status.ready = "ready", True
-        self.metrics.ready.set(1)
-        log.info("ready in %.2f s", self.status.seconds_to_ready,
-                 extra={"seconds_to_ready": round(self.status.seconds_to_ready, 3)})
+        self.metrics.model_ready.labels(*self.labels).set(1)
+        log.info("%s version %d ready in %.2f s", self.name, self.version, self.status.seconds_to_ready,
+                 extra={"model": self.name, "version": self.version,
+                        "seconds_to_ready": round(self.status.seconds_to_ready, 3)})
 
     @property
     def model_input(self) -> ModelInput:
@@ -135,14 +183,50 @@ class ModelService:
 
     @property
     def accepting(self) -> bool:
-        """Whether /infer is served: once ready, and on through draining."""
-        return self.status.stage in ("ready", "draining")
+        """Whether requests are served: once ready, on through draining and unloading."""
+        return self.status.stage in ("ready", "draining", "unloading")
 
     def drain(self) -> None:
         """Stop reporting ready (shutdown has begun); requests are still answered."""
-        self.status.stage, self.status.ready = "draining", False
-        self.metrics.ready.set(0)
-        log.info("draining: /readyz now answers 503")
+        if self.status.stage == "ready":
+            self.status.stage, self.status.ready = "draining", False
+
+    def lease(self) -> Lease:
+        return Lease(self)
+
+    async def unload(self) -> None:
+        """Stop taking requests; once the ones holding it are done, stop the batcher and drop
+        the engine (its memory goes back with it)."""
+        serving = self.batcher is not None
+        if serving:
+            self.status.stage, self.status.ready = "unloading", False
+            log.info("unloading %s version %d: %d requests to finish", self.name, self.version,
+                     self.users, extra={"model": self.name, "version": self.version})
+            self._unused = asyncio.Event()
+            if self.users:
+                await self._unused.wait()
+            assert self.batcher is not None
+            await self.batcher.close()
+        self.batcher = self.runner = self.engine_choice = None
+        self.bundle = None  # the weights, with the engine: what the version held goes
+        if self.status.stage != "failed":
+            self.status.stage = "unloaded"
+        self._forget_metrics()
+        if serving:
+            log.info("unloaded %s version %d", self.name, self.version,
+                     extra={"model": self.name, "version": self.version})
+
+    def _forget_metrics(self) -> None:
+        labelled = [(self.metrics.model_ready, self.labels), (self.metrics.queue_depth, self.labels),
+                    (self.metrics.self_check_diff, self.labels), (self.metrics.model_info, self._info)]
+        for gauge, labels in labelled:
+            with contextlib.suppress(KeyError):
+                gauge.remove(*labels)
+
+    def _left(self) -> None:
+        self.users -= 1
+        if self.users == 0 and self._unused is not None:
+            self._unused.set()
 
     async def _prepare(self) -> None:
         assert self.bundle is not None
@@ -159,10 +243,10 @@ class ModelService:
             keras_file=keras_file)
         engine = self.engine_choice.engine
         runner = Runner(engine, buckets, settings.max_batch_size, settings.max_batch_tokens)
-        self.metrics.queue_depth.set_function(lambda: self.batcher.pending if self.batcher else 0)
         source = self.source
-        self.metrics.model_info.labels(spec.name, __version__, source["format"],
-                                       source["conversion"], engine.name).set(1)
+        self._info = (self.name, str(self.version), __version__, str(source["format"]),
+                      str(source["conversion"]), engine.name)
+        self.metrics.model_info.labels(*self._info).set(1)
         self.status.stage = "self-check"
         if bundle.parity is not None:
             self.self_check = await self._check(bundle.parity, runner, tolerance,
@@ -173,42 +257,25 @@ class ModelService:
                 "the engine against the Keras model's outputs")
         checked = self.self_check or self.engine_vs_keras
         if checked is not None:
-            self.metrics.self_check_diff.set(checked.worst)
+            self.metrics.self_check_diff.labels(*self.labels).set(checked.worst)
         self.status.stage = "warm-up"
         await asyncio.to_thread(runner.warm_up)
-        workers = self._size_budget(settings.workers if engine.parallel_calls else 1)
-        self.batcher = MicroBatcher(runner, workers, settings.max_batch_size,
-                                    settings.max_queue_delay_ms / 1000, settings.max_queue)
-        self.batcher.on_batch.append(self.metrics.observe_batch)
-        self.batcher.start()
-
-    def _size_budget(self, workers: int) -> int:
-        """Price requests for this model; size the budget now that the RSS is the baseline.
-        Returns the engine calls that may run at once (fewer than ``workers`` when the
-        container's memory can't hold that many)."""
-        assert self.bundle is not None
-        spec, settings = self.bundle.spec, self.settings
+        self.runner = runner
         self.costs = CostModel(
-            length_buckets(settings.max_len), spec.output_width, spec.hidden_width,
-            sum(layer.state_floats for layer in spec.layers),
+            buckets, spec.output_width, spec.hidden_width, sum(layer.state_floats for layer in spec.layers),
             settings.max_batch_tokens, settings.max_batch_size)
-        per_call = self.costs.engine_reserve(1)
-        self.budget, affordable = sized_budget(settings.memory_budget_bytes, workers, per_call)
-        if affordable < workers:
-            log.warning("running %d engine calls at once, not %d: the memory limit holds no more",
-                        affordable, workers)
-        budget = self.budget
-        self.metrics.memory_used.set_function(lambda: budget.used)
-        self.metrics.memory_waiting.set_function(lambda: budget.waiting)
-        log.info("memory budget %.0f MiB (%s)", (budget.total + budget.waiting_room) / 2**20,
-                 budget.derivation, extra={"memory_budget": budget.describe()})
-        return affordable
+
+    @property
+    def wanted_calls(self) -> int:
+        """Engine calls it would run at once, memory allowing."""
+        assert self.engine_choice is not None
+        return self.settings.workers if self.engine_choice.engine.parallel_calls else 1
 
     async def _check(self, parity: ParityData, runner: Runner, tolerance: float, what: str) -> SelfCheck:
         """The serving engine against recorded outputs; raises if they differ too much."""
         check = await asyncio.to_thread(run_self_check, parity, runner.run, tolerance)
         log.info("self-check %s: %s", "passed" if check.passed else "FAILED", what,
-                 extra={"self_check": check.as_dict()})
+                 extra={"self_check": check.as_dict(), "model": self.name, "version": self.version})
         _require(check, what)
         return check
 
@@ -217,21 +284,16 @@ class ModelService:
         assert self.batcher is not None
         return self.batcher.stream(parts)
 
-    async def close(self) -> None:
-        stop_conversions()  # a shutdown during start-up doesn't wait for the conversion
-        if self.batcher is not None:
-            await self.batcher.close()
-
     def metadata(self) -> dict:
         status = {"stage": self.status.stage, "detail": self.status.detail, "ready": self.status.ready,
                   "error": self.status.error, "seconds_to_ready": self.status.seconds_to_ready}
-        common = {"engine": self.settings.engine, "status": status,
-                  "limits": self.limits(), "versions": _versions()}
-        if self.bundle is None:  # still converting
-            return {"name": None, "source": {"path": str(self.settings.model_path)}, **common}
+        common = {"version": self.version, "state": self.state, "engine": self.settings.engine,
+                  "status": status, "limits": self.limits(), "versions": _versions()}
+        if self.bundle is None:  # still converting, or never loaded
+            return {"name": self.name, "source": {"path": str(self.source_path)}, **common}
         spec = self.bundle.spec
         return {
-            "name": spec.name,
+            "name": self.name,
             "source": self.source,
             "architecture": spec.describe(),
             "input": spec.input.describe(),
@@ -265,6 +327,33 @@ class ModelService:
         return {"path": self.bundle.spec.source.path, "keras_version": record.keras_version,
                 "self_check": _as_dict(self.keras_check),
                 "conversion": {"how": self.resolved.how, "cache_key": self.resolved.key, **record.conversion}}
+
+
+class Lease:
+    """A request's hold on the version it was routed to (``with``; :meth:`take` hands it on
+    to whatever finishes the request): the version is not unloaded while one is held."""
+
+    def __init__(self, service: ModelService) -> None:
+        self.service = service
+        service.users += 1
+        self._held, self._taken = True, False
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if not self._taken:
+            self.release()
+
+    def take(self) -> Lease:
+        """The lease, now released by its taker (:meth:`release`), not by the ``with`` block."""
+        self._taken = True
+        return self
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self.service._left()
 
 
 def _require(check: SelfCheck, what: str) -> None:

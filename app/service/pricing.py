@@ -32,6 +32,11 @@ The budget: ``MEMORY_BUDGET_BYTES`` when set; else, in a container with a memory
 else ``DEFAULT_BUDGET``. An eighth of it is the waiting room: requests waiting for room
 hold only their input, and when the waiting room is full they get ``503`` at once. A
 request that costs more than the other seven eighths can never run: ``413``.
+
+With several models (:mod:`app.service.repository`) the budget is one for all. A model
+loaded after start-up takes its resident size and its engine calls' reserve out of a derived
+budget (:meth:`MemoryBudget.reserve`), waiting for requests in flight to leave room, and
+gives them back when it is unloaded; one that can never fit is refused, never an OOM.
 """
 
 from __future__ import annotations
@@ -142,8 +147,9 @@ class BudgetTaken(Exception):
 class MemoryBudget:
     """Bytes that admitted requests may hold; FIFO waiting for room, bounded in bytes too."""
 
-    def __init__(self, total: int, derivation: str) -> None:
+    def __init__(self, total: int, derivation: str, limit: int | None = None) -> None:
         total = max(total, 0)
+        self.limit = limit  # the cgroup limit it was derived from; None: configured or default
         self.waiting_room = total // 8  # inputs of requests waiting for room
         self.total = total - self.waiting_room  # what admitted requests hold
         self.derivation = derivation
@@ -181,6 +187,18 @@ class MemoryBudget:
         self.used -= amount
         self._wake()
 
+    async def reserve(self, amount: int, timeout_s: float) -> None:
+        """Take ``amount`` out of the budget for good (a model loaded after start-up), once the
+        requests in flight leave room for it; raises :class:`NeverFits` or :class:`BudgetTaken`."""
+        await self.admit(Cost(0, amount), timeout_s)
+        self.used -= amount
+        self.total -= amount
+
+    def unreserve(self, amount: int) -> None:
+        """Give back what :meth:`reserve` took, or what a start-up model held (it is unloaded)."""
+        self.total += amount
+        self._wake()
+
     def _wake(self) -> None:
         """Admit from the head of the line while it fits (FIFO: no starving big requests)."""
         while self._line:
@@ -200,22 +218,43 @@ class MemoryBudget:
                 "waiting_room_bytes": self.waiting_room}
 
 
-def sized_budget(configured: int | None, workers: int, per_call: int) -> tuple[MemoryBudget, int]:
-    """The budget, and how many engine calls (of ``per_call`` bytes each) may run at once.
+def sized_budget(configured: int | None,
+                 engines: Sequence[tuple[int, int]]) -> tuple[MemoryBudget, list[int]]:
+    """The budget, and how many engine calls of each model (``engines``: its wanted calls at
+    once and the bytes of one call) may run at once.
 
     ``MEMORY_BUDGET_BYTES`` when set; else derived from the container's limit (call this once
-    ready: the RSS then is the baseline), the engine calls taking at most half of what is
-    left (so many cores and little memory mean fewer parallel calls, not an OOM); else
-    :data:`DEFAULT_BUDGET`."""
+    the start-up models are ready: the RSS then is the baseline), the engine calls taking at
+    most half of what is left (so many cores and little memory mean fewer parallel calls, not
+    an OOM); else :data:`DEFAULT_BUDGET`."""
+    workers = [wanted for wanted, _ in engines]
     if configured is not None:
         return MemoryBudget(configured, "MEMORY_BUDGET_BYTES"), workers
     limit = cgroup_memory_limit()
     if limit is None:
         return MemoryBudget(DEFAULT_BUDGET, "default (no cgroup memory limit)"), workers
-    baseline, headroom = process_rss(), max(limit // 10, 32 * MiB)
+    baseline, headroom = process_rss(), headroom_of(limit)
     available = limit - baseline - headroom
-    workers = max(1, min(workers, available // 2 // per_call))
-    reserve = workers * per_call
+    workers = affordable_calls(engines, available // 2)
+    reserve = sum(calls * per_call for calls, (_, per_call) in zip(workers, engines))
     derivation = (f"cgroup limit {limit / MiB:.0f} MiB - RSS at ready {baseline / MiB:.0f} MiB - "
-                  f"headroom {headroom / MiB:.0f} MiB - {workers} engine calls {reserve / MiB:.0f} MiB")
-    return MemoryBudget(available - reserve, derivation), workers
+                  f"headroom {headroom / MiB:.0f} MiB - {sum(workers)} engine calls {reserve / MiB:.0f} MiB")
+    return MemoryBudget(available - reserve, derivation, limit=limit), workers
+
+
+def headroom_of(limit: int) -> int:
+    return max(limit // 10, 32 * MiB)
+
+
+def affordable_calls(engines: Sequence[tuple[int, int]], room: int) -> list[int]:
+    """Engine calls per model, at least one each, fewer (the most costly first) while they
+    would hold more than ``room``."""
+    workers = [wanted for wanted, _ in engines]
+    costs = [per_call for _, per_call in engines]
+    while sum(calls * cost for calls, cost in zip(workers, costs)) > room:
+        shrinkable = [index for index, calls in enumerate(workers) if calls > 1]
+        if not shrinkable:
+            break
+        index = max(shrinkable, key=lambda i: workers[i] * costs[i])
+        workers[index] -= 1
+    return workers

@@ -27,7 +27,7 @@ from google.protobuf.message import DecodeError
 from grpc import aio
 
 from app import __version__
-from app.api.dataplane import BodyHold, check_ready, off_loop
+from app.api.dataplane import BodyHold, off_loop, served
 from app.api.errors import ApiError
 from app.api.json_body import PARSED, most_values, parsed_bytes
 from app.api.kserve import EXTENSIONS, SERVER_NAME
@@ -37,12 +37,9 @@ from app.api.kserve.answers import AnswerPlan
 from app.api.kserve.inference import Decoded, admitted, decoded
 from app.api.kserve.signature import (
     OUTPUT_NAMES,
-    VERSION,
-    check_model,
     gathered_tensors,
     input_specs,
     model_metadata,
-    model_name,
     output_specs,
 )
 from app.api.kserve.tensors import (
@@ -54,8 +51,9 @@ from app.api.kserve.tensors import (
 )
 from app.api.middleware import request_id_from
 from app.config import Settings
-from app.service.model_service import ModelService
+from app.service.model_service import Lease
 from app.service.pricing import DEFAULT_BUDGET
+from app.service.repository import Repository
 from app.spec import ModelInput
 from app.system import cgroup_memory_limit
 
@@ -104,10 +102,11 @@ def observed(method: Handler) -> Handler:
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, service: ModelService, settings: Settings) -> None:
-        self.service = service
+    def __init__(self, repository: Repository, settings: Settings) -> None:
+        self.repository = repository
         self.settings = settings
-        self.metrics = service.metrics
+        self.metrics = repository.metrics
+        self.models_of_calls: dict[int, tuple[str, str]] = {}  # by id(context): for the log line
 
     @observed
     async def ServerLive(self, request: pb.ServerLiveRequest, context: aio.ServicerContext) -> Any:
@@ -115,12 +114,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @observed
     async def ServerReady(self, request: pb.ServerReadyRequest, context: aio.ServicerContext) -> Any:
-        return pb.ServerReadyResponse(ready=self.service.status.ready)
+        return pb.ServerReadyResponse(ready=self.repository.ready)
 
     @observed
     async def ModelReady(self, request: pb.ModelReadyRequest, context: aio.ServicerContext) -> Any:
-        check_model(self.service, request.name, request.version)
-        return pb.ModelReadyResponse(ready=self.service.status.ready)
+        try:
+            served(self.repository, request.name, request.version)
+        except ApiError as exc:
+            if exc.status != 503:
+                raise
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=True)
 
     @observed
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: aio.ServicerContext) -> Any:
@@ -128,36 +132,49 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @observed
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: aio.ServicerContext) -> Any:
-        check_model(self.service, request.name, request.version)
-        metadata = model_metadata(self.service)
+        service = served(self.repository, request.name, request.version)
+        metadata = model_metadata(service, self.repository.ready_versions(request.name))
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=metadata["name"], versions=metadata["versions"], platform=metadata["platform"],
-            inputs=[tensor(**spec.as_dict()) for spec in input_specs(self.service.model_input)],
-            outputs=[tensor(**spec.as_dict()) for spec in output_specs(self.service)])
+            inputs=[tensor(**spec.as_dict()) for spec in input_specs(service.model_input)],
+            outputs=[tensor(**spec.as_dict()) for spec in output_specs(service)])
 
     @observed
     async def ModelInfer(self, message: bytes, context: aio.ServicerContext) -> Any:
         """``message``: the request's bytes, priced before they are decoded (:func:`add_servicer`)."""
-        service, settings = self.service, self.settings
-        check_ready(service)
+        repository, settings = self.repository, self.settings
+        if repository.budget is None:
+            raise ApiError(503, "not_ready", "not ready (loading the models)", headers={"Retry-After": "1"})
         remaining = context.time_remaining()  # the caller's deadline, when it set one
         timeout = min(settings.request_timeout_s, math.inf if remaining is None else max(remaining, 0.001))
-        most = most_values(settings.max_batch, settings.max_len, service.model_input)
         message_bytes = len(message)
-        async with BodyHold(service, timeout, self.metrics) as hold:
-            await hold.to(message_price(message_bytes, most))
+        async with BodyHold(repository.budget, timeout, self.metrics) as hold:
+            await hold.to(message_price(message_bytes, self.most_values()))
             request = await off_loop(infer_request, message)
             del message
-            check_model(service, request.model_name, request.model_version)
+            service = served(repository, request.model_name, request.model_version)
+            self.models_of_calls[id(context)] = service.labels
+            with service.lease() as lease:
+                return await self.infer_with(lease, hold, request, message_bytes, timeout, context)
+
+    async def infer_with(self, lease: Lease, hold: BodyHold, request: pb.ModelInferRequest,
+                         message_bytes: int, timeout: float,
+                         context: aio.ServicerContext) -> pb.ModelInferResponse:
+        """The decoded ``request`` run on the version ``lease`` holds; ``hold`` (the message's
+        price) is let go once its inputs are decoded."""
+        service, settings = lease.service, self.settings
+        most = most_values(settings.max_batch, settings.max_len, service.model_input)
+        async with hold:
             opened = await off_loop(decoded_message, request, most, service.model_input, settings)
             model_id = request.id
             del request
-        plan, started = await admitted(service, opened, True, message_bytes, timeout)
+        plan, started = await admitted(lease, opened, True, message_bytes, timeout)
         del opened
         try:
             tensors = await gathered_tensors(started.parts(), plan.batch, plan.steps, plan.widths, plan.names)
-            response = await off_loop(infer_response, model_name(service), model_id, plan, tensors)
+            response = await off_loop(infer_response, service.name, str(service.version), model_id, plan,
+                                      tensors)
         except BaseException:
             await started.finish()
             raise
@@ -167,18 +184,28 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         context.add_done_callback(lambda _: loop.call_soon_threadsafe(started.release))
         return response
 
+    def most_values(self) -> int:
+        """The most values any model's largest request holds (the message is priced before
+        it names its model)."""
+        settings = self.settings
+        inputs = [instance.model_input for instance in self.repository.ready_instances()]
+        return max((most_values(settings.max_batch, settings.max_len, model_input) for model_input in inputs),
+                   default=settings.max_batch * settings.max_len)
+
     def record(self, method: str, code: grpc.StatusCode, request_id: str, seconds: float,
                context: aio.ServicerContext) -> None:
         self.metrics.grpc_requests.labels(method, code.name).inc()
         self.metrics.grpc_latency.labels(method).observe(seconds)
+        model, version = self.models_of_calls.pop(id(context), (None, None))
         if method in QUIET_METHODS:
             return
         log.info("grpc request", extra={
             "request_id": request_id, "method": method, "status": code.name,
-            "duration_ms": round(seconds * 1000, 3), "client": context.peer()})
+            "duration_ms": round(seconds * 1000, 3), "client": context.peer(),
+            "model": model, "model_version": version})
 
 
-def infer_response(model: str, request_id: str, plan: AnswerPlan,
+def infer_response(model: str, version: str, request_id: str, plan: AnswerPlan,
                    tensors: list[Tensor]) -> pb.ModelInferResponse:
     """The answer message; each tensor's bytes replace it (not two copies of both at once)."""
     contents = []
@@ -186,7 +213,7 @@ def infer_response(model: str, request_id: str, plan: AnswerPlan,
         contents.append(bytes(as_little_endian_bytes(tensors.pop(0).array)))
     output = pb.ModelInferResponse.InferOutputTensor
     return pb.ModelInferResponse(
-        model_name=model, model_version=VERSION, id=request_id, raw_output_contents=contents,
+        model_name=model, model_version=version, id=request_id, raw_output_contents=contents,
         outputs=[output(name=name, datatype="FP32", shape=plan.shape(name)) for name in plan.names])
 
 
@@ -266,12 +293,12 @@ def most_calls(settings: Settings) -> int:
     return max(4, memory // 8 // (UNPRICED_MESSAGE_COPIES * settings.max_body_bytes))
 
 
-async def start_grpc_server(service: ModelService, settings: Settings) -> aio.Server:
+async def start_grpc_server(repository: Repository, settings: Settings) -> aio.Server:
     """Listening on ``HOST:GRPC_PORT``; fails start-up when the port cannot be bound."""
     server = aio.server(options=[("grpc.max_receive_message_length", settings.max_body_bytes),
                                  ("grpc.max_send_message_length", -1)],
                         maximum_concurrent_rpcs=most_calls(settings))
-    add_servicer(InferenceServicer(service, settings), server)
+    add_servicer(InferenceServicer(repository, settings), server)
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     server.add_insecure_port(f"{host}:{settings.grpc_port}")
     await server.start()

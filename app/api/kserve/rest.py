@@ -15,20 +15,13 @@ from fastapi.responses import Response
 from fastapi.routing import APIRoute
 
 from app import __version__
-from app.api.dataplane import BodyHold, Service, off_loop, read_body
+from app.api.dataplane import BodyHold, Models, off_loop, read_body, served
 from app.api.errors import ApiError, protocol_error_response
 from app.api.json_body import PARSED, check_value_count, most_values, parse_body, parsed_bytes
 from app.api.kserve import EXTENSIONS, PREFIX, SERVER_NAME
 from app.api.kserve.answers import http_answer
-from app.api.kserve.inference import Decoded, admitted, check_open, decoded
-from app.api.kserve.signature import (
-    OUTPUT_NAMES,
-    VERSION,
-    check_model,
-    check_output_names,
-    model_metadata,
-    model_name,
-)
+from app.api.kserve.inference import Decoded, admitted, decoded
+from app.api.kserve.signature import OUTPUT_NAMES, check_output_names, model_metadata
 from app.api.kserve.tensors import (
     Tensor,
     check_encoding,
@@ -41,6 +34,7 @@ from app.api.kserve.tensors import (
 from app.api.kserve.wire import InferenceRequest, ProtocolError, RequestInput
 from app.api.routes import json_response
 from app.config import Settings
+from app.service.model_service import Lease
 from app.spec import ModelInput
 
 
@@ -75,15 +69,14 @@ def build_kserve_router(settings: Settings) -> APIRouter:
     async def server_live() -> Response:
         return Response(status_code=200)
 
-    @router.get("/health/ready", summary="Server ready: 200 once the model is ready, else 400", **health)
-    async def server_ready(service: Service) -> Response:
-        return Response(status_code=200 if service.status.ready else 400)
+    @router.get("/health/ready", summary="Server ready: 200 once the models are ready, else 400", **health)
+    async def server_ready(models: Models) -> Response:
+        return Response(status_code=200 if models.ready else 400)
 
     @router.get("/models/{name}", summary="Model metadata: input and output tensors", responses=errors)
     @router.get("/models/{name}/versions/{version}", summary="Model metadata", responses=errors)
-    async def metadata(service: Service, name: str, version: str = "") -> Response:
-        check_model(service, name, version)
-        return json_response(model_metadata(service))
+    async def metadata(models: Models, name: str, version: str = "") -> Response:
+        return json_response(model_metadata(served(models, name, version), models.ready_versions(name)))
 
     ready_responses = {**errors, 400: health["responses"][400]}
 
@@ -91,9 +84,14 @@ def build_kserve_router(settings: Settings) -> APIRouter:
                 response_class=Response, responses=ready_responses)
     @router.get("/models/{name}/versions/{version}/ready", summary="Model ready",
                 response_class=Response, responses=ready_responses)
-    async def model_ready(service: Service, name: str, version: str = "") -> Response:
-        check_model(service, name, version)
-        return Response(status_code=200 if service.status.ready else 400)
+    async def model_ready(models: Models, name: str, version: str = "") -> Response:
+        try:
+            served(models, name, version)
+        except ApiError as exc:
+            if exc.status != 503:
+                raise
+            return Response(status_code=400)
+        return Response(status_code=200)
 
     infer_body = {"requestBody": {"required": True, "content": {
         "application/json": {"schema": InferenceRequest.model_json_schema()},
@@ -106,13 +104,19 @@ def build_kserve_router(settings: Settings) -> APIRouter:
                  responses=infer_responses, openapi_extra=infer_body)
     @router.post("/models/{name}/versions/{version}/infer", summary="Inference",
                  responses=infer_responses, openapi_extra=infer_body)
-    async def infer(request: Request, service: Service, name: str, version: str = "") -> Response:
-        check_open(service, name, version)
+    async def infer(request: Request, models: Models, name: str, version: str = "") -> Response:
+        service = served(models, name, version)
+        request.state.model = service.labels  # the access log names the model and version
+        with service.lease() as lease:
+            return await infer_with(lease, request)
+
+    async def infer_with(lease: Lease, request: Request) -> Response:
+        service = lease.service
         encoding = request.headers.get("content-encoding")
         check_encoding(encoding)
         most = most_values(settings.max_batch, settings.max_len, service.model_input)
         cost = PARSED[service.model_input.kind]
-        async with BodyHold(service, settings.request_timeout_s, service.metrics) as hold:
+        async with BodyHold(service.budget, settings.request_timeout_s, service.metrics) as hold:
             if encoding in (None, "", "identity"):
                 raw = body = await read_body(request, hold, lambda size: parsed_bytes(size, most, cost),
                                              settings.max_body_bytes)
@@ -127,9 +131,9 @@ def build_kserve_router(settings: Settings) -> APIRouter:
                 decoded_body, body, request.headers.get("inference-header-content-length"), most,
                 service.model_input, settings)
             del raw, body  # the input arrays are all that is kept
-        plan, started = await admitted(service, opened, False, body_bytes, settings.request_timeout_s)
+        plan, started = await admitted(lease, opened, False, body_bytes, settings.request_timeout_s)
         del opened
-        header: dict[str, Any] = {"model_name": model_name(service), "model_version": VERSION}
+        header: dict[str, Any] = {"model_name": service.name, "model_version": str(service.version)}
         if request_id is not None:
             header["id"] = request_id
         return await http_answer(plan, header, started, settings.send_timeout_s)

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from app.api.errors import ApiError
 from app.api.inputs import InvalidInput, checked_features, checked_ids
 from app.api.kserve.tensors import Tensor, invalid
 from app.engine.runner import Result
@@ -28,7 +27,6 @@ OUTPUTS, HIDDEN = "outputs", "hidden"
 OUTPUT_NAMES = [OUTPUTS, HIDDEN]  # all of them, in this order, when a request names none
 RESULT_INDEX = {OUTPUTS: 0, HIDDEN: 1}  # where each is in a runner's Result
 INDEX_DATATYPES = ("INT32", "INT64")
-VERSION = "1"  # one model, one version
 PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "keras": "tensorflow_keras"}
 
 
@@ -56,26 +54,12 @@ def output_specs(service: ModelService) -> list[TensorSpec]:
             TensorSpec(HIDDEN, "FP32", [-1, -1, spec.hidden_width])]
 
 
-def model_name(service: ModelService) -> str:
-    assert service.bundle is not None
-    return service.bundle.spec.name
-
-
-def model_metadata(service: ModelService) -> dict:
-    return {"name": model_name(service), "versions": [VERSION],
+def model_metadata(service: ModelService, versions: list[str]) -> dict:
+    """``versions``: the model's versions ready now."""
+    return {"name": service.name, "versions": versions,
             "platform": PLATFORMS.get(service.settings.engine, service.settings.engine),
             "inputs": [t.as_dict() for t in input_specs(service.model_input)],
             "outputs": [t.as_dict() for t in output_specs(service)]}
-
-
-def check_model(service: ModelService, name: str, version: str = "") -> None:
-    """404 unless ``name`` (and ``version``, when given) is what this service serves."""
-    if name != model_name(service):
-        raise ApiError(404, "unknown_model", f"unknown model '{name}'; this service serves "
-                       f"'{model_name(service)}'")
-    if version not in ("", VERSION):
-        raise ApiError(404, "unknown_version", f"model '{name}' has no version '{version}' "
-                       f"(it has '{VERSION}')")
 
 
 def sequences_from(inputs: list[Tensor], model_input: ModelInput, max_batch: int,
