@@ -154,7 +154,7 @@ def test_metrics_tell_queue_wait_from_compute(model: tuple[NativeModel, ModelSpe
     calls: list[BatchStats] = []
 
     async def scenario(batcher: MicroBatcher, engine: GatedEngine) -> None:
-        batcher.on_batch += [metrics.observe_batch, calls.append]
+        batcher.on_batch += [lambda stats: metrics.observe_batch(stats, "m", "1"), calls.append]
         engine.gate.clear()
         first = asyncio.ensure_future(batcher.submit([tokens(40, 5)]))
         await eventually(lambda: engine.started == 1)
@@ -164,7 +164,11 @@ def test_metrics_tell_queue_wait_from_compute(model: tuple[NativeModel, ModelSpe
         await asyncio.gather(first, *queued)
 
     with_batcher(scenario, model[1])
-    value = metrics.registry.get_sample_value
+    model = {"model": "m", "version": "1"}
+
+    def value(name: str, labels: dict[str, str] | None = None) -> float | None:
+        return metrics.registry.get_sample_value(name, {**model, **(labels or {})})
+
     assert value("bigru_queue_wait_seconds_count") == 3  # one per request
     assert value("bigru_engine_compute_seconds_count") == 2  # one per engine call
     assert value("bigru_queue_wait_seconds_bucket", {"le": "0.2"}) == 1  # the first did not wait

@@ -31,6 +31,8 @@ def small_server():
     server.stop()
 
 
+SEGMENTER = '{model="segmenter",version="1"}'  # the labels of the default model's series
+
 def test_request_id_is_echoed_generated_and_in_error_bodies(small_server: Server) -> None:
     given = httpx.post(small_server.url + "/infer", json={"sequences": [[2, 3]]},
                        headers={"X-Request-ID": "trace-42"})
@@ -68,7 +70,8 @@ def test_metrics_separate_queueing_from_compute(small_server: Server) -> None:
                  "bigru_queue_sequences", "bigru_model_info{", "bigru_ready 1.0"):
         assert name in text, name
     assert 'source_format="keras2-h5-model"' in text
-    assert 'bigru_sequence_tokens_bucket{le="512.0"} ' in text
+    assert 'bigru_sequence_tokens_bucket{le="512.0",model="segmenter",version="1"} ' in text
+    assert 'bigru_model_ready{model="segmenter",version="1"} 1.0' in text
 
 
 def post_many(url: str, bodies: list[dict], timeout: float = 30) -> list[tuple[int, float, dict]]:
@@ -160,12 +163,12 @@ def test_queued_work_past_its_deadline_is_dropped_not_run() -> None:
 
         assert asyncio.run(run()) == [504, 504]
         deadline = time.monotonic() + 120
-        while server.metric("bigru_engine_batch_sequences_count") < 1:  # the heavy call ends
+        while server.metric("bigru_engine_batch_sequences_count" + SEGMENTER) < 1:  # the heavy call ends
             assert time.monotonic() < deadline
             time.sleep(0.1)
         assert len(httpx.post(server.url + "/infer", json={"sequences": [[8]]}).json()["outputs"]) == 1
-        assert server.metric("bigru_engine_batch_sequences_count") == 2  # heavy, then the last one
-        assert server.metric("bigru_engine_batch_sequences_sum") == 64 + 1  # not the light one's
+        assert server.metric("bigru_engine_batch_sequences_count" + SEGMENTER) == 2  # heavy, then the last
+        assert server.metric("bigru_engine_batch_sequences_sum" + SEGMENTER) == 64 + 1  # not the light one's
         assert server.metric('bigru_rejected_requests_total{reason="deadline"}') == 2
     finally:
         server.stop()

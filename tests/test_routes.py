@@ -31,7 +31,7 @@ def client() -> Iterator[TestClient]:
 
 
 def service_of(client: TestClient) -> ModelService:
-    return client.app.state.service  # type: ignore[attr-defined]
+    return client.app.state.repository.default()  # type: ignore[attr-defined]
 
 
 def infer_operation(client: TestClient) -> dict:
