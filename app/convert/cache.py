@@ -75,6 +75,16 @@ def resolve(model_path: Path, cache_dir: Path, timeout_s: float, on_step: OnStep
     return Resolved(entry, "reconverted" if redo else "converted", key, report)
 
 
+def needs_conversion(model_path: Path, cache_dir: Path) -> bool:
+    """Whether :func:`resolve` would run a conversion (a cheap look: no lock, no child)."""
+    if model_path.is_dir() and is_converted(model_path):
+        return False
+    try:
+        return _problem(cache_dir / cache_key(model_path)) is not None
+    except ModelError:
+        return True  # no such source: resolve says so
+
+
 def cache_key(model_path: Path) -> str:
     """sha256 of the converter's fingerprint and of every source file's name and bytes."""
     digest = hashlib.sha256(converter_fingerprint().encode())

@@ -287,7 +287,8 @@ class ModelService:
     def metadata(self) -> dict:
         status = {"stage": self.status.stage, "detail": self.status.detail, "ready": self.status.ready,
                   "error": self.status.error, "seconds_to_ready": self.status.seconds_to_ready}
-        common = {"version": self.version, "state": self.state, "engine": self.settings.engine,
+        common = {"version": self.version, "state": self.state, "memory_bytes": self.held_bytes,
+                  "engine": self.settings.engine,
                   "status": status, "limits": self.limits(), "versions": _versions()}
         if self.bundle is None:  # still converting, or never loaded
             return {"name": self.name, "source": {"path": str(self.source_path)}, **common}

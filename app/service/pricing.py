@@ -52,6 +52,9 @@ from app.system import MiB, cgroup_memory_limit, process_rss
 DEFAULT_BUDGET = 1024 * MiB
 
 ENGINE_BYTES_PER_STATE_FLOAT = 13
+# A conversion's child process (TensorFlow) at its peak, as the container's cgroup counts it
+# (docs/models.md: 305 MiB converting the default model in a 512 MiB container).
+CONVERSION_BYTES = 320 * MiB
 INPUT_BYTES_PER_TOKEN = 64  # list slot + validated copy + float64 + int32, with slack
 ENCODING_BYTES = 4 * 64 * 1024  # app/api/streaming.py's chunk being built, and the one being sent
 LOOKAHEAD = 3  # parts of one request held at once: one being sent while two compute

@@ -19,20 +19,29 @@ Conversions and loads run one at a time (each is a burst of CPU and memory).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from app.config import Settings
+from app.convert.cache import needs_conversion
 from app.convert.child import stop_conversions
 from app.errors import ModelError
-from app.formats.bundle import served_name
+from app.formats.bundle import load_bundle, served_name
 from app.observability import Metrics
 from app.service.layout import ModelDir, VersionDir, scan, scan_model, valid_name
 from app.service.model_service import LOADING, READY, UNAVAILABLE, UNLOADING, ModelService
 from app.service.policy import VersionPolicy
-from app.service.pricing import BudgetTaken, MemoryBudget, NeverFits, headroom_of, sized_budget
+from app.service.pricing import (
+    CONVERSION_BYTES,
+    BudgetTaken,
+    MemoryBudget,
+    NeverFits,
+    headroom_of,
+    sized_budget,
+)
 from app.system import MiB, cgroup_memory_limit, process_rss, trim_heap
 
 log = logging.getLogger("app.service")
@@ -69,6 +78,13 @@ class Model:
         if version is not None:
             return ready.get(version)
         return ready[max(ready)] if ready else None
+
+    def has(self, number: int) -> bool:
+        """Whether version ``number`` is on disk or loaded (and not unloaded since)."""
+        instance = self.current.get(number)
+        if instance is not None:
+            return instance.reason != "unloaded"
+        return number in self.on_disk
 
     def index(self) -> list[dict]:
         """Each version's state (and why, when it is not ready), oldest first."""
@@ -112,9 +128,9 @@ class Repository:
         instance = model.serving(number)
         if instance is not None and self.started:
             return instance
-        if number is not None and number not in model.current and number not in model.on_disk:
-            versions = ", ".join(f"'{n}'" for n in sorted(model.current)) or "none"
-            raise UnknownModel(f"model '{name}' has no version '{version}' (it has {versions})")
+        if number is not None and not model.has(number):
+            versions = ", ".join(f"'{n}'" for n in self.ready_versions(name)) or "none"
+            raise UnknownModel(f"model '{name}' has no version '{version}' served (ready: {versions})")
         raise NotReady(self._not_ready(model, number))
 
     def described(self, name: str, version: str | None = None) -> ModelService:
@@ -333,7 +349,8 @@ class Repository:
         async with self._one_at_a_time:
             self.loading, before = instance, process_rss()
             try:
-                await asyncio.to_thread(instance.load)
+                async with self._conversion_room(instance):
+                    await asyncio.to_thread(instance.load)
             except ModelError as exc:
                 instance.fail(str(exc))
                 instance.unreadable = True
@@ -347,6 +364,30 @@ class Repository:
         if starting:
             return True
         return await self._start_later(instance, resident)
+
+    @contextlib.asynccontextmanager
+    async def _conversion_room(self, instance: ModelService) -> AsyncIterator[None]:
+        """Once serving, a conversion's child process takes its memory out of a derived budget
+        while it runs (refused when it can never fit); the source is read first (no
+        TensorFlow), so that a broken file is named as such."""
+        budget, settings = self.budget, self.settings
+        source = instance.source_path
+        if budget is None or budget.limit is None or not await asyncio.to_thread(
+                needs_conversion, source, settings.model_cache_dir):
+            yield
+            return
+        await asyncio.to_thread(load_bundle, source)
+        try:
+            await budget.reserve(CONVERSION_BYTES, settings.request_timeout_s)
+        except (NeverFits, BudgetTaken):
+            raise ModelError(
+                f"{source}: converting it here needs about {CONVERSION_BYTES / MiB:.0f} MiB and the memory "
+                f"limit leaves {budget.total / MiB:.0f} MiB: convert it ahead (python -m app convert with "
+                "MODEL_REPOSITORY set, as the init container does) or raise the limit") from None
+        try:
+            yield
+        finally:
+            budget.unreserve(CONVERSION_BYTES)
 
     def _start_serving(self, instances: list[ModelService]) -> None:
         """Start-up: the budget from what the loaded models left, then every model serves."""
