@@ -19,12 +19,14 @@ from app.api.dataplane import most_requests
 from app.api.docs import include_docs
 from app.api.errors import install_error_handlers
 from app.api.kserve import PREFIX as PROTOCOL_PREFIX
+from app.api.kserve.admin import AdminGate
 from app.api.kserve.grpc_service import start_grpc_server
+from app.api.kserve.repository import build_repository_router
 from app.api.kserve.rest import build_kserve_router
 from app.api.middleware import RequestEnvelope
 from app.api.routes import include_routes
 from app.config import Settings, get_settings
-from app.errors import ModelError
+from app.errors import ConfigurationError, ModelError
 from app.observability import Metrics, configure_logging
 from app.service.repository import Repository
 from app.system import return_freed_memory
@@ -37,12 +39,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     configure_logging(settings.log_level, settings.log_format)
     return_freed_memory()
     metrics = Metrics()
+    gate = AdminGate.from_settings(settings)  # the token is read here, once
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         repository = Repository(settings, metrics)
         app.state.repository = repository
-        grpc_server = await _start_grpc(repository, settings)
+        grpc_server = await _start_grpc(repository, settings, gate)
         grace = settings.shutdown_grace_s
         # New calls refused, calls in flight finish within the grace. app.server stops it as soon
         # as HTTP stops accepting; plain uvicorn here, once HTTP has finished.
@@ -74,15 +77,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     include_routes(app, settings)
     include_docs(app)
     app.include_router(build_kserve_router(settings))
+    app.include_router(build_repository_router(gate))
     return app
 
 
-async def _start_grpc(repository: Repository, settings: Settings) -> grpc.aio.Server | None:
+async def _start_grpc(repository: Repository, settings: Settings, gate: AdminGate) -> grpc.aio.Server | None:
     """The Open Inference Protocol's gRPC service on GRPC_PORT (0: none)."""
     if not settings.grpc_port:
         return None
     try:
-        server = await start_grpc_server(repository, settings)
+        server = await start_grpc_server(repository, settings, gate)
     except RuntimeError as exc:
         log.error("cannot serve gRPC on %s:%d: %s", settings.host, settings.grpc_port, exc)
         raise
@@ -115,4 +119,9 @@ def _exit(code: int) -> None:
     os._exit(code)
 
 
-app = create_app()
+try:
+    app = create_app()
+except ConfigurationError as exc:  # one line naming the settings, not a traceback; exit 2
+    log.error("cannot start: %s", exc)
+    logging.shutdown()
+    raise SystemExit(2) from None

@@ -220,6 +220,8 @@ class ModelService:
         labelled = [(self.metrics.model_ready, self.labels), (self.metrics.queue_depth, self.labels),
                     (self.metrics.self_check_diff, self.labels), (self.metrics.model_info, self._info)]
         for gauge, labels in labelled:
+            if not labels:
+                continue  # a version that failed before its info was known has none to forget
             with contextlib.suppress(KeyError):
                 gauge.remove(*labels)
 

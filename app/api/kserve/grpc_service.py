@@ -19,7 +19,7 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import grpc
@@ -30,9 +30,11 @@ from app import __version__
 from app.api.dataplane import BodyHold, off_loop, served
 from app.api.errors import ApiError
 from app.api.json_body import PARSED, most_values, parsed_bytes
-from app.api.kserve import EXTENSIONS, SERVER_NAME
+from app.api.kserve import SERVER_NAME, served_extensions
 from app.api.kserve import grpc_predict_v2_pb2 as pb
 from app.api.kserve import grpc_predict_v2_pb2_grpc as pb_grpc
+from app.api.kserve import repository as model_repository
+from app.api.kserve.admin import AdminGate
 from app.api.kserve.answers import AnswerPlan
 from app.api.kserve.inference import Decoded, admitted, decoded
 from app.api.kserve.signature import (
@@ -58,9 +60,11 @@ from app.spec import ModelInput
 from app.system import cgroup_memory_limit
 
 log = logging.getLogger("app.access")
-STATUS_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
+STATUS_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
+                403: grpc.StatusCode.PERMISSION_DENIED, 404: grpc.StatusCode.NOT_FOUND,
                 413: grpc.StatusCode.RESOURCE_EXHAUSTED, 422: grpc.StatusCode.INVALID_ARGUMENT,
-                503: grpc.StatusCode.UNAVAILABLE, 504: grpc.StatusCode.DEADLINE_EXCEEDED}
+                501: grpc.StatusCode.UNIMPLEMENTED, 503: grpc.StatusCode.UNAVAILABLE,
+                504: grpc.StatusCode.DEADLINE_EXCEEDED}
 SERVICE = "inference.GRPCInferenceService"
 DECODED_BYTES_PER_MESSAGE_BYTE = 8
 UNPRICED_MESSAGE_COPIES = 4
@@ -102,9 +106,10 @@ def observed(method: Handler) -> Handler:
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, repository: Repository, settings: Settings) -> None:
+    def __init__(self, repository: Repository, settings: Settings, gate: AdminGate) -> None:
         self.repository = repository
         self.settings = settings
+        self.gate = gate
         self.metrics = repository.metrics
         self.models_of_calls: dict[int, tuple[str, str]] = {}  # by id(context): for the log line
 
@@ -128,7 +133,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @observed
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: aio.ServicerContext) -> Any:
-        return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=EXTENSIONS)
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__,
+                                         extensions=served_extensions(self.gate.enabled))
 
     @observed
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: aio.ServicerContext) -> Any:
@@ -157,6 +163,37 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             self.models_of_calls[id(context)] = service.labels
             with service.lease() as lease:
                 return await self.infer_with(lease, hold, request, message_bytes, timeout, context)
+
+    @observed
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: aio.ServicerContext) -> Any:
+        self.administrator(request.repository_name, context)
+        entries = await model_repository.index(self.repository, request.ready)
+        return pb.RepositoryIndexResponse(models=[pb.RepositoryIndexResponse.ModelIndex(**entry)
+                                                  for entry in entries])
+
+    @observed
+    async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest,
+                                  context: aio.ServicerContext) -> Any:
+        self.administrator(request.repository_name, context)
+        self.models_of_calls[id(context)] = (request.model_name, None)
+        await model_repository.load(self.repository, request.model_name, parameter_values(request.parameters))
+        return pb.RepositoryModelLoadResponse()
+
+    @observed
+    async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest,
+                                    context: aio.ServicerContext) -> Any:
+        self.administrator(request.repository_name, context)
+        self.models_of_calls[id(context)] = (request.model_name, None)
+        await model_repository.unload(self.repository, request.model_name,
+                                      parameter_values(request.parameters))
+        return pb.RepositoryModelUnloadResponse()
+
+    def administrator(self, repository_name: str, context: aio.ServicerContext) -> None:
+        """The caller bears the administrators' token, and names no repository."""
+        self.gate.check(_metadata(context, "authorization"))
+        if repository_name:
+            raise ApiError(501, "unsupported", "'repository_name' specification is not supported: "
+                           "this server serves one repository (leave it empty)")
 
     async def infer_with(self, lease: Lease, hold: BodyHold, request: pb.ModelInferRequest,
                          message_bytes: int, timeout: float,
@@ -229,7 +266,10 @@ def add_servicer(servicer: InferenceServicer, server: aio.Server) -> None:
     priced against the memory budget before it is decoded (on the parsing thread)."""
     methods = {"ServerLive": pb.ServerLiveRequest, "ServerReady": pb.ServerReadyRequest,
                "ModelReady": pb.ModelReadyRequest, "ServerMetadata": pb.ServerMetadataRequest,
-               "ModelMetadata": pb.ModelMetadataRequest, "ModelInfer": None}
+               "ModelMetadata": pb.ModelMetadataRequest, "ModelInfer": None,
+               "RepositoryIndex": pb.RepositoryIndexRequest,
+               "RepositoryModelLoad": pb.RepositoryModelLoadRequest,
+               "RepositoryModelUnload": pb.RepositoryModelUnloadRequest}
     handlers = {name: grpc.unary_unary_rpc_method_handler(
         getattr(servicer, name), request_deserializer=request.FromString if request else None,
         response_serializer=getattr(pb, name + "Response").SerializeToString)
@@ -283,6 +323,18 @@ def _request_id(context: aio.ServicerContext) -> str:
                            if key == "x-request-id" and isinstance(value, str))
 
 
+def _metadata(context: aio.ServicerContext, wanted: str) -> str | None:
+    """The caller's first text metadata value named ``wanted``."""
+    return next((value for key, value in context.invocation_metadata() or ()
+                 if key == wanted and isinstance(value, str)), None)
+
+
+def parameter_values(parameters: Mapping[str, pb.ModelRepositoryParameter]) -> dict[str, Any]:
+    """Each parameter's value, whichever of its fields it is (None: none is set)."""
+    return {key: getattr(value, field) if (field := value.WhichOneof("parameter_choice")) else None
+            for key, value in parameters.items()}
+
+
 def most_calls(settings: Settings) -> int:
     """``MAX_REQUESTS``, else an eighth of the memory over what a call holds before its
     message can be priced (its bytes in grpcio's buffers, as Python bytes, and allocator slack:
@@ -293,12 +345,12 @@ def most_calls(settings: Settings) -> int:
     return max(4, memory // 8 // (UNPRICED_MESSAGE_COPIES * settings.max_body_bytes))
 
 
-async def start_grpc_server(repository: Repository, settings: Settings) -> aio.Server:
+async def start_grpc_server(repository: Repository, settings: Settings, gate: AdminGate) -> aio.Server:
     """Listening on ``HOST:GRPC_PORT``; fails start-up when the port cannot be bound."""
     server = aio.server(options=[("grpc.max_receive_message_length", settings.max_body_bytes),
                                  ("grpc.max_send_message_length", -1)],
                         maximum_concurrent_rpcs=most_calls(settings))
-    add_servicer(InferenceServicer(repository, settings), server)
+    add_servicer(InferenceServicer(repository, settings, gate), server)
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     server.add_insecure_port(f"{host}:{settings.grpc_port}")
     await server.start()

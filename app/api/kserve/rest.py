@@ -18,7 +18,7 @@ from app import __version__
 from app.api.dataplane import BodyHold, Models, off_loop, read_body, served
 from app.api.errors import ApiError, protocol_error_response
 from app.api.json_body import PARSED, check_value_count, most_values, parse_body, parsed_bytes
-from app.api.kserve import EXTENSIONS, PREFIX, SERVER_NAME
+from app.api.kserve import PREFIX, SERVER_NAME, served_extensions
 from app.api.kserve.answers import http_answer
 from app.api.kserve.inference import Decoded, admitted, decoded
 from app.api.kserve.signature import OUTPUT_NAMES, check_output_names, model_metadata
@@ -63,7 +63,8 @@ def build_kserve_router(settings: Settings) -> APIRouter:
 
     @router.get("", summary="Server metadata: name, version, extensions")
     async def server_metadata() -> Response:
-        return json_response({"name": SERVER_NAME, "version": __version__, "extensions": EXTENSIONS})
+        return json_response({"name": SERVER_NAME, "version": __version__,
+                              "extensions": served_extensions(settings.repository_api)})
 
     @router.get("/health/live", summary="Server live: 200 while the process is up", response_class=Response)
     async def server_live() -> Response:

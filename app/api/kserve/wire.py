@@ -44,3 +44,13 @@ class InferenceRequest(BaseModel):
 
 class ProtocolError(BaseModel):
     error: str
+
+
+class RepositoryIndexRequest(BaseModel):
+    ready: StrictBool = False  # only the versions ready for inference
+
+
+class RepositoryControlRequest(BaseModel):
+    """A load's or an unload's body (both optional, as the body itself is)."""
+
+    parameters: dict[str, Parameter] = {}
