@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
+from app.convert.child import OnStep
 from app.convert.directory import KERAS_FILE
 from app.engine.selfcheck import SelfCheck, run_self_check, tolerance_for
 from app.errors import ModelError
@@ -156,9 +157,13 @@ class TextProgress:
 def cmd_convert(args: argparse.Namespace) -> int:
     from app.config import get_settings
 
-    source = Path(args.source) if args.source else get_settings().model_path
+    settings = get_settings()
+    if args.out is None and args.source is None and settings.model_repository is not None:
+        return _convert_repository(settings.model_repository)
+    source = Path(args.source) if args.source else settings.model_path
     if args.out is None:
-        return _convert_into_cache(source)
+        print(_convert_into_cache(source, _progress("")))
+        return 0
     out = Path(args.out)
     if args.progress == "json":
         return _convert_for_parent(source, out)
@@ -193,20 +198,53 @@ def _convert_for_parent(source: Path, out: Path) -> int:
     return 0
 
 
-def _convert_into_cache(source: Path) -> int:
+def _progress(label: str) -> OnStep:
+    """A conversion's steps on stderr, each line naming what converts."""
+    def on_step(_: str, message: str) -> None:
+        print(f"... {label}{message}", file=sys.stderr, flush=True)
+
+    return on_step
+
+
+def _convert_into_cache(source: Path, on_step: OnStep) -> str:
     """What the service does at start-up: find or make the conversion in MODEL_CACHE_DIR
-    (an init container or a one-shot job runs this before the servers start)."""
+    (an init container or a one-shot job runs this before the servers start); says how."""
     from app.config import get_settings
     from app.convert.cache import resolve
 
     settings = get_settings()
-
-    def on_step(_: str, message: str) -> None:
-        print(f"... {message}", file=sys.stderr, flush=True)
-
     resolved = resolve(source, settings.model_cache_dir, settings.convert_timeout_s, on_step)
     details = ", ".join(f"{k} {v}" for k, v in resolved.conversion.items())
-    print(f"{resolved.how}: {resolved.directory}" + (f" ({details})" if details else ""))
+    return f"{resolved.how}: {resolved.directory}" + (f" ({details})" if details else "")
+
+
+def _convert_repository(root: Path) -> int:
+    """Every version of every model in MODEL_REPOSITORY into the cache, one after another; the
+    ones that fail are named at the end (a failure never stops the others)."""
+    from app.service.layout import scan
+
+    try:
+        models = scan(root)
+    except FileNotFoundError as exc:
+        print(f"error: MODEL_REPOSITORY: {exc}", file=sys.stderr)
+        return 1
+    failed, tried = [], 0
+    for name, model in models.items():
+        for number, version in sorted(model.versions.items()):
+            label, tried = f"{name}/{number}", tried + 1
+            problem = model.problem or version.problem
+            try:
+                if problem is not None or version.model is None:
+                    raise ModelError(problem or "no model")
+                print(f"{label}: {_convert_into_cache(version.model, _progress(label + ': '))}", flush=True)
+            except (ModelError, OSError) as exc:  # reported, and the next version is tried
+                print(f"{label}: failed: {exc}", flush=True)
+                failed.append(label)
+    if failed:
+        print(f"error: {len(failed)} of {tried} versions failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    print(f"{tried} versions of {len(models)} models in the cache" if tried else
+          f"{root}: no model versions yet", file=sys.stderr)
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -190,3 +191,50 @@ def test_exported_npz_follows_its_documented_layout(tmp_path: Path) -> None:
     assert arrays["layer1.backward.kernel"].shape == (256, 384)
     ids, expected = split_reference()
     assert max_diff([npz_engine(arrays, s) for s in ids], expected) <= 1e-4
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two servable models and a broken one, laid out as MODEL_REPOSITORY takes them."""
+    root = tmp_path_factory.mktemp("repository")
+    shutil.copytree(DEFAULT_MODEL, root / "segmenter" / "1")
+    (root / "tagger" / "1").mkdir(parents=True)
+    shutil.copy(FIXTURES / "legacy" / "A_bidir_cudnngru_model.h5", root / "tagger" / "1" / "model.h5")
+    (root / "broken" / "1").mkdir(parents=True)
+    (root / "broken" / "1" / "model.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)
+    return root
+
+
+def convert_repository(root: Path) -> subprocess.CompletedProcess[str]:
+    """``python -m app convert`` as the init container runs it (the session's MODEL_CACHE_DIR)."""
+    return subprocess.run([sys.executable, "-m", "app", "convert"], cwd=ROOT, capture_output=True,
+                          text=True, env={**os.environ, "MODEL_REPOSITORY": str(root)}, timeout=600)
+
+
+def test_convert_fills_the_cache_with_every_version_and_names_the_failures(repository: Path) -> None:
+    result = convert_repository(repository)
+    lines = dict(line.split(": ", 1) for line in result.stdout.splitlines())
+    assert sorted(lines) == ["broken/1", "segmenter/1", "tagger/1"], result.stdout
+    assert re.match(r"(converted|cache hit): ", lines["segmenter/1"])
+    assert re.match(r"(converted|cache hit): ", lines["tagger/1"])
+    assert lines["broken/1"].startswith(f"failed: {repository / 'broken' / '1' / 'model.h5'}: ")
+    assert result.returncode == 1 and "error: 1 of 3 versions failed: broken/1" in result.stderr
+
+
+def test_a_repository_converted_ahead_starts_on_cache_hits(repository: Path, tmp_path: Path) -> None:
+    root = tmp_path / "repository"
+    shutil.copytree(repository, root, ignore=lambda directory, _: ["broken"] if Path(directory) == repository
+                    else [])
+    result = convert_repository(root)
+    assert result.returncode == 0, result.stderr
+    assert "2 versions of 2 models in the cache" in result.stderr
+    server = Server({"MODEL_REPOSITORY": str(root)})
+    try:
+        server.wait_until(timeout=120)
+        assert server.records("converting: ") == []  # the init container did it
+        assert len(server.records("cache hit, no conversion: ")) == 2
+        models = httpx.get(server.url + "/v1/models").json()["models"]
+        assert [(m["name"], m["versions"]) for m in models] == [
+            ("segmenter", [{"version": 1, "state": "READY"}]), ("tagger", [{"version": 1, "state": "READY"}])]
+    finally:
+        server.stop()

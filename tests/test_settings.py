@@ -22,6 +22,7 @@ from tests.helpers import in_process
 DOCUMENTED_DEFAULTS = {
     "models/segmenter": DEFAULT_MODEL,
     "empty": "",
+    "unset": None,
     "CPU count": os.cpu_count(),
     "1 (keras: CPU count)": None,  # unset: each engine picks (1 thread for onnxruntime, all for keras)
     "4 MiB": 4 * 1024 * 1024,
