@@ -298,7 +298,7 @@ def test_not_ready_is_said_over_both_protocols() -> None:
         assert httpx.get(server.url + f"/v2/models/{MODEL}/ready").status_code == 400
         body = {"inputs": [{"name": "ids", "datatype": "INT32", "shape": [1, 1], "data": [5]}]}
         refused = httpx.post(server.url + INFER, json=body)
-        assert refused.status_code == 503 and "not ready (failed)" in refused.json()["error"]
+        assert refused.status_code == 503 and "not ready (failed: version 1: " in refused.json()["error"]
         assert refused.headers["retry-after"] == "1"
         stub = grpc_stub(server)
         assert stub.ServerLive(pb.ServerLiveRequest()).live

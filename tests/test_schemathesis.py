@@ -43,8 +43,9 @@ def test_api_never_answers_5xx(api_server: Server, mode: GenerationMode) -> None
         statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
         assert response.status_code < 500, f"{case.method} {case.path}: {response.text}"
         # The Open Inference Protocol's tensors carry shapes and names a JSON Schema cannot tie
-        # together (and its model name is a path parameter): only "never a 5xx" holds there.
-        if mode is GenerationMode.POSITIVE and not case.path.startswith("/v2"):
+        # together, and a model's name in a path is any name to a schema (most are 404): only
+        # "never a 5xx" holds there.
+        if mode is GenerationMode.POSITIVE and not case.path.startswith("/v2") and "{" not in case.path:
             assert response.status_code == 200, f"{case.method} {case.path} {case.body}: {response.text}"
             case.validate_response(response)
             if case.path == "/infer":

@@ -64,7 +64,8 @@ def serve_once(env: dict[str, str]) -> tuple[dict, Server, str]:
         for _ in range(3000):
             readyz = httpx.get(server.url + "/readyz").json()
             if readyz["stage"] == "converting" and "converting" not in stages:
-                assert httpx.get(server.url + "/v1/model").json()["name"] is None  # answers meanwhile
+                converting = httpx.get(server.url + "/v1/model").json()  # answers meanwhile
+                assert converting["state"] == "LOADING" and "architecture" not in converting
             if not stages or stages[-1] != readyz["stage"]:
                 stages.append(readyz["stage"])
             if readyz["ready"] or readyz["stage"] == "failed":

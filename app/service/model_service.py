@@ -81,7 +81,10 @@ class ModelService:
         self.engine_choice: EngineChoice | None = None
         self.costs: CostModel | None = None  # memory admission prices its requests with it
         self.budget: MemoryBudget | None = None  # the server's, once started
-        self.held_bytes = 0  # its resident memory and engine calls' reserve, counted in the budget
+        self.held_bytes = 0  # its resident memory (measured at load) and engine calls' reserve
+        # What its unloading gives back to the budget: what it took out; a start-up version's
+        # resident memory stays in the baseline (it may hold libraries loaded once for all).
+        self.reserved_bytes = 0
         self.unreadable = False  # its source could not be converted or read (ModelError)
         self.users = 0  # requests holding it (leases): it is unloaded once none is left
         self._unused: asyncio.Event | None = None

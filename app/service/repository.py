@@ -398,6 +398,7 @@ class Repository:
                 log.warning("%s runs %d engine calls at once, not %d: the memory limit holds no more",
                             instance.name, calls, instance.wanted_calls)
             instance.held_bytes += calls * _per_call(instance)
+            instance.reserved_bytes = calls * _per_call(instance)
             instance.start(self.budget, calls)
         budget = self.budget
         self.metrics.memory_used.set_function(lambda: budget.used)
@@ -423,6 +424,7 @@ class Repository:
             if room is not None and calls * per_call > room:
                 return await self._refuse(instance, needed, room + resident)
         instance.held_bytes = needed
+        instance.reserved_bytes = needed if budget.limit is not None else 0
         instance.start(budget, calls)
         return True
 
@@ -453,7 +455,7 @@ class Repository:
     async def _unload(self, instance: ModelService) -> None:
         await instance.unload()
         if self.budget is not None and self.budget.limit is not None:
-            self.budget.unreserve(instance.held_bytes)
+            self.budget.unreserve(instance.reserved_bytes)
         await asyncio.to_thread(trim_heap)
 
     def _failures(self, name: str) -> list[ModelService]:
@@ -469,7 +471,7 @@ class Repository:
             return f"{named} not ready (loading)"
         reasons = "; ".join(f"version {entry['version']}: {entry['reason']}" for entry in states
                             if entry.get("reason"))
-        return f"{named} not ready" + (f" ({reasons})" if reasons else "")
+        return f"{named} not ready (failed" + (f": {reasons})" if reasons else ")")
 
 
 def _version_number(name: str, version: str | None) -> int | None:
