@@ -105,10 +105,8 @@ async def _start(repository: Repository, settings: Settings) -> None:
     except (ModelError, FileNotFoundError) as exc:
         log.error("cannot serve %s: %s", settings.model_repository, exc)
         _exit(3)
-    unreadable = [instance for instance in failed if instance.unreadable]
-    if settings.model_repository is None and unreadable:
-        log.error("cannot serve %s: %s", settings.model_path, unreadable[0].status.error)
-        _exit(3)
+    if settings.model_repository is None and any(instance.unreadable for instance in failed):
+        _exit(3)  # the version logged what it cannot serve
     gc.freeze()  # start-up's objects live for good: no collection need walk them (a walk blocks the loop)
     if failed and settings.exit_on_failure:
         _exit(1)  # EXIT_ON_FAILURE: let the orchestrator restart or report us

@@ -89,6 +89,7 @@ class ModelService:
         self.users = 0  # requests holding it (leases): it is unloaded once none is left
         self._unused: asyncio.Event | None = None
         self._info: tuple[str, ...] = ()  # its bigru_model_info labels
+        self._failed_metadata: dict | None = None
 
     @property
     def state(self) -> str:
@@ -146,10 +147,15 @@ class ModelService:
                     "converted_from": bundle.converted_from}
         return {**bundle.converted_from, "converted_from": None}
 
-    def fail(self, error: str) -> None:
+    def fail(self, error: str, unreadable: bool = False) -> None:
+        """``unreadable``: its source could not be converted or read (a ModelError)."""
         self.status.stage, self.status.error, self.status.ready = "failed", error, False
-        log.error("model %s version %d not ready: %s", self.name, self.version, error,
-                  extra={"model": self.name, "version": self.version})
+        self.unreadable = unreadable
+        extra = {"model": self.name, "version": self.version}
+        if unreadable:
+            log.error("cannot serve %s: %s", self.source_path, error, extra=extra)
+        else:
+            log.error("model %s version %d not ready: %s", self.name, self.version, error, extra=extra)
 
     async def prepare(self) -> bool:
         """Engine, self-checks, warm-up; False (and ``failed``, with the reason) when one fails."""
@@ -210,6 +216,8 @@ class ModelService:
                 await self._unused.wait()
             assert self.batcher is not None
             await self.batcher.close()
+        if self.status.stage == "failed" and self.bundle is not None:
+            self._failed_metadata = self.metadata()  # what failed, and why, stays readable
         self.batcher = self.runner = self.engine_choice = None
         self.bundle = None  # the weights, with the engine: what the version held goes
         if self.status.stage != "failed":
@@ -295,6 +303,8 @@ class ModelService:
         common = {"version": self.version, "state": self.state, "memory_bytes": self.held_bytes,
                   "engine": self.settings.engine,
                   "status": status, "limits": self.limits(), "versions": _versions()}
+        if self.bundle is None and self._failed_metadata is not None:
+            return self._failed_metadata
         if self.bundle is None:  # still converting, or never loaded
             return {"name": self.name, "source": {"path": str(self.source_path)}, **common}
         spec = self.bundle.spec

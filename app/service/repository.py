@@ -212,6 +212,8 @@ class Repository:
         for name in sorted(self.startup_names):
             for instance, ok in await self._bring_up_model(found[name], starting=True):
                 (brought_up if ok else failed).append(instance)
+        if self.root is None and any(instance.unreadable for instance in failed):
+            return failed  # MODEL_PATH that can't be read stops start-up (app.main exits)
         self._start_serving(brought_up)
         self.started = True
         self.metrics.ready.set(1 if self.ready else 0)
@@ -352,8 +354,7 @@ class Repository:
                 async with self._conversion_room(instance):
                     await asyncio.to_thread(instance.load)
             except ModelError as exc:
-                instance.fail(str(exc))
-                instance.unreadable = True
+                instance.fail(str(exc), unreadable=True)
             ok = instance.status.stage != "failed" and await instance.prepare()
             self.loading = None
             resident = max(process_rss() - before, 0)
