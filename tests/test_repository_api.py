@@ -267,7 +267,7 @@ def test_a_broken_version_fails_its_load_with_the_reason(admin_server: Server) -
     assert entry["state"] == "UNAVAILABLE" and entry["reason"] in refused.json()["error"]
     code, message = grpc_code(stub(admin_server).RepositoryModelLoad,
                               pb.RepositoryModelLoadRequest(model_name="broken"))
-    assert code == CODES.INVALID_ARGUMENT and message.startswith("failed to load 'broken'")
+    assert code == CODES.INVALID_ARGUMENT and message.startswith("failed to load 'broken': version 1: ")
 
 
 def test_unknown_models_are_404(admin_server: Server) -> None:

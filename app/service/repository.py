@@ -228,6 +228,11 @@ class Repository:
         if found is None:
             raise UnknownModel(f"no model '{name}' in the repository")
         async with self._changes:
+            known = self.models.get(name)
+            if known is not None:  # an explicit load retries the versions that failed
+                for number, instance in known.current.items():
+                    if instance.status.stage == "failed":
+                        known.fingerprints.pop(number, None)
             results = await self._bring_up_model(found)
         model = self.models[name]
         if model.serving() is None:
