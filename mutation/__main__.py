@@ -63,7 +63,9 @@ MODULES = {
     "json_body": Module("app/api/json_body.py", ("tests/test_json_body.py", "tests/test_validation.py")),
     "pricing": Module("app/service/pricing.py", ("tests/test_limits.py",),
                       "parts_hold or price or budget_admits or budget_is_fifo or line_moves "
-                      "or budget_sized or configured_budget"),
+                      "or budget_sized or configured_budget or engine_calls or loaded_later"),
+    "policy": Module("app/service/policy.py", ("tests/test_repository.py",), "policies"),
+    "layout": Module("app/service/layout.py", ("tests/test_repository.py",), "names or layout"),
     "system": Module("app/system.py", ("tests/test_limits.py",),
                      "cgroup_limit or cgroup_v1 or cgroup_paths or rss or freed_blocks"),
 }
