@@ -23,7 +23,7 @@ import httpx
 import numpy as np
 import pytest
 
-from app.service.layout import scan, valid_name
+from app.service.layout import VersionDir, scan, valid_name
 from app.service.policy import VersionPolicy
 from app.system import MiB
 from tests.conftest import DEFAULT_MODEL, FIXTURES, ROOT, Server
@@ -44,6 +44,8 @@ def test_version_policies_choose_as_tf_serving_and_triton_do() -> None:
     assert VersionPolicy.parse("specific:1,3,5").chosen(present) == {1, 3}
     assert VersionPolicy.parse("latest:1").chosen([]) == set()
     assert str(VersionPolicy.parse(" specific:3,1 ")) == "specific:1,3"
+    assert [str(VersionPolicy.parse(text)) for text in ("latest:2", "all")] == ["latest:2", "all"]
+    assert VersionPolicy.parse("all") == VersionPolicy("all")
     for wrong in ("latest", "latest:0", "newest:1", "specific:", "specific:a", "all:2", ""):
         with pytest.raises(ValueError, match="expected latest:N, all or specific"):
             VersionPolicy.parse(wrong)
@@ -95,9 +97,46 @@ def test_the_layout_is_read_as_documented(tmp_path: Path) -> None:
     assert "expected latest:N, all or specific" in str(found["badconfig"].problem)
     assert "leads out of the repository" in str(found["leaky"].versions[1].problem)
     before = tagger.versions[1].fingerprint
+    assert [name for name, _, _ in tagger.versions[2].fingerprint] == ["model.json", "weights.h5"]
     time.sleep(0.01)
     (repo / "tagger" / "1" / "model.h5").write_bytes(b"xy")
     assert scan(repo)["tagger"].versions[1].fingerprint != before
+    renamed = repo / "tagger" / "2" / "weights.h5"
+    before = scan(repo)["tagger"].versions[2].fingerprint
+    renamed.rename(renamed.with_name("weights2.h5"))  # same size and time: the name tells
+    assert scan(repo)["tagger"].versions[2].fingerprint != before
+
+
+def test_what_the_layout_refuses_says_why(tmp_path: Path) -> None:
+    repo, outside = tmp_path / "repo", tmp_path / "outside"
+    (outside / "1").mkdir(parents=True)
+    (repo / "m" / "1").mkdir(parents=True)  # empty
+    (repo / "m" / "5").symlink_to(outside / "1")  # a version leading out
+    (repo / "m" / "6").mkdir()
+    (repo / "m" / "6" / "dangling").symlink_to(tmp_path / "nowhere")
+    (repo / "m" / "6" / "model.h5").write_bytes(b"x")
+    for name in ("model.ckpt.index", "model.ckpt.data-0", "model.ckpt.data-1"):
+        (repo / "m" / "7").mkdir(exist_ok=True)
+        (repo / "m" / "7" / name).write_bytes(b"x")
+    (repo / "m" / "8").mkdir()
+    for name in ("a.ckpt.index", "b.ckpt.index"):
+        (repo / "m" / "8" / name).write_bytes(b"x")
+    found = scan(repo)["m"]
+    assert found.versions[1].problem == (f"{repo / 'm' / '1'} holds nothing: expected one model file or "
+                                         "directory, or a model.json naming the artifact")
+    assert found.versions[5] == VersionDir(5, None, f"{repo / 'm' / '5'} leads out of the repository", ())
+    assert [name for name, _, _ in found.versions[6].fingerprint] == ["model.h5"]  # the dangling link skipped
+    assert found.versions[7].model == repo / "m" / "7" / "model.ckpt"
+    assert found.versions[8].model is None
+    for config in ('{"version_policy": "all", "other": 1}', "[]", '{"version_policy": 3}', "{"):
+        (repo / "m" / "config.json").write_text(config)
+        assert scan(repo)["m"].problem is not None, config
+    (repo / "m" / "config.json").write_text('{"version_policy": 3}')
+    assert scan(repo)["m"].problem == f'{repo / "m" / "config.json"}: expected {{"version_policy": "..."}}'
+    (repo / "m" / "config.json").write_text("{}")
+    assert scan(repo)["m"].problem is None and scan(repo)["m"].policy is None
+    with pytest.raises(FileNotFoundError, match="the model repository is not a directory"):
+        scan(tmp_path / "missing")
 
 
 # -- the repository served: the done-when scenario ---------------------------------------------------

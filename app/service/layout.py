@@ -116,10 +116,11 @@ def _read_config(path: Path) -> tuple[VersionPolicy | None, str | None]:
         return None, None
     try:
         config = json.loads(path.read_text())
-        if not isinstance(config, dict) or set(config) - {"version_policy"}:
+        if not isinstance(config, dict) or set(config) - {"version_policy"} or not isinstance(
+                config.get("version_policy", ""), str):
             raise ValueError('expected {"version_policy": "..."}')
         text = config.get("version_policy")
-        return (VersionPolicy.parse(text) if isinstance(text, str) else None), None
+        return (VersionPolicy.parse(text) if text is not None else None), None
     except (OSError, ValueError) as exc:
         return None, f"{path}: {exc}"
 
