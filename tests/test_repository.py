@@ -186,6 +186,21 @@ def drop_in(directory: Path, files: dict[str, Path | bytes]) -> None:
     staging.rename(directory)
 
 
+def grpc_infer(server: Server, model: str, ids: list[int]) -> np.ndarray:
+    """One sequence's outputs from ``ModelInfer`` naming ``model``."""
+    from app.api.kserve import grpc_predict_v2_pb2 as pb
+    from tests.test_repository_api import stub
+
+    tensor = pb.ModelInferRequest.InferInputTensor(name="ids", datatype="INT32", shape=[1, len(ids)])
+    request = pb.ModelInferRequest(model_name=model, inputs=[tensor], raw_input_contents=[
+        np.asarray(ids, dtype="<i4").tobytes()])
+    request.outputs.add(name="outputs")
+    answer = stub(server).ModelInfer(request, timeout=60)
+    assert answer.model_name == model
+    shape = list(answer.outputs[0].shape)
+    return np.frombuffer(answer.raw_output_contents[0], dtype="<f4").reshape(shape)[0]
+
+
 class Clients:
     """Four clients sending to the tagger without pause; every answer is kept."""
 
@@ -285,6 +300,8 @@ def test_a_repository_in_512_mib_rolls_versions_out_without_dropping_a_request(
     v2_again = infer(url, "tagger", gpu_ids).json()["outputs"]
     assert worst(v2_again, gpu_reference["probs_fp32"][:16]) <= TOLERANCE
     assert infer(url, "tagger", gpu_ids, version=3).status_code == 503
+    grpc_outputs = grpc_infer(server, "tagger", gpu_ids[0])
+    assert worst([grpc_outputs], gpu_reference["probs_fp32"][:1]) <= TOLERANCE  # over gRPC too, by name
     v2_info = httpx.get(url + "/v1/models/tagger").json()
     assert v2_info["version"] == 2 and v2_info["state"] == "READY"
     metrics = httpx.get(url + "/metrics").text
