@@ -89,7 +89,8 @@ def gpu_reference() -> dict:
 
 
 PORTS_PER_WORKER = 1000
-_next_port = itertools.count()
+# Each session starts at its own offset: two suites run side by side rarely probe the same port.
+_next_port = itertools.count(os.getpid() % PORTS_PER_WORKER)
 
 
 def free_port() -> int:

@@ -85,8 +85,14 @@ def sequences(tagger: Tagger, rng: np.random.Generator, max_len: int = 12) -> li
 
 
 def alone(model: Any, inputs: list[np.ndarray]) -> list[np.ndarray]:
-    """What tf_keras computes for each sequence on its own (no padding anywhere)."""
-    return [model(s[None], training=False).numpy()[0] for s in inputs]
+    """What tf_keras computes for each sequence on its own (no padding anywhere), through one
+    function traced for any length (eager calls cost seconds per model)."""
+    import tensorflow as tf
+
+    first = inputs[0]
+    call = tf.function(lambda batch: model(batch, training=False), input_signature=[
+        tf.TensorSpec((1, None, *first.shape[1:]), tf.as_dtype(first.dtype))])
+    return [call(s[None]).numpy()[0] for s in inputs]
 
 
 def as_keras_2_1(path: Path) -> Path:

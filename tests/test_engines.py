@@ -4,6 +4,9 @@ engine against the NumPy reference for other architectures: ``test_conversion``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import cache
+
 import numpy as np
 import pytest
 
@@ -25,17 +28,23 @@ def bundle():
     return load_bundle(DEFAULT_MODEL)
 
 
+@pytest.fixture(scope="module")
+def runner_of(bundle) -> Callable[[str], Runner]:
+    """One runner per engine for the module: the keras engine compiles each padded shape once."""
+    return cache(lambda engine: runner_for(bundle.spec, engine, max_len=512, max_batch_size=32))
+
+
 @pytest.mark.parametrize("engine", ENGINES)
-def test_engine_passes_the_self_check_within_1e_5_of_the_gpu(bundle, engine: str) -> None:
-    runner = runner_for(bundle.spec, engine, max_len=512, max_batch_size=32)
+def test_engine_passes_the_self_check_within_1e_5_of_the_gpu(bundle, runner_of, engine: str) -> None:
+    runner = runner_of(engine)
     check = run_self_check(bundle.parity, runner.run, GPU_TOLERANCE)
     assert check.passed, check.as_dict()
     assert check.max_abs_diff_hidden is not None
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_batched_equals_alone(bundle, engine: str) -> None:
-    runner = runner_for(bundle.spec, engine, max_len=512, max_batch_size=32)
+def test_batched_equals_alone(bundle, runner_of, engine: str) -> None:
+    runner = runner_of(engine)
     # keras compiles every padded shape (seconds each): its sequences up to 48 steps here (six
     # length buckets); test_exactness checks it alone and batched up to 2048.
     sequences = [s for s in bundle.parity.sequences if engine != "keras" or len(s) <= 48]

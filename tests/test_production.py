@@ -258,12 +258,13 @@ SERVE_ENV = {"HOME": "/tmp", "PYTHONDONTWRITEBYTECODE": "1",
              "MAX_LEN": "8"}  # one length bucket: the keras engine compiles one shape
 # A private mount namespace whose root filesystem is read-only, with an empty /tmp: the
 # container's securityContext (readOnlyRootFilesystem, an emptyDir on /tmp).
-# A checkout (and its .venv) under /tmp stays visible: it is bound back, read-only, over the tmpfs.
+# A checkout (and its .venv) under /tmp stays visible, and so does a conversion cache given as
+# KEPT_CACHE: each is bound back, read-only, over the tmpfs.
 READ_ONLY_ROOT = ("unshare", "--mount", "--propagation", "private", "sh", "-c",
                   'mount --bind /tmp /mnt && mount -o remount,bind,ro / && '
                   'mount -t tmpfs -o size=256m tmpfs /tmp && '
-                  'case "$CHECKOUT" in /tmp/*) mkdir -p "$CHECKOUT" && '
-                  'mount --bind -o ro "/mnt${CHECKOUT#/tmp}" "$CHECKOUT";; esac && exec "$@"', "sh")
+                  'for kept in "$CHECKOUT" "$KEPT_CACHE"; do case "$kept" in /tmp/*) mkdir -p "$kept" && '
+                  'mount --bind -o ro "/mnt${kept#/tmp}" "$kept";; esac; done && exec "$@"', "sh")
 
 
 def exercise(server: Server) -> None:
@@ -292,18 +293,24 @@ def test_service_writes_nothing_outside_tmp(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("engine", ["auto", "keras"])
-def test_service_runs_on_a_read_only_root_filesystem(engine: str) -> None:
-    """The engines start (the Keras conversion included: the fresh /tmp holds no cache),
-    self-check, warm up and serve with only /tmp writable. (Tracing TensorFlow's start-up
-    with strace takes minutes on 2 cores; this checks the outcome.)"""
+def test_service_runs_on_a_read_only_root_filesystem(engine: str, conversion_cache: Path) -> None:
+    """The engines start, self-check, warm up and serve with only /tmp writable: ``auto``
+    converts first (the fresh /tmp holds no cache); ``keras`` runs TensorFlow in the server,
+    on a cache hit in a read-only cache (the init container's, mounted read-only). (Tracing
+    TensorFlow's start-up with strace takes minutes on 2 cores; this checks the outcome.)"""
     if shutil.which("unshare") is None:
         pytest.fail("unshare (util-linux) is not installed")
-    server = Server(SERVE_ENV | {"ENGINE": engine, "CHECKOUT": str(ROOT)}, serve=True, prefix=READ_ONLY_ROOT)
+    env = SERVE_ENV | {"ENGINE": engine, "CHECKOUT": str(ROOT)}
+    if engine == "keras":
+        subprocess.run([sys.executable, "-m", "app", "convert"], cwd=ROOT, check=True, capture_output=True)
+        env |= {"KEPT_CACHE": str(conversion_cache), "MODEL_CACHE_DIR": str(conversion_cache)}
+    server = Server(env, serve=True, prefix=READ_ONLY_ROOT)
     try:
         exercise(server)
     finally:
         output = server.stop()
     assert "Read-only file system" not in output
+    assert ("cache hit" in output) == (engine == "keras"), output
 
 
 def test_the_write_audit_sees_native_and_relative_writes(tmp_path: Path) -> None:

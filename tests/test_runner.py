@@ -51,6 +51,16 @@ def test_a_max_len_of_one(model: tuple[NativeModel, ModelSpec]) -> None:
     assert engine.shapes == [(4, 1), (2, 1)]
 
 
+def test_buckets_go_on_past_max_len_for_longer_self_check_data() -> None:
+    """Past the last bucket the series goes on (a compiling engine compiles a few shapes for
+    parity data longer than MAX_LEN, not one per length); within it, the buckets as served."""
+    assert length_buckets(2048)[:8] == [8, 12, 16, 24, 32, 48, 64, 96] and length_buckets(2048)[-1] == 2048
+    assert length_buckets(100)[-2:] == [96, 100] and length_buckets(1) == [1]
+    buckets = length_buckets(8)
+    assert [bucket_of(buckets, n) for n in (1, 8, 9, 12, 13, 17, 25, 255, 256, 257)] == \
+        [8, 8, 12, 12, 16, 24, 32, 256, 256, 384]
+
+
 def test_warm_up_runs_every_shape_the_engine_asks_for(model: tuple[NativeModel, ModelSpec]) -> None:
     _, spec = model
     runner, engine = recording_runner(spec, max_len=256, max_batch_size=8)

@@ -264,7 +264,10 @@ async def _admit_and_start(lease: Lease, sequences: list[np.ndarray], pricing: P
 async def within_deadline(work: Awaitable[T], remaining_s: float, timeout_s: float, metrics: Metrics) -> T:
     """``work``'s result, or 503 at once when the queue is full, or 504 past the deadline."""
     try:
-        return await asyncio.wait_for(work, max(remaining_s, 0))
+        # Unlike wait_for, the work runs up to its first wait even when no time is left: a
+        # full queue says so (503) rather than passing for a missed deadline.
+        async with asyncio.timeout(max(remaining_s, 0)):
+            return await work
     except QueueFull:
         raise overloaded(metrics, "queue_full", "the queue is full") from None
     except TimeoutError:

@@ -2,20 +2,35 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 
 
-def length_buckets(max_len: int) -> list[int]:
-    """8, 12, 16, 24, 32, 48, ...: each bucket at most 1.5x the one before, up to ``max_len``."""
-    buckets, size = [], 8
-    while size < max_len:
-        buckets += [size, size + size // 2]
+def _series() -> Iterator[int]:
+    """8, 12, 16, 24, 32, 48, ...: each at most 1.5x the one before."""
+    size = 8
+    while True:
+        yield size
+        yield size + size // 2
         size *= 2
-    return sorted({bucket for bucket in buckets if bucket < max_len} | {max_len})
+
+
+def length_buckets(max_len: int) -> list[int]:
+    """The series up to ``max_len``, and ``max_len`` itself."""
+    buckets = []
+    for bucket in _series():
+        if bucket >= max_len:
+            return [*buckets, max_len]
+        buckets.append(bucket)
+    raise AssertionError("unreachable")
 
 
 def bucket_of(buckets: list[int], length: int) -> int:
     """The smallest bucket that holds ``length``; past the last bucket (self-check data may
-    be longer than ``MAX_LEN``), the length itself."""
+    be longer than ``MAX_LEN``), the series goes on: a compiling engine then compiles a
+    few shapes for the self-check, not one per length."""
     index = int(np.searchsorted(buckets, length))
-    return buckets[index] if index < len(buckets) else length
+    if index < len(buckets):
+        return buckets[index]
+    return next(bucket for bucket in _series() if bucket >= length)
