@@ -73,13 +73,21 @@ class OnnxRuntimeEngine:
         self._keep = ort.RunOptions()
         self._shrink = ort.RunOptions()
         self._shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        widths = {o.name: o.shape[-1] for o in self._session.get_outputs()}
+        self._widths = (widths["outputs"], widths["hidden"])
 
     def run(self, inputs: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        large = inputs.shape[0] * inputs.shape[1] > ARENA_KEPT_TOKENS
-        outputs, hidden = self._session.run(
-            ["outputs", "hidden"], {self.input.name: inputs, "lengths": lengths.astype(np.int32)},
-            self._shrink if large else self._keep,
-        )
+        batch, steps = inputs.shape[:2]
+        # The results are written into arrays of their own, not the arena's: results still being
+        # sent would otherwise pin its regions past the shrinking.
+        outputs, hidden = (np.empty((batch, steps, width), np.float32) for width in self._widths)
+        binding = self._session.io_binding()
+        binding.bind_cpu_input(self.input.name, inputs)
+        binding.bind_cpu_input("lengths", lengths.astype(np.int32))
+        for name, array in (("outputs", outputs), ("hidden", hidden)):
+            binding.bind_output(name, "cpu", 0, np.float32, array.shape, array.ctypes.data)
+        large = batch * steps > ARENA_KEPT_TOKENS
+        self._session.run_with_iobinding(binding, self._shrink if large else self._keep)
         return outputs, hidden
 
     def pad_shape(self, batch: int, steps: int) -> tuple[int, int]:
