@@ -124,7 +124,8 @@ def breakdown_markdown(b: dict) -> str:
                  f"(py-spy `record --gil` at {gil['rate_hz']} Hz over a second run, {gil['seq_s']:.0f} "
                  "seq/s: "
                  f"event loop {by['event loop']:.2f}, engine threads {by['engine threads']:.2f}, "
-                 f"other threads {by['other threads']:.2f}).")
+                 f"other threads {by['other threads']:.2f}; wall time with the lock held, so a holder "
+                 "descheduled by other processes counts: on a loaded machine it can pass the CPU time).")
     else:
         text += f"; interpreter lock not sampled: {gil.get('error', 'no py-spy run')}."
     lines += ["", text]
