@@ -81,9 +81,11 @@ class OnnxRuntimeEngine:
         # The results are written into arrays of their own, not the arena's: results still being
         # sent would otherwise pin its regions past the shrinking.
         outputs, hidden = (np.empty((batch, steps, width), np.float32) for width in self._widths)
+        # Bound by address: these names keep the arrays alive until the call returns.
+        given, steps_of = np.ascontiguousarray(inputs), np.ascontiguousarray(lengths, np.int32)
         binding = self._session.io_binding()
-        binding.bind_cpu_input(self.input.name, inputs)
-        binding.bind_cpu_input("lengths", lengths.astype(np.int32))
+        binding.bind_cpu_input(self.input.name, given)
+        binding.bind_cpu_input("lengths", steps_of)
         for name, array in (("outputs", outputs), ("hidden", hidden)):
             binding.bind_output(name, "cpu", 0, np.float32, array.shape, array.ctypes.data)
         large = batch * steps > ARENA_KEPT_TOKENS
