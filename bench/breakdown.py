@@ -433,10 +433,10 @@ def _gil_under_load(pid: int, seconds: int, id_range: tuple[int, int]) -> dict:
         if os.environ.get("BENCH_KEEP_GIL_PROFILE"):
             shutil.copy(out, os.environ["BENCH_KEEP_GIL_PROFILE"])
     requests = max(row["requests"], 1)
-    # the sampler ran a second before and after the load: count the load's share of its samples
-    scale = 1.0  # samples outside the load are idle: with --gil an idle loop holds no lock
+    # The sampler ran a second before and after the load too: an idle server waits in epoll,
+    # without the lock, so with --gil those seconds add no samples.
     return {"rate_hz": rate, "requests": row["requests"], "seq_s": row["seq_s"],
-            "gil_ms_per_request": 1000 * scale * sum(kinds.values()) / rate / requests,
+            "gil_ms_per_request": 1000 * sum(kinds.values()) / rate / requests,
             "gil_ms_per_request_by_thread": {k: 1000 * v / rate / requests for k, v in kinds.items()}}
 
 
