@@ -5,6 +5,10 @@ against the strongest peer, XLA-compiled Keras written by hand and run in-proces
   driven by ``wrk`` with one connection, a fresh body each request.
 - Throughput: one sequence per request, lengths uniform in 8..256, ``wrk`` with 1, 8, 32 and
   64 connections; the in-process contenders get the same lengths as sorted batches of 32.
+- Where the time goes (``bench/breakdown.py``): a lone request at each latency length phase
+  by phase, in process; under 32 connections, the server's CPU and interpreter-lock time
+  per request. ``--breakdown-only`` runs just that (under a minute) and puts it into the
+  last results.
 - Ratios to XLA Keras, the H100 anchor of ``models/segmenter/provenance.json``, the service's
   start-up to ready and its engine choice, the floor of a bare uvicorn answer, and
   ``model.predict`` as a footnote.
@@ -26,7 +30,7 @@ import numpy as np
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from app.spec import ModelSpec
-from bench import report
+from bench import breakdown, report
 from bench.inprocess import bench_engine, bench_xla_keras
 from bench.server import HOST, PORT, RESULTS, ROOT, start_bare_uvicorn, start_server, stop, wrk
 
@@ -111,6 +115,8 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="short runs: a smoke test, not a measurement")
     parser.add_argument("--readme", action="store_true", help="paste the tables into docs/benchmark.md")
+    parser.add_argument("--breakdown-only", action="store_true",
+                        help="only where the time goes (under a minute), merged into the last results")
     args = parser.parse_args()
 
     from app.formats.bundle import load_bundle
@@ -121,8 +127,12 @@ def main() -> None:
     low, high = spec.input.id_range  # type: ignore[union-attr]
     id_range = (max(2, low), high)
     load_before = os.getloadavg()
+    if args.breakdown_only:
+        write(only_breakdown(id_range, args.quick), args.readme)
+        return
     results = {"machine": report.machine(), "load_average_before": load_before}
     results["http"] = bench_http(id_range, args.quick)  # first: no TensorFlow in this process yet
+    results["breakdown"] = breakdown.run(id_range, args.quick)
     results["bare_uvicorn"] = bench_bare(id_range, args.quick)
     workers = os.cpu_count() or 1
     results["engines"] = {kind: bench_engine(kind, spec, singles, mixed, max(LENGTHS), workers, args.quick)
@@ -132,17 +142,31 @@ def main() -> None:
     results["h100"] = json.loads((ROOT / "models" / "segmenter" / "provenance.json").read_text())[
         "gpu_inference_anchor"]
     results["quick"] = args.quick
+    write(results, args.readme)
 
+
+def only_breakdown(id_range: tuple[int, int], quick: bool) -> dict:
+    """The last full results (when there are some) with a new breakdown in them."""
+    latest = RESULTS / "latest.json"
+    results = json.loads(latest.read_text()) if latest.exists() else {}
+    results["breakdown"] = breakdown.run(id_range, quick)
+    results["breakdown"]["machine"] = report.machine()
+    return results
+
+
+def write(results: dict, readme: bool) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "latest.json").write_text(json.dumps(results, indent=2))
-    markdown = report.markdown(results)
+    full = "http" in results  # else only a breakdown, without earlier results to merge it into
+    markdown = report.markdown(results) if full else report.breakdown_markdown(results["breakdown"])
     (RESULTS / "latest.md").write_text(markdown + "\n")
-    report.plot(results, RESULTS / "bench.png")
-    if args.readme:
+    if full:
+        report.plot(results, RESULTS / "bench.png")
+    if readme and full:
         report.paste_into(markdown, report.PAGE)
     print(markdown)
     print(f"\nwrote latest.json, latest.md and bench.png in {RESULTS}"
-          + ("; pasted the tables into docs/benchmark.md" if args.readme else ""))
+          + ("; pasted the tables into docs/benchmark.md" if readme and full else ""))
 
 
 if __name__ == "__main__":

@@ -75,6 +75,60 @@ def markdown(r: dict) -> str:
                           f"side by side, {e['throughput_seq_s'] / xla['throughput_seq_s']:.2f}x XLA Keras)"
                           for n, e in engines.items()) + "."]
     lines += ["", *_notes(r)]
+    if r.get("breakdown"):
+        lines += ["", breakdown_markdown(r["breakdown"])]
+    return "\n".join(lines)
+
+
+PHASES = ("envelope + routing + body", "parse + validate", "parsing hop", "admission", "queue hop",
+          "engine call", "back hop", "encode", "send", "other")
+
+
+def _ms(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f}" if value < 1 else f"{value:.2f}" if value < 100 else f"{value:.0f}"
+
+
+def breakdown_markdown(b: dict) -> str:
+    """Where a lone request's time goes (in process, per phase) and, under 32 connections,
+    the server's CPU and interpreter-lock time per request (``bench/breakdown.py``)."""
+    lone, load = b["lone"], b["load"]
+    lengths = sorted(int(n) for n in lone)
+    load_average = (f"load average before/after: {b['load_average_before'][0]:.1f} / "
+                    f"{b['load_average_after'][0]:.1f}" if "load_average_before" in b else "")
+    lines = [
+        "Where the time goes: a lone `/infer` request, the app driven in process through its ASGI "
+        "interface (no socket), p50 in ms per phase (`bench/breakdown.py`; medians of each phase, "
+        f"so they need not add up to the median total; {load_average}"
+        + ("; a --quick smoke run" if b.get("quick") else "") + "):",
+        "",
+        "| phase | " + " | ".join(f"{n} tokens" for n in lengths) + " |",
+        "|---|" + "---:|" * len(lengths),
+    ]
+    for phase in PHASES:
+        lines.append(f"| {phase} | " + " | ".join(_ms(_key(lone, n).get(phase)) for n in lengths) + " |")
+    lines.append("| **total** | " + " | ".join(f"**{_ms(_key(lone, n)['total'])}**" for n in lengths) + " |")
+    for key, label in (("loop cpu", "CPU: event loop"), ("parse cpu", "CPU: parsing thread"),
+                       ("engine cpu", "CPU: engine thread")):
+        lines.append(f"| {label} | " + " | ".join(_ms(_key(lone, n).get(key)) for n in lengths) + " |")
+    threads = load["cpu_ms_per_request_by_thread"]
+    gil = load.get("gil") or {}
+    text = (f"Under load (wrk, {load['connections']} connections, lengths 8..256, {load['seq_s']:.0f} "
+            f"seq/s, {load['errors']} errors): the server used **{load['cpu_ms_per_request']:.2f} ms of "
+            f"CPU per request** (event loop {threads['event loop']:.2f}, engine threads "
+            f"{threads['engine threads']:.2f}, other threads {threads['other threads']:.2f})")
+    if "gil_ms_per_request" in gil:
+        by = gil["gil_ms_per_request_by_thread"]
+        text += (f"; a thread held the interpreter lock **{gil['gil_ms_per_request']:.2f} ms per request** "
+                 f"(py-spy `record --gil` at {gil['rate_hz']} Hz over a second run, {gil['seq_s']:.0f} "
+                 "seq/s: "
+                 f"event loop {by['event loop']:.2f}, engine threads {by['engine threads']:.2f}, "
+                 f"other threads {by['other threads']:.2f}; wall time with the lock held, so a holder "
+                 "descheduled by other processes counts: on a loaded machine it can pass the CPU time).")
+    else:
+        text += f"; interpreter lock not sampled: {gil.get('error', 'no py-spy run')}."
+    lines += ["", text]
     return "\n".join(lines)
 
 

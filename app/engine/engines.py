@@ -41,6 +41,11 @@ class Engine(Protocol):
         ...
 
 
+# Padded tokens (batch x steps) a call may leave in ONNX Runtime's arena for the next calls;
+# after a larger call the arena gives back what no call is using (docs/memory.md: figures).
+ARENA_KEPT_TOKENS = 2048
+
+
 class OnnxRuntimeEngine:
     name = "onnxruntime"
     parallel_calls = True
@@ -56,19 +61,35 @@ class OnnxRuntimeEngine:
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # Threads spin between calls by default: that steals the event loop's core.
-        # The CPU arena keeps its high-water mark for good, grown in powers of two: without it
-        # a call's memory goes back when the call ends, as the memory budget assumes.
-        options.enable_cpu_mem_arena = False
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # The arena reuses its buffers (fresh mappings cost a page fault per 4 KiB of every call);
+        # shrunk after calls of over ARENA_KEPT_TOKENS, it keeps only a small call's working set.
+        options.enable_cpu_mem_arena = True
+        options.enable_mem_pattern = False  # per-shape pattern blocks raise a call's peak
         self.input = spec.input
         self._session = ort.InferenceSession(
             build_onnx_model(spec).SerializeToString(), options, providers=["CPUExecutionProvider"]
         )
+        self._keep = ort.RunOptions()
+        self._shrink = ort.RunOptions()
+        self._shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        widths = {o.name: o.shape[-1] for o in self._session.get_outputs()}
+        self._widths = (widths["outputs"], widths["hidden"])
 
     def run(self, inputs: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        outputs, hidden = self._session.run(
-            ["outputs", "hidden"], {self.input.name: inputs, "lengths": lengths.astype(np.int32)}
-        )
+        batch, steps = inputs.shape[:2]
+        # The results are written into arrays of their own, not the arena's: results still being
+        # sent would otherwise pin its regions past the shrinking.
+        outputs, hidden = (np.empty((batch, steps, width), np.float32) for width in self._widths)
+        # Bound by address: these names keep the arrays alive until the call returns.
+        given, steps_of = np.ascontiguousarray(inputs), np.ascontiguousarray(lengths, np.int32)
+        binding = self._session.io_binding()
+        binding.bind_cpu_input(self.input.name, given)
+        binding.bind_cpu_input("lengths", steps_of)
+        for name, array in (("outputs", outputs), ("hidden", hidden)):
+            binding.bind_output(name, "cpu", 0, np.float32, array.shape, array.ctypes.data)
+        large = batch * steps > ARENA_KEPT_TOKENS
+        self._session.run_with_iobinding(binding, self._shrink if large else self._keep)
         return outputs, hidden
 
     def pad_shape(self, batch: int, steps: int) -> tuple[int, int]:
