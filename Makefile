@@ -13,7 +13,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 IMAGE  ?= localhost/bigru-serve:image-test
 
-.PHONY: install run test image-test image-build image-check lint bench startup soak flood peak-rss wire parse-cost mutation constraints proto clean
+.PHONY: install run test image-test image-build image-check lint bench startup soak flood peak-rss engine-memory wire parse-cost mutation constraints proto clean
 
 install: $(VENV)/.installed $(TOOLS)/.installed $(CLIENT)/.installed
 
@@ -94,6 +94,10 @@ flood: $(VENV)/.installed
 peak-rss: $(VENV)/.installed
 	$(BIN)/python -m bench.peak_rss
 	$(BIN)/python -m bench.peak_rss --memory-limit 512m
+
+# ONNX Runtime's memory settings side by side: CPU per call and RSS after bursts (docs/memory.md).
+engine-memory: $(VENV)/.installed
+	$(BIN)/python -m bench.engine_memory
 
 # A 64 x 2048 answer with hidden states: bytes, time and server memory per wire format.
 wire: $(VENV)/.installed

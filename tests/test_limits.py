@@ -124,7 +124,7 @@ def test_price_grows_with_tokens_and_hidden_states() -> None:
 
     assert extra([10, 2048], Held(1000, steps=2048)) == 1000 * 2 * 2048
     assert extra([10], Held(1000)) == 1000 * 12  # 10 tokens, in the bucket of 12
-    assert costs.engine_reserve(workers=2) == 2 * 8192 * 13 * 512
+    assert costs.engine_reserve(workers=2) == 2 * 8192 * 16 * 512
 
 
 def test_budget_admits_in_order_and_bounds_the_wait() -> None:
@@ -159,7 +159,7 @@ def test_price_is_the_documented_sum() -> None:
     assert plain == Cost(input_bytes, input_bytes + 4 * 258 * 3 * 1024 + 4 * 64 * 1024)
     hidden = costs.price(lengths, costs.kept_outputs(True), 500)
     assert hidden.total - plain.total == 4 * 2 * (3 * 1024 + 12) and hidden.input == input_bytes
-    assert costs.engine_bytes_per_token == 13 * 512 and costs.engine_reserve(3) == 3 * 1024 * 13 * 512
+    assert costs.engine_bytes_per_token == 16 * 512 and costs.engine_reserve(3) == 3 * 1024 * 16 * 512
     assert [list(p) for p in costs.parts(lengths)] == [[0], [1], [2], [3]]
 
 

@@ -5,9 +5,9 @@ requests in flight fit in a budget sized from the container.
 Where the memory of a replica goes (the default model's figures: docs/memory.md):
 
 - **Baseline**: the process after start-up (Python, ONNX Runtime, the model).
-- **Engine calls**: ONNX Runtime holds ~6.5 KiB per padded token while it runs the default
+- **Engine calls**: ONNX Runtime holds up to ~8 KiB per padded token while it runs the default
   model (its input projections, every layer's outputs, their transposes); that is
-  ``ENGINE_BYTES_PER_STATE_FLOAT`` = 13 bytes for each of the 512 state floats
+  ``ENGINE_BYTES_PER_STATE_FLOAT`` = 16 bytes for each of the 512 state floats
   (sum over layers of directions x units) per token. An engine call holds at most
   ``MAX_BATCH_TOKENS`` padded tokens and ``WORKERS`` calls run at once, so the engines
   together need at most ``workers x max_batch_tokens x bytes per token``: reserved up front
@@ -51,7 +51,7 @@ from app.system import MiB, cgroup_memory_limit, process_rss
 
 DEFAULT_BUDGET = 1024 * MiB
 
-ENGINE_BYTES_PER_STATE_FLOAT = 13
+ENGINE_BYTES_PER_STATE_FLOAT = 16
 # A conversion's child process (TensorFlow) at its peak, as the container's cgroup counts it
 # (docs/models.md: 305 MiB converting the default model in a 512 MiB container).
 CONVERSION_BYTES = 320 * MiB
