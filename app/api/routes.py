@@ -16,7 +16,7 @@ from app.api.dataplane import (
     Models,
     Pricing,
     admit_and_start,
-    off_loop,
+    parsed,
     read_body,
     served,
 )
@@ -77,8 +77,8 @@ def build_router(settings: Settings) -> tuple[APIRouter, list[PlainRoute]]:
                 raw = await read_body(request, hold, lambda size: parsed_bytes(size, most, cost),
                                       settings.max_body_bytes)
                 body_bytes = len(raw)
-                sequences, return_hidden = await off_loop(
-                    parsed_inputs, raw, request_models[model_input.kind], most, model_input)
+                sequences, return_hidden = await parsed(
+                    parsed_inputs, body_bytes, raw, request_models[model_input.kind], most, model_input)
                 del raw  # the input arrays are all that is kept
             return await answer_streamed(lease, sequences, return_hidden, body_bytes, settings, metrics)
 

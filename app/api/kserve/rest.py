@@ -15,7 +15,7 @@ from fastapi.responses import Response
 from fastapi.routing import APIRoute
 
 from app import __version__
-from app.api.dataplane import BodyHold, Models, off_loop, read_body, served
+from app.api.dataplane import BodyHold, Models, parsed, read_body, served
 from app.api.errors import ApiError, protocol_error_response
 from app.api.json_body import PARSED, check_value_count, most_values, parse_body, parsed_bytes
 from app.api.kserve import PREFIX, SERVER_NAME, served_extensions
@@ -148,8 +148,8 @@ def build_kserve_router(settings: Settings) -> tuple[APIRouter, list[PlainRoute]
                     body = await inflated(raw, encoding, settings.max_body_bytes,
                                           lambda size: hold.to(sent + parsed_bytes(size, most, cost)))
             body_bytes = len(raw) + (len(body) if body is not raw else 0)  # both, when it was inflated
-            opened, request_id = await off_loop(
-                decoded_body, body, request.headers.get("inference-header-content-length"), most,
+            opened, request_id = await parsed(
+                decoded_body, len(body), body, request.headers.get("inference-header-content-length"), most,
                 service.model_input, settings)
             del raw, body  # the input arrays are all that is kept
         plan, started = await admitted(lease, opened, False, body_bytes, settings.request_timeout_s)
