@@ -28,9 +28,9 @@ from bench.server import HOST, PORT, ROOT, stop
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of every thread of ``pid``."""
-    with open(f"/proc/{pid}/stat") as stat:
+def cpu_seconds(pid: int, thread: int | None = None) -> float:
+    """utime + stime of every thread of ``pid`` (of that ``thread`` alone when given)."""
+    with open(f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat") as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICKS
 
@@ -61,20 +61,22 @@ def exchange(conn: socket.socket, message: bytes, pending: bytearray) -> int:
     return status
 
 
-def server_cost(pid: int, messages: list[bytes], requests: int, warm: int = 200) -> float:
-    """CPU ms per request of the server ``pid`` over ``requests`` sequential requests."""
+def server_cost(pid: int, messages: list[bytes], requests: int, warm: int = 200) -> tuple[float, float]:
+    """CPU ms per request of the server ``pid`` over ``requests`` sequential requests: all of
+    its threads, and its main thread alone (the event loop's)."""
     with socket.create_connection((HOST, PORT)) as conn:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         pending = bytearray()
         for i in range(warm):
             assert exchange(conn, messages[i % len(messages)], pending) == 200
         time.sleep(0.2)
-        before = cpu_seconds(pid)
+        before, loop_before = cpu_seconds(pid), cpu_seconds(pid, pid)
         for i in range(requests):
             status = exchange(conn, messages[i % len(messages)], pending)
             assert status == 200, status
         time.sleep(0.2)  # the access log's last lines
-        return 1000 * (cpu_seconds(pid) - before - 0.4 * idle_rate(pid)) / requests
+        return (1000 * (cpu_seconds(pid) - before - 0.4 * idle_rate(pid)) / requests,
+                1000 * (cpu_seconds(pid, pid) - loop_before) / requests)
 
 
 def idle_rate(pid: int) -> float:
@@ -92,7 +94,7 @@ def _measure_idle(pid: int) -> float:
 
 
 def profile(pid: int, messages: list[bytes], requests: int, out: str) -> None:
-    spy = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "py-spy"), "record", "--gil",
+    spy = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "py-spy"), "record", "--threads",
                             "-r", "500", "-f", "raw", "-o", out, "--pid", str(pid)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(1)
@@ -140,17 +142,20 @@ def main() -> None:
                         "the median is reported")
     parser.add_argument("--bare", action="store_true", help="also a bare uvicorn answer")
     parser.add_argument("--no-engine", action="store_true", help="skip the in-process engine calls")
-    parser.add_argument("--profile", metavar="FILE", help="py-spy (GIL holders, raw) of the server during "
+    parser.add_argument("--profile", metavar="FILE", help="py-spy (threads, raw) of the server during "
                         "the first length's requests, written to FILE")
     args = parser.parse_args()
-    samples: dict[str, dict[int, list[float]]] = {tree: {n: [] for n in args.lengths} for tree in args.trees}
+    samples = {tree: {n: [] for n in args.lengths} for tree in args.trees}
+    loop_samples = {tree: {n: [] for n in args.lengths} for tree in args.trees}
     for _ in range(args.rounds):
         for tree in args.trees:
-            for length, ms in service_cost(tree, args).items():
+            for length, (ms, loop_ms) in service_cost(tree, args).items():
                 samples[tree][length].append(ms)
-    results: dict[str, object] = {"service_cpu_ms": {
-        tree: {n: round(statistics.median(ms), 3) for n, ms in by_length.items()}
-        for tree, by_length in samples.items()}}
+                loop_samples[tree][length].append(loop_ms)
+    results: dict[str, object] = {
+        name: {tree: {n: round(statistics.median(ms), 3) for n, ms in by_length.items()}
+               for tree, by_length in measured.items()}
+        for name, measured in (("service_cpu_ms", samples), ("event_loop_thread_cpu_ms", loop_samples))}
     if args.rounds > 1:
         results["samples"] = samples
     if args.bare:
@@ -159,7 +164,7 @@ def main() -> None:
         bare = start_bare_uvicorn()
         try:
             results["bare_uvicorn_cpu_ms"] = round(
-                server_cost(bare.pid, [request_bytes("/infer", b"{}")], args.requests), 4)
+                server_cost(bare.pid, [request_bytes("/infer", b"{}")], args.requests)[0], 4)
         finally:
             stop(bare)
     if not args.no_engine:
@@ -168,8 +173,9 @@ def main() -> None:
     print(json.dumps(results))
 
 
-def service_cost(tree: str, args: argparse.Namespace) -> dict[int, float]:
-    """CPU ms per request of the service served from ``tree``, per length."""
+def service_cost(tree: str, args: argparse.Namespace) -> dict[int, tuple[float, float]]:
+    """CPU ms per request of the service served from ``tree``, per length (all threads, the
+    event loop's)."""
     rng = np.random.default_rng(0)
     costs = {}
     with tempfile.NamedTemporaryFile(prefix="cpu-cost-", suffix=".log") as log_file:
