@@ -45,7 +45,9 @@ REQUESTS: list[tuple[str, object]] = [
 
 
 def settings() -> Settings:
-    return Settings(_env_file=None, max_body_bytes=4096, grpc_port=0)  # type: ignore[call-arg]
+    # One engine for both apps (``auto`` picks by timing): their outputs are then the same bits.
+    return Settings(_env_file=None, max_body_bytes=4096, grpc_port=0,  # type: ignore[call-arg]
+                    engine="onnxruntime")
 
 
 @contextmanager
