@@ -83,18 +83,31 @@ def _drop_color_message(record: logging.LogRecord) -> bool:
     return True
 
 
+ACCESS_LOG = "app.access"  # a line per request (HTTP and gRPC)
+
+
 class WrittenAside(logging.handlers.QueueHandler):
-    """Records are formatted and written by a thread of their own, in the order they were
-    logged, several lines per write when they come faster than it writes: the caller (the
-    event loop, for the access log) pays for the record alone. :meth:`flush` waits until
-    what was logged before it is written; :meth:`close` (``logging.shutdown``, at exit)
-    writes what is left and stops the thread. A forked child starts a thread of its own."""
+    """The access log's records are formatted and written by a thread of their own, several
+    lines per write when they come faster than it writes: the caller (the event loop) pays
+    for the record alone. Every other record (start-up, state changes, errors: few) is
+    written at once, once the lines logged before it are: the order of lines is kept, and
+    the last lines before an exit are out even when the process then dies of a signal (as
+    uvicorn ends after SIGTERM). :meth:`flush` waits until what was logged before it is
+    written; :meth:`close` (``logging.shutdown``) writes what is left and stops the thread.
+    A forked child starts a thread of its own."""
 
     def __init__(self, target: logging.StreamHandler) -> None:  # type: ignore[type-arg]
         super().__init__(queue.SimpleQueue())
         self.target = target
         self._pid = -1
         self._thread: threading.Thread | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name == ACCESS_LOG:
+            super().emit(record)
+            return
+        self.flush()
+        self.target.handle(record)
 
     def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
         """The record as it is (formatted later), its message fixed now: its arguments may change."""
@@ -148,16 +161,19 @@ class WrittenAside(logging.handlers.QueueHandler):
 
     def flush(self) -> None:
         """Wait (a few seconds at most) until every record logged so far is written."""
-        if self._thread is not None and self._thread.is_alive() and self._pid == os.getpid():
+        thread = self._thread
+        if thread is not None and thread.is_alive() and self._pid == os.getpid():
             written = threading.Event()
             self.queue.put_nowait(written)
             written.wait(5)
 
     def close(self) -> None:
+        """Write what is queued and stop the thread (a record logged later starts another)."""
         thread, self._thread = self._thread, None
         if thread is not None and thread.is_alive() and self._pid == os.getpid():
             self.queue.put_nowait(None)
             thread.join(5)
+        self._pid = -1
         super().close()
 
 
@@ -166,8 +182,8 @@ _writer: WrittenAside | None = None
 
 
 def configure_logging(level: str, fmt: str) -> None:
-    """One JSON object per line on stderr for the service's and uvicorn's loggers, formatted
-    and written aside (:class:`WrittenAside`)."""
+    """One JSON object per line on stderr for the service's and uvicorn's loggers; the
+    access log's lines formatted and written aside (:class:`WrittenAside`)."""
     global _writer
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_drop_color_message)

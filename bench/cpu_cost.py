@@ -94,7 +94,7 @@ def _measure_idle(pid: int) -> float:
 
 
 def profile(pid: int, messages: list[bytes], requests: int, out: str) -> None:
-    spy = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "py-spy"), "record", "--threads",
+    spy = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "py-spy"), "record", "--gil",
                             "-r", "500", "-f", "raw", "-o", out, "--pid", str(pid)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(1)
@@ -142,7 +142,7 @@ def main() -> None:
                         "the median is reported")
     parser.add_argument("--bare", action="store_true", help="also a bare uvicorn answer")
     parser.add_argument("--no-engine", action="store_true", help="skip the in-process engine calls")
-    parser.add_argument("--profile", metavar="FILE", help="py-spy (threads, raw) of the server during "
+    parser.add_argument("--profile", metavar="FILE", help="py-spy (GIL holders, raw) of the server during "
                         "the first length's requests, written to FILE")
     args = parser.parse_args()
     samples = {tree: {n: [] for n in args.lengths} for tree in args.trees}
