@@ -1,9 +1,9 @@
 """The request path shared by every protocol (``/infer``, v2 over HTTP, v2 over gRPC): the
 body is priced before it is read (:class:`BodyHold`: the bytes and what parsing them holds,
 growing with a body of unknown size) and parsed, off the event loop unless it is small
-(:func:`parsed`); then
-the request is priced by what its answer will hold, waits for room in the memory budget (or
-is refused), runs part by part, and releases the budget when the answer is done.
+(:func:`parsed`); then the request is priced by what its answer will hold, waits for room in
+the memory budget (or is refused), runs part by part, and releases the budget when the
+answer is done.
 
 Outcomes are :class:`~app.api.errors.ApiError`; each protocol maps the status to its own form:
 ``413`` (the request can never fit: the message names the limit and says how to split it or
