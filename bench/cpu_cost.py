@@ -20,19 +20,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
-from bench.server import HOST, PORT, ROOT, stop
-
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int, thread: int | None = None) -> float:
-    """utime + stime of every thread of ``pid`` (of that ``thread`` alone when given)."""
-    with open(f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
+from bench.server import HOST, PORT, ROOT, cpu_seconds, start_server, stop
 
 
 def request_bytes(path: str, body: bytes) -> bytes:
@@ -179,7 +171,7 @@ def service_cost(tree: str, args: argparse.Namespace) -> dict[int, tuple[float, 
     rng = np.random.default_rng(0)
     costs = {}
     with tempfile.NamedTemporaryFile(prefix="cpu-cost-", suffix=".log") as log_file:
-        process = _start_logged(tree, log_file.name)
+        process, _ = start_server({"ENGINE": "onnxruntime"}, tree=Path(tree), log=log_file)
         try:
             for length in args.lengths:
                 messages = [request_bytes(args.path, body) for body in bodies(length, rng)]
@@ -189,29 +181,6 @@ def service_cost(tree: str, args: argparse.Namespace) -> dict[int, tuple[float, 
         finally:
             stop(process)
     return costs
-
-
-def _start_logged(tree: str, log_path: str) -> subprocess.Popen:
-    """The service of source tree ``tree``, its log (a JSON line per request) written to ``log_path``."""
-    import httpx
-
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "app", "serve"], cwd=tree, stdout=subprocess.DEVNULL, stderr=log,
-            env={**os.environ, "HOST": HOST, "PORT": str(PORT), "GRPC_PORT": "0", "ENGINE": "onnxruntime",
-                 "PYTHONPATH": tree})
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://{HOST}:{PORT}/readyz", timeout=2).status_code == 200:
-                return process
-        except httpx.TransportError:
-            pass
-        if process.poll() is not None:
-            raise RuntimeError(f"the server exited with {process.returncode} before it was ready")
-        time.sleep(0.1)
-    process.kill()
-    raise RuntimeError("the server never became ready")
 
 
 if __name__ == "__main__":
