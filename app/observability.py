@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import logging
+import logging.handlers
+import os
+import queue
 import sys
+import threading
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
@@ -79,8 +83,108 @@ def _drop_color_message(record: logging.LogRecord) -> bool:
     return True
 
 
+ACCESS_LOG = "app.access"  # a line per request (HTTP and gRPC)
+
+
+class WrittenAside(logging.handlers.QueueHandler):
+    """The access log's records are formatted and written by a thread of their own, several
+    lines per write when they come faster than it writes: the caller (the event loop) pays
+    for the record alone. Every other record (start-up, state changes, errors: few) is
+    written at once, once the lines logged before it are: the order of lines is kept, and
+    the last lines before an exit are out even when the process then dies of a signal (as
+    uvicorn ends after SIGTERM). :meth:`flush` waits until what was logged before it is
+    written; :meth:`close` (``logging.shutdown``) writes what is left and stops the thread.
+    A forked child starts a thread of its own."""
+
+    def __init__(self, target: logging.StreamHandler) -> None:  # type: ignore[type-arg]
+        super().__init__(queue.SimpleQueue())
+        self.target = target
+        self._pid = -1
+        self._thread: threading.Thread | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name == ACCESS_LOG:
+            super().emit(record)
+            return
+        self.flush()
+        self.target.handle(record)
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        """The record as it is (formatted later), its message fixed now: its arguments may change."""
+        if record.args:
+            record.msg, record.args = record.getMessage(), None
+        return record
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        if self._pid != os.getpid():
+            self._start()
+        self.queue.put_nowait(record)
+
+    def _start(self) -> None:
+        with _writers_lock:
+            if self._pid == os.getpid():
+                return
+            self._pid = os.getpid()
+            self._thread = threading.Thread(target=self._write, name="log-writer", daemon=True)
+            self._thread.start()
+
+    def _write(self) -> None:
+        target, stream = self.target, self.target.stream
+        while True:
+            batch = [self.queue.get()]
+            while True:
+                try:
+                    batch.append(self.queue.get_nowait())
+                except queue.Empty:
+                    break
+            lines, done, stop = [], [], False
+            for item in batch:
+                if isinstance(item, threading.Event):
+                    done.append(item)
+                elif item is None:
+                    stop = True
+                elif target.filter(item):
+                    try:
+                        lines.append(target.format(item) + target.terminator)
+                    except Exception:
+                        target.handleError(item)
+            if lines:
+                try:
+                    stream.write("".join(lines))
+                    stream.flush()
+                except Exception:
+                    target.handleError(batch[-1])
+            for event in done:
+                event.set()
+            if stop:
+                return
+
+    def flush(self) -> None:
+        """Wait (a few seconds at most) until every record logged so far is written."""
+        thread = self._thread
+        if thread is not None and thread.is_alive() and self._pid == os.getpid():
+            written = threading.Event()
+            self.queue.put_nowait(written)
+            written.wait(5)
+
+    def close(self) -> None:
+        """Write what is queued and stop the thread (a record logged later starts another)."""
+        thread, self._thread = self._thread, None
+        if thread is not None and thread.is_alive() and self._pid == os.getpid():
+            self.queue.put_nowait(None)
+            thread.join(5)
+        self._pid = -1
+        super().close()
+
+
+_writers_lock = threading.Lock()
+_writer: WrittenAside | None = None
+
+
 def configure_logging(level: str, fmt: str) -> None:
-    """One JSON object per line on stderr for the service's and uvicorn's loggers."""
+    """One JSON object per line on stderr for the service's and uvicorn's loggers; the
+    access log's lines formatted and written aside (:class:`WrittenAside`)."""
+    global _writer
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_drop_color_message)
     if fmt == "json":
@@ -89,9 +193,15 @@ def configure_logging(level: str, fmt: str) -> None:
             rename_fields={"asctime": "time", "levelname": "level", "name": "logger"}))
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    writer = WrittenAside(handler)
     for name in ("app", "uvicorn", "uvicorn.error"):
         logger = logging.getLogger(name)
-        logger.handlers = [handler]
+        logger.handlers = [writer]
         logger.propagate = False
         logger.setLevel(level.upper())
     logging.getLogger("uvicorn.access").disabled = True  # one line per request comes from us
+    # No line shows the caller's file, function or line: finding them walks the stack per record.
+    logging._srcfile = None  # type: ignore[attr-defined]
+    previous, _writer = _writer, writer
+    if previous is not None:
+        previous.close()  # what it holds is written first

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import IO
 
 import httpx
 
@@ -30,14 +31,16 @@ PORT = int(os.environ.get("BENCH_PORT") or free_port())
 BODIES_SCRIPT = Path(__file__).resolve().parent / "bodies.lua"
 
 
-def start_server(env: dict[str, str] | None = None,
-                 argv: tuple[str, ...] = ("-m", "app", "serve")) -> tuple[subprocess.Popen, float]:
-    """Start the service (``python -m app serve``, request logging included, the log
-    discarded) and wait for ``/readyz``; returns the process and the seconds to ready."""
+def start_server(env: dict[str, str] | None = None, argv: tuple[str, ...] = ("-m", "app", "serve"),
+                 tree: Path = ROOT, log: IO[bytes] | None = None) -> tuple[subprocess.Popen, float]:
+    """Start the service (``python -m app serve`` of source tree ``tree``, request logging
+    included, the log written to ``log`` or discarded) and wait for ``/readyz``; returns the
+    process and the seconds to ready."""
     process = subprocess.Popen(
-        [sys.executable, *argv], cwd=ROOT,
-        env={**os.environ, "HOST": HOST, "PORT": str(PORT), "GRPC_PORT": "0", **(env or {})},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [sys.executable, *argv], cwd=tree,
+        env={**os.environ, "HOST": HOST, "PORT": str(PORT), "GRPC_PORT": "0", "PYTHONPATH": str(tree),
+             **(env or {})},
+        stdout=subprocess.DEVNULL, stderr=log or subprocess.DEVNULL,
     )
     start = time.perf_counter()
     while time.perf_counter() - start < 120:
@@ -78,9 +81,11 @@ def rss_bytes(pid: int, field: str = "VmRSS") -> int:
     return 0
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process, all its threads (``/proc/<pid>/stat``)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def cpu_seconds(pid: int, thread: int | None = None) -> float:
+    """User + system CPU time of a process, all its threads (``/proc/<pid>/stat``), or of
+    that ``thread`` alone."""
+    stat = f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat"
+    fields = Path(stat).read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
