@@ -71,8 +71,8 @@ async def off_loop(work: Callable[..., T], *args: Any) -> T:
 
 
 async def parsed(work: Callable[..., T], size: int, *args: Any) -> T:
-    """``work(*args)``, parsing a body of ``size`` bytes: in place when it is small
-    (``IN_PLACE_BYTES``), else on the parsing thread (:func:`off_loop`)."""
+    """``work(*args)`` over ``size`` bytes (a body parsed, a message built): in place when
+    it is small (``IN_PLACE_BYTES``), else on the parsing thread (:func:`off_loop`)."""
     if size <= IN_PLACE_BYTES:
         return work(*args)
     return await off_loop(work, *args)

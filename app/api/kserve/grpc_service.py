@@ -27,7 +27,7 @@ from google.protobuf.message import DecodeError
 from grpc import aio
 
 from app import __version__
-from app.api.dataplane import BodyHold, off_loop, served
+from app.api.dataplane import BodyHold, parsed, served
 from app.api.errors import ApiError
 from app.api.json_body import PARSED, most_values, parsed_bytes
 from app.api.kserve import SERVER_NAME, served_extensions
@@ -157,7 +157,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         message_bytes = len(message)
         async with BodyHold(repository.budget, timeout, self.metrics) as hold:
             await hold.to(message_price(message_bytes, self.most_values()))
-            request = await off_loop(infer_request, message)
+            request = await parsed(infer_request, message_bytes, message)
             del message
             service = served(repository, request.model_name, request.model_version)
             self.models_of_calls[id(context)] = service.labels
@@ -203,15 +203,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         service, settings = lease.service, self.settings
         most = most_values(settings.max_batch, settings.max_len, service.model_input)
         async with hold:
-            opened = await off_loop(decoded_message, request, most, service.model_input, settings)
+            opened = await parsed(decoded_message, message_bytes, request, most, service.model_input,
+                                  settings)
             model_id = request.id
             del request
         plan, started = await admitted(lease, opened, True, message_bytes, timeout)
         del opened
         try:
             tensors = await gathered_tensors(started.parts(), plan.batch, plan.steps, plan.widths, plan.names)
-            response = await off_loop(infer_response, service.name, str(service.version), model_id, plan,
-                                      tensors)
+            response = await parsed(infer_response, sum(plan.size(name) for name in plan.names),
+                                    service.name, str(service.version), model_id, plan, tensors)
         except BaseException:
             await started.finish()
             raise
