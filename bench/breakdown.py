@@ -6,8 +6,9 @@
   wrappers that only this benchmark installs around the functions each phase runs:
 
   envelope + routing + body (the middleware, routing, reading the body: from the ASGI call to
-  the hand-off to the parsing thread, less admission), parse + validate (orjson, pydantic, the
-  input arrays: on the parsing thread), parsing hop (to the parsing thread and back),
+  the parsing, less admission), parse + validate (orjson, pydantic, the input arrays: on the
+  loop for a small body, else on the parsing thread), parsing hop (to the parsing thread and
+  back; none for a small body),
   admission (pricing and the memory budget), queue hop (the batcher's queue to the engine
   thread starting the call), engine call (the runner on the engine thread: padding, ONNX
   Runtime, slicing), back hop (the engine thread's end to the request's coroutine holding the
@@ -140,9 +141,9 @@ def install_timers() -> list[str]:
         original = getattr(module, name, None)
         if original is None or not _replace_everywhere(original, _timed_function(what, original)):
             missing.append(f"{module.__name__}.{name}")
-    original = getattr(dataplane, "off_loop", None)
-    if original is None or not _replace_everywhere(original, _timed_coroutine("off_loop", original)):
-        missing.append("app.api.dataplane.off_loop")
+    original = getattr(dataplane, "parsed", None)
+    if original is None or not _replace_everywhere(original, _timed_coroutine("parsed", original)):
+        missing.append("app.api.dataplane.parsed")
     original = getattr(streaming, "infer_document", None)
     if original is None or not _replace_everywhere(original, _timed_generator("encode", original)):
         missing.append("app.api.streaming.infer_document")
@@ -252,7 +253,7 @@ def phases_of(events: list[tuple[str, int, int]], start: int, end: int) -> dict[
     def last(what: str, edge: int) -> int | None:
         return next((event[edge] for event in reversed(events) if event[0] == what), None)
 
-    off_loop_start, parse, off_loop = first("off_loop", 1), total("parse"), total("off_loop")
+    off_loop_start, parse, off_loop = first("parsed", 1), total("parse"), total("parsed")
     admission = total("admission") or 0
     early_admission = sum(e - s for name, s, e in events
                           if name == "admission" and off_loop_start is not None and e <= off_loop_start)

@@ -77,7 +77,7 @@ def test_py_spy_samples_are_counted_per_kind_of_thread(tmp_path) -> None:
 
 def test_the_phases_of_a_request_from_its_events() -> None:
     ms = 1_000_000
-    events = [("admission", 1 * ms, 2 * ms), ("off_loop", 3 * ms, 6 * ms), ("parse", 4 * ms, 5 * ms),
+    events = [("admission", 1 * ms, 2 * ms), ("parsed", 3 * ms, 6 * ms), ("parse", 4 * ms, 5 * ms),
               ("admission", 7 * ms, 8 * ms), ("enqueued", 9 * ms, 9 * ms), ("engine", 10 * ms, 20 * ms),
               ("delivered", 21 * ms, 21 * ms), ("encode", 22 * ms, 23 * ms), ("encode", 24 * ms, 25 * ms)]
     phases = breakdown.phases_of(events, 0, 27 * ms)
