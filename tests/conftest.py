@@ -22,8 +22,9 @@ DEFAULT_MODEL = ROOT / "models" / "segmenter"
 # The files whose tests take longest go first: `make test` hands whole files (or test classes)
 # to its parallel workers in this order, so that no worker is left alone with one long file
 # at the end.
-LONGEST_FIRST = ("test_variants.py", "test_startup_conversion.py", "test_production.py",
-                 "test_engines.py", "test_conversion.py", "test_kserve_limits.py", "test_settings.py")
+LONGEST_FIRST = ("test_variants.py", "test_startup_conversion.py", "test_production.py", "test_lstm.py",
+                 "test_conversion.py", "test_cli.py", "test_engines.py", "test_kserve_limits.py",
+                 "test_settings.py", "test_repository.py", "test_repository_api.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

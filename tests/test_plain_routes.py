@@ -179,3 +179,33 @@ def test_the_same_metrics(clients: tuple[TestClient, TestClient]) -> None:
     assert grown[0] == grown[1]
     assert 'bigru_http_requests_total{method="POST",route="/v2/models/{name}/versions/{version}/infer",' \
            'status="200"}' in grown[0]
+
+
+def test_one_app_answers_parameters_and_refusals_and_passes_other_bodies_on(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """On an app of its own (the shared one is built in another test's setup): a route with
+    parameters, a refusal in each form, none of them through FastAPI, and a POST FastAPI
+    answers reading its body."""
+    repository_api = {"repository_api": True, "admin_token": "secret"}
+    with in_process(Settings(_env_file=None, grpc_port=0, engine="onnxruntime",  # type: ignore[call-arg]
+                             **repository_api)) as client:
+        dispatcher, passed = dispatcher_of(client), []
+        assert dispatcher is not None
+        inner = dispatcher.app
+
+        async def counting(scope: dict, receive: object, send: object) -> None:
+            passed.append(scope["path"])
+            await inner(scope, receive, send)  # type: ignore[operator]
+
+        monkeypatch.setattr(dispatcher, "app", counting)
+        assert post(client, "/infer", TOKENS).status_code == 200
+        assert post(client, "/v1/models/segmenter/versions/1/infer", TOKENS).status_code == 200
+        assert post(client, "/v2/models/segmenter/versions/1/infer", V2).status_code == 200
+        refused = post(client, "/v1/models/nope/infer", TOKENS)
+        assert refused.status_code == 404 and refused.json()["error"]["type"] == "unknown_model"
+        refused = post(client, "/v2/models/nope/infer", V2)
+        assert refused.status_code == 404 and set(refused.json()) == {"error"}
+        index = client.post("/v2/repository/index", json={"ready": True},
+                            headers={"authorization": "Bearer secret"})
+        assert index.status_code == 200 and [m["name"] for m in index.json()] == ["segmenter"]
+        assert passed == ["/v2/repository/index"]
