@@ -20,11 +20,10 @@ from app.api.dataplane import (
     read_body,
     served,
 )
-from app.api.errors import ApiError, api_error_response
+from app.api.errors import ApiError
 from app.api.inputs import InvalidInput, input_arrays
 from app.api.json_body import PARSED, check_value_count, most_values, parse_body, parsed_bytes
 from app.api.openapi import publish_model_schema
-from app.api.plain_routes import PlainRoute, plain_routes
 from app.api.schemas import ErrorResponse, InferResponse, make_infer_request
 from app.api.streaming import StreamedAnswer, infer_document
 from app.config import Settings
@@ -46,16 +45,12 @@ def json_response(content: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(content), status_code=status, media_type="application/json")
 
 
-def include_routes(app: FastAPI, settings: Settings) -> list[PlainRoute]:
-    """The routes, declared to FastAPI; returns the inference routes, to be answered in plain
-    ASGI (:mod:`app.api.plain_routes`)."""
-    router, plain = build_router(settings)
-    app.include_router(router)
+def include_routes(app: FastAPI, settings: Settings) -> None:
+    app.include_router(build_router(settings))
     publish_model_schema(app, settings)
-    return plain
 
 
-def build_router(settings: Settings) -> tuple[APIRouter, list[PlainRoute]]:
+def build_router(settings: Settings) -> APIRouter:
     router = APIRouter()
     request_models = {kind: make_infer_request(settings.max_batch, settings.max_len, kind)
                       for kind in ("tokens", "features")}
@@ -81,10 +76,6 @@ def build_router(settings: Settings) -> tuple[APIRouter, list[PlainRoute]]:
                     parsed_inputs, body_bytes, raw, request_models[model_input.kind], most, model_input)
                 del raw  # the input arrays are all that is kept
             return await answer_streamed(lease, sequences, return_hidden, body_bytes, settings, metrics)
-
-    async def plain_infer(request: Request, name: str | None = None, version: str | None = None) -> Response:
-        state = request.app.state
-        return await infer_with(served(state.repository, name, version), request, state.metrics)
 
     @router.post("/infer", summary="Per-step outputs for unpadded, variable-length sequences "
                  "(the default model)", **infer_route)  # type: ignore[arg-type]
@@ -138,10 +129,7 @@ def build_router(settings: Settings) -> tuple[APIRouter, list[PlainRoute]]:
     async def model_version_info(models: Models, name: str, version: str | None = None) -> Response:
         return json_response(described(models, name, version).metadata())
 
-    plain = plain_routes(router.routes, ("/infer", "/v1/models/{name}/infer",
-                                         "/v1/models/{name}/versions/{version}/infer"),
-                         plain_infer, api_error_response)
-    return router, plain
+    return router
 
 
 def described(models: Repository, name: str | None, version: str | None = None) -> ModelService:
