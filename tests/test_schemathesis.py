@@ -14,6 +14,7 @@ from schemathesis import GenerationMode
 from tests.conftest import Server
 
 EXAMPLES = 150
+INFER_EXAMPLES = 40
 
 
 @pytest.fixture(scope="module")
@@ -27,17 +28,10 @@ def api_server():
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=["valid", "invalid"])
 def test_api_never_answers_5xx(api_server: Server, mode: GenerationMode) -> None:
     schema = schemathesis.openapi.from_url(api_server.url + "/openapi.json")
-    cases = schema.as_strategy(mode)
-    if mode is GenerationMode.POSITIVE:
-        # Half the valid cases drawn from /infer alone: spread over every operation, 150 cases
-        # gave it 19-26, too close to the 20 valid inferences asserted below.
-        cases = st.one_of(cases, schema["/infer"]["POST"].as_strategy(mode))
     statuses: dict[int, int] = {}
     valid_inferences = 0
 
-    @given(case=cases)
-    @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
-    def check(case) -> None:
+    def run(case) -> None:
         nonlocal valid_inferences
         response = case.call(base_url=api_server.url, timeout=30)
         statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
@@ -53,8 +47,16 @@ def test_api_never_answers_5xx(api_server: Server, mode: GenerationMode) -> None
                 body = response.json()
                 assert [len(o) for o in body["outputs"]] == [len(s) for s in case.body["sequences"]]
 
-    check()
+    def explore(strategy: st.SearchStrategy, examples: int) -> None:
+        settings(max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck))(
+            given(case=strategy)(run))()
+
+    explore(schema.as_strategy(mode), EXAMPLES)  # every operation
+    if mode is GenerationMode.POSITIVE:
+        # /infer on its own as well: spread over every operation (most paths name a model, and
+        # a random name is a 404), the valid inferences came out from 16 to 26 in 150 cases.
+        explore(schema["/infer"]["POST"].as_strategy(mode), INFER_EXAMPLES)
     print(f"\nschemathesis ({mode.value}): {sum(statuses.values())} cases, statuses {statuses}")
     assert sum(statuses.values()) >= 50
     if mode is GenerationMode.POSITIVE:
-        assert valid_inferences >= 20, statuses
+        assert valid_inferences >= INFER_EXAMPLES // 2, statuses
