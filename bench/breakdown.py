@@ -348,14 +348,15 @@ def in_process(quick: bool) -> dict:
 def thread_cpu(pid: int) -> dict[str, float]:
     """CPU seconds of each group of the process's threads: the event loop (the main thread),
     the engine threads (they run at nice 10), the rest (parsing, the default executor, ...)."""
+    from bench.server import cpu_seconds, stat_fields
+
     groups = {"event loop": 0.0, "engine threads": 0.0, "other threads": 0.0}
-    tick = os.sysconf("SC_CLK_TCK")
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            fields = stat_fields(pid, int(task.name))
         except OSError:
             continue  # the thread ended
-        seconds = (int(fields[11]) + int(fields[12])) / tick
+        seconds = cpu_seconds(pid, fields=fields)
         nice = int(fields[16])
         group = ("event loop" if int(task.name) == pid else "engine threads" if nice > 0 else "other threads")
         groups[group] += seconds

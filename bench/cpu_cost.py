@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -86,7 +84,12 @@ def _measure_idle(pid: int) -> float:
 
 
 def profile(pid: int, messages: list[bytes], requests: int, out: str) -> None:
-    spy = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "py-spy"), "record", "--gil",
+    from bench.breakdown import py_spy
+
+    spy_path = py_spy()
+    if spy_path is None:
+        raise SystemExit("--profile needs py-spy (pip install py-spy)")
+    spy = subprocess.Popen([spy_path, "record", "--gil",
                             "-r", "500", "-f", "raw", "-o", out, "--pid", str(pid)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(1)

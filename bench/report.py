@@ -7,6 +7,8 @@ import platform
 import re
 from pathlib import Path
 
+from bench.breakdown import PHASES
+
 PAGE = Path(__file__).resolve().parent.parent / "docs" / "benchmark.md"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 TARGET_LATENCY, TARGET_THROUGHPUT = 0.6, 1.5  # the targets: HTTP p50 <= 0.6x XLA, 32 conns >= 1.5x
@@ -78,10 +80,6 @@ def markdown(r: dict) -> str:
     if r.get("breakdown"):
         lines += ["", breakdown_markdown(r["breakdown"])]
     return "\n".join(lines)
-
-
-PHASES = ("envelope + routing + body", "parse + validate", "parsing hop", "admission", "queue hop",
-          "engine call", "back hop", "encode", "send", "other")
 
 
 def _ms(value: float | None) -> str:

@@ -81,11 +81,16 @@ def rss_bytes(pid: int, field: str = "VmRSS") -> int:
     return 0
 
 
-def cpu_seconds(pid: int, thread: int | None = None) -> float:
-    """User + system CPU time of a process, all its threads (``/proc/<pid>/stat``), or of
-    that ``thread`` alone."""
+def stat_fields(pid: int, thread: int | None = None) -> list[str]:
+    """``/proc/<pid>/stat`` (or that ``thread``'s) after the command's name: state first."""
     stat = f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat"
-    fields = Path(stat).read_text().rsplit(")", 1)[1].split()
+    return Path(stat).read_text().rsplit(")", 1)[1].split()
+
+
+def cpu_seconds(pid: int, thread: int | None = None, fields: list[str] | None = None) -> float:
+    """User + system CPU time of a process, all its threads (``/proc/<pid>/stat``), or of
+    that ``thread`` alone (``fields``: its :func:`stat_fields`, already read)."""
+    fields = fields or stat_fields(pid, thread)
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 

@@ -52,12 +52,17 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 def run_both_ways(spec: ModelSpec, inputs: list[np.ndarray], engine: str
                   ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """All sequences in one call (the runner batches them), and each on its own. One length
-    bucket: the keras engine then compiles two shapes, (16, 12) and (1, 12)."""
-    runner = runner_for(spec, engine, max_batch_size=16, buckets=[max(len(s) for s in inputs)])
+    """All sequences in one call (the runner batches them), and each on its own: the keras
+    engine compiles two shapes, (16, 12) and (1, 12)."""
+    runner = one_bucket_runner(spec, inputs, engine)
     batched = run_batched(runner, inputs)
     single = [runner.run([s])[0][0] for s in inputs]
     return batched, single
+
+
+def one_bucket_runner(spec: ModelSpec, inputs: list[np.ndarray], engine: str) -> Runner:
+    """One length bucket, the longest input's: the keras engine compiles one length."""
+    return runner_for(spec, engine, max_batch_size=16, buckets=[max(len(s) for s in inputs)])
 
 
 def run_batched(runner: Runner, inputs: list[np.ndarray]) -> list[np.ndarray]:
@@ -70,8 +75,7 @@ def batched_and_alone_match(spec: ModelSpec, inputs: list[np.ndarray], engine: s
     padded shape for seconds: it is checked batched only (each sequence against its own
     reference), its batched == alone on a variant below and on every length in test_exactness."""
     if engine == "keras":
-        runner = runner_for(spec, engine, max_batch_size=16, buckets=[max(len(s) for s in inputs)])
-        assert max_diff(run_batched(runner, inputs), expected) <= TOLERANCE
+        assert max_diff(run_batched(one_bucket_runner(spec, inputs, engine), inputs), expected) <= TOLERANCE
         return
     batched, single = run_both_ways(spec, inputs, engine)
     assert max_diff(batched, expected) <= TOLERANCE
@@ -157,11 +161,10 @@ def test_keras_3_hard_sigmoid_would_be_wrong(tmp_path: Path, monkeypatch: pytest
     expected = alone(model, inputs)
     model.save(tmp_path / "m.h5")
     spec = read_keras_h5(tmp_path / "m.h5", Architecture(), "m")
-    buckets = [max(len(s) for s in inputs)]
-    exact = run_batched(runner_for(spec, "keras", max_batch_size=16, buckets=buckets), inputs)
+    exact = run_batched(one_bucket_runner(spec, inputs, "keras"), inputs)
     assert max_diff(exact, expected) <= TOLERANCE
     monkeypatch.setattr(builder, "gru_activation", lambda name: name)  # Keras 3's by name
-    wrong = run_batched(runner_for(spec, "keras", max_batch_size=16, buckets=buckets), inputs)
+    wrong = run_batched(one_bucket_runner(spec, inputs, "keras"), inputs)
     assert max_diff(wrong, expected) > 100 * TOLERANCE
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 
 import numpy as np
@@ -18,12 +19,7 @@ def _series() -> Iterator[int]:
 
 def length_buckets(max_len: int) -> list[int]:
     """The series up to ``max_len``, and ``max_len`` itself."""
-    buckets = []
-    for bucket in _series():
-        if bucket >= max_len:
-            return [*buckets, max_len]
-        buckets.append(bucket)
-    raise AssertionError("unreachable")
+    return [*itertools.takewhile(lambda bucket: bucket < max_len, _series()), max_len]
 
 
 def bucket_of(buckets: list[int], length: int) -> int:

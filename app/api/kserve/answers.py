@@ -94,6 +94,11 @@ class AnswerPlan:
         """The bytes of the tensor ``name`` in binary form."""
         return FLOAT_BYTES * self.batch * self.steps * self.widths[name]
 
+    @property
+    def total_size(self) -> int:
+        """The bytes of every tensor asked for, in binary form."""
+        return sum(self.size(name) for name in self.names)
+
 
 async def http_answer(plan: AnswerPlan, header: dict[str, Any], admitted: Admitted,
                       send_timeout_s: float) -> Response:
@@ -106,7 +111,7 @@ async def http_answer(plan: AnswerPlan, header: dict[str, Any], admitted: Admitt
                     "parameters": {"binary_data_size": plan.size(name)}} for name in plan.names]
         head = orjson.dumps({**header, "outputs": outputs})
         chunks = binary_data(plan, head, admitted.parts())
-        length = len(head) + sum(plan.size(name) for name in plan.names)
+        length = len(head) + plan.total_size
     else:
         try:
             tensors = await gathered_tensors(admitted.parts(), plan.batch, plan.steps, plan.widths,

@@ -211,8 +211,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         del opened
         try:
             tensors = await gathered_tensors(started.parts(), plan.batch, plan.steps, plan.widths, plan.names)
-            response = await parsed(infer_response, sum(plan.size(name) for name in plan.names),
-                                    service.name, str(service.version), model_id, plan, tensors)
+            response = await parsed(infer_response, plan.total_size, service.name, str(service.version),
+                                    model_id, plan, tensors)
         except BaseException:
             await started.finish()
             raise
