@@ -14,6 +14,7 @@ from pathlib import Path
 
 from app.convert.child import OnStep
 from app.convert.directory import KERAS_FILE
+from app.engine.engines import ENGINE_KINDS
 from app.engine.selfcheck import SelfCheck, run_self_check, tolerance_for
 from app.errors import ModelError
 from app.formats.bundle import FileKind, ModelBundle, file_kind, load_bundle
@@ -339,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify_cmd.add_argument("--outputs-key", default="outputs", help="array of expected outputs")
     verify_cmd.add_argument("--hidden-key", default=None, help="array of expected hidden states")
     verify_cmd.add_argument("--tolerance", type=float, default=None)
-    verify_cmd.add_argument("--engine", choices=("onnxruntime", "openvino", "keras"), default="onnxruntime")
+    verify_cmd.add_argument("--engine", choices=ENGINE_KINDS, default="onnxruntime")
     verify_cmd.set_defaults(run=cmd_verify)
 
     export_cmd = commands.add_parser("export", help="the converted weights for other runtimes")

@@ -53,13 +53,15 @@ class Settings(BaseSettings):
         "source's content hash (restarts and replicas sharing it convert once); read-only is fine "
         "when it already holds the model")
     convert_timeout_s: float = Field(600.0, gt=0, description="longest a start-up conversion may take")
-    engine: Literal["auto", "onnxruntime", "openvino", "keras"] = Field(
-        "auto", description="auto (time onnxruntime and openvino, if installed, at start-up and "
-        "serve the fastest), onnxruntime, openvino or keras (XLA-compiled Keras 3)")
+    engine: Literal["auto", "native", "onnxruntime", "openvino", "keras"] = Field(
+        "auto", description="auto (time native, onnxruntime and openvino, where available, at "
+        "start-up and serve the fastest), native (our own recurrence kernel), onnxruntime, openvino "
+        "or keras (XLA-compiled Keras 3)")
     workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1,
                          description="engine calls that run in parallel (keras uses 1)")
     threads: int | None = Field(None, ge=1, description="intra-op threads of each engine call "
-                                "(default: 1, all cores for keras)")
+                                "(default: 1; native: 2, a layer's directions side by side; "
+                                "keras: all cores)")
 
     max_batch: int = Field(64, ge=1, description="most sequences in one request")
     max_len: int = Field(2048, ge=1, description="most tokens in one sequence")

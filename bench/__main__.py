@@ -37,7 +37,7 @@ from bench.server import HOST, PORT, RESULTS, ROOT, start_bare_uvicorn, start_se
 LENGTHS = (16, 64, 256, 2048)
 CONNECTIONS = (1, 8, 32, 64)
 MIXED = (8, 256)
-ENGINES = ("onnxruntime", "openvino")
+ENGINES = ("native", "onnxruntime", "openvino")
 
 
 def workload(spec: ModelSpec, rng: np.random.Generator,

@@ -23,8 +23,8 @@ from app.engine.runner import Runner
 from app.spec import ModelSpec
 from tests.reference import NativeModel
 
-ENGINES = ("onnxruntime", "openvino", "keras")
-VARIANT_ENGINES = ("onnxruntime", "keras")  # every GRU variant (openvino: cuDNN's only)
+ENGINES = ("native", "onnxruntime", "openvino", "keras")
+VARIANT_ENGINES = ("native", "onnxruntime", "keras")  # every GRU variant (openvino: cuDNN's only)
 
 
 def runner_for(spec: ModelSpec, engine: str, max_len: int = 64, max_batch_size: int = 8,

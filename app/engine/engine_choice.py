@@ -10,9 +10,9 @@ that a burst of noise from other processes hits them all alike. The winner has t
 geometric mean of the two median times: each case counts by its ratio, so a batch's long
 time cannot drown a lone request's short one (a service answers many small batches).
 
-Candidates: the engines that need no per-shape compilation (``onnxruntime``, and
-``openvino`` where its package is installed). ``keras`` compiles each new shape with XLA
-and is chosen only by name.
+Candidates: the engines that need no per-shape compilation (``native``, where its kernel
+was built, ``onnxruntime``, and ``openvino`` where its package is installed). ``keras``
+compiles each new shape with XLA and is chosen only by name.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from app.spec import ModelSpec
 
 log = logging.getLogger("app.engine")
 
-CANDIDATES = ("onnxruntime", "openvino")
+CANDIDATES = ("native", "onnxruntime", "openvino")
 LONE_LENGTH = 64
 BATCH_LENGTHS = (8, 256)
 

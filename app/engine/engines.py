@@ -3,6 +3,8 @@
 (B,)`` in, ``outputs (B, T, C)`` and ``hidden (B, T, H)`` out. Rows past a sequence's length
 are padding and are ignored by the caller; each sequence's own rows are exact.
 
+- :class:`~app.engine.native_engine.NativeEngine` runs the spec through a recurrence kernel of
+  our own (C, built with the package); ``ENGINE=auto`` times it against the others.
 - :class:`OnnxRuntimeEngine` runs the graph of :mod:`app.lowering.onnx_graph`. No per-shape
   compilation, so there is nothing to warm per length.
 - :class:`~app.engine.openvino_engine.OpenVinoEngine` runs the same graph in OpenVINO
@@ -142,10 +144,18 @@ def _set_tf_threads(tf: object, threads: int) -> None:
         pass  # already initialised in this process (tests build several engines)
 
 
+ENGINE_KINDS = ("native", "onnxruntime", "openvino", "keras")
+
+
 def make_engine(kind: str, spec: ModelSpec, threads: int | None, length_buckets: list[int],
                 keras_file: str | None = None) -> Engine:
     """The engine named ``kind`` (``auto`` is :func:`app.engine.engine_choice.choose_engine`'s).
     ``keras_file``: the saved Keras model ``spec`` was read from, which ``keras`` serves itself."""
+    if kind == "native":
+        from app.engine.native_engine import NativeEngine
+
+        # Two threads run a layer's two directions side by side (a lone request on two cores).
+        return NativeEngine(spec, threads or min(2, os.cpu_count() or 1), ARENA_KEPT_TOKENS)
     if kind == "keras":
         return KerasEngine(spec, threads or os.cpu_count() or 1, length_buckets, keras_file)
     if kind == "openvino":

@@ -1,0 +1,382 @@
+/* The native engine's kernel: one (bidirectional) GRU or LSTM layer over a right-padded
+ * batch, each sequence over its own length only (the backward direction starts at its last
+ * real step), and the matrix product it is built on. Called through ctypes
+ * (app/engine/native_engine.py), so it needs no Python headers and runs without the GIL.
+ *
+ * One direction of a layer, in the spec's equations (app/spec.py):
+ *   X = x @ kernel + input_bias            all steps of a sequence in one product
+ *   for each step t: M = h @ recurrent_kernel + recurrent_bias, then the cell:
+ *     GRU, reset_after:   z = f(X_z + M_z); r = f(X_r + M_r); hh = g(X_h + r * M_h)
+ *     GRU, reset before:  z, r as above;    hh = g(X_h + (r * h) @ recurrent_h + b_h)
+ *                         h = z * h + (1 - z) * hh
+ *     LSTM:  i = f(X_i + M_i); fg = f(X_f + M_f); o = f(X_o + M_o)
+ *            c = fg * c + i * g(X_c + M_c);  h = o * g(c)
+ *
+ * Matrices multiplied on the right are packed once (pack_columns): blocks of 16 columns,
+ * each block's rows contiguous, so a kernel streams one block while its accumulators stay in
+ * registers. Rows are multiplied four at a time (4 x 16 accumulators) or one at a time
+ * (1 x 64). The hot functions are compiled for AVX-512, AVX2 + FMA and the baseline, and
+ * the CPU picks at load time (GCC target_clones). sigmoid and tanh use a vectorisable
+ * exponential (Cephes' expf polynomial, about 1 ulp); the rarer activations call libm.
+ */
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define BLOCK 16
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define DISPATCH __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define DISPATCH
+#endif
+#define INLINE static inline __attribute__((always_inline))
+
+enum cell { GRU_RESET_AFTER = 0, GRU_RESET_BEFORE = 1, LSTM = 2 };
+enum activation { LINEAR = 0, SIGMOID, HARD_SIGMOID, TANH, RELU, SOFTSIGN, SOFTPLUS, ELU };
+
+typedef struct {
+    int cell, f, g;
+    int units, inputs, batch, steps, directions, threads;
+    const int32_t *lengths;          /* (batch,) */
+    const float *x;                  /* (batch, steps, inputs) */
+    const float *kernel[2];          /* packed (inputs, gates * units) */
+    const float *input_bias[2];      /* (gates * units,) */
+    const float *recurrent[2];       /* packed (units, gates * units); GRU reset before: (units, 2 units) */
+    const float *recurrent_h[2];     /* GRU reset before: packed (units, units); else NULL */
+    const float *recurrent_bias[2];  /* (gates * units,) */
+    float *out;                      /* (batch, steps, directions * units) */
+    float *work;                     /* layer_work_floats() floats */
+} layer_args;
+
+int64_t packed_floats(int k, int n) { return (int64_t)((n + BLOCK - 1) / BLOCK) * BLOCK * k; }
+
+void pack_columns(const float *b, int k, int n, float *packed) {
+    for (int j0 = 0; j0 < n; j0 += BLOCK)
+        for (int p = 0; p < k; ++p)
+            for (int q = 0; q < BLOCK; ++q)
+                *packed++ = j0 + q < n ? b[(int64_t)p * n + j0 + q] : 0.0f;
+}
+
+static int gates_of(int cell) { return cell == LSTM ? 4 : 3; }
+
+/* Scratch of one direction: its projected inputs, then h, c, the step's products, two
+ * temporaries of a row, and the order of the rows. */
+static int64_t direction_floats(const layer_args *a) {
+    int64_t gu = (int64_t)gates_of(a->cell) * a->units;
+    return (int64_t)a->batch * a->steps * gu + (int64_t)a->batch * (gu + 3 * a->units)
+           + 4 * (int64_t)a->units + a->batch;
+}
+
+int64_t layer_work_floats(const layer_args *a) { return a->directions * direction_floats(a); }
+
+/* ---- matrix product: c[m, n] = a[m, k] @ b + bias, b packed ---- */
+
+/* Eight floats: GCC's vector extension, one AVX register (two SSE ones on the baseline);
+ * aligned(4) lets it load from any float. Accumulators are named variables, so they stay in
+ * registers (arrays of them were spilled to the stack). */
+typedef float v8 __attribute__((vector_size(32), aligned(4)));
+#define AT(p) (*(const v8 *)(p))
+#define SPLAT(x) ((v8){(x), (x), (x), (x), (x), (x), (x), (x)})
+
+INLINE void store8(float *c, v8 v, int width) {
+    if (width >= 8) {
+        *(v8 *)c = v;
+    } else {
+        for (int q = 0; q < width; ++q) c[q] = v[q];
+    }
+}
+
+/* Four rows by one block of 16 columns. */
+INLINE void rows4(const float *a, int64_t lda, const float *block, int k, const float *bias0,
+                  float *c, int64_t ldc, int width) {
+    v8 c00 = AT(bias0), c01 = AT(bias0 + 8), c10 = c00, c11 = c01;
+    v8 c20 = c00, c21 = c01, c30 = c00, c31 = c01;
+    const float *a0 = a, *a1 = a + lda, *a2 = a + 2 * lda, *a3 = a + 3 * lda;
+    for (int p = 0; p < k; ++p) {
+        const v8 b0 = AT(block + (int64_t)p * BLOCK), b1 = AT(block + (int64_t)p * BLOCK + 8);
+        v8 x = SPLAT(a0[p]);
+        c00 += x * b0; c01 += x * b1;
+        x = SPLAT(a1[p]);
+        c10 += x * b0; c11 += x * b1;
+        x = SPLAT(a2[p]);
+        c20 += x * b0; c21 += x * b1;
+        x = SPLAT(a3[p]);
+        c30 += x * b0; c31 += x * b1;
+    }
+    const v8 out[4][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}};
+    for (int r = 0; r < 4; ++r) {
+        store8(c + r * ldc, out[r][0], width);
+        store8(c + r * ldc + 8, out[r][1], width - 8);
+    }
+}
+
+/* Six rows by one block: twelve accumulators, the most that leave AVX2 registers for the
+ * block's two vectors and a broadcast. */
+INLINE void rows6(const float *a, int64_t lda, const float *block, int k, const float *bias0,
+                  float *c, int64_t ldc, int width) {
+    v8 c00 = AT(bias0), c01 = AT(bias0 + 8), c10 = c00, c11 = c01, c20 = c00, c21 = c01;
+    v8 c30 = c00, c31 = c01, c40 = c00, c41 = c01, c50 = c00, c51 = c01;
+    const float *a0 = a, *a1 = a + lda, *a2 = a + 2 * lda, *a3 = a + 3 * lda;
+    const float *a4 = a + 4 * lda, *a5 = a + 5 * lda;
+    for (int p = 0; p < k; ++p) {
+        const v8 b0 = AT(block + (int64_t)p * BLOCK), b1 = AT(block + (int64_t)p * BLOCK + 8);
+        v8 x = SPLAT(a0[p]);
+        c00 += x * b0; c01 += x * b1;
+        x = SPLAT(a1[p]);
+        c10 += x * b0; c11 += x * b1;
+        x = SPLAT(a2[p]);
+        c20 += x * b0; c21 += x * b1;
+        x = SPLAT(a3[p]);
+        c30 += x * b0; c31 += x * b1;
+        x = SPLAT(a4[p]);
+        c40 += x * b0; c41 += x * b1;
+        x = SPLAT(a5[p]);
+        c50 += x * b0; c51 += x * b1;
+    }
+    const v8 out[6][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+    for (int r = 0; r < 6; ++r) {
+        store8(c + r * ldc, out[r][0], width);
+        store8(c + r * ldc + 8, out[r][1], width - 8);
+    }
+}
+
+/* One row by four blocks (64 columns): eight chains of FMAs, enough to hide their latency. */
+INLINE void row64(const float *a, const float *block, int k, const float *bias0, float *c,
+                  int width) {
+    v8 c0 = AT(bias0), c1 = AT(bias0 + 8), c2 = AT(bias0 + 16), c3 = AT(bias0 + 24);
+    v8 c4 = AT(bias0 + 32), c5 = AT(bias0 + 40), c6 = AT(bias0 + 48), c7 = AT(bias0 + 56);
+    const int64_t stride = (int64_t)k * BLOCK;
+    const float *b0 = block, *b1 = block + stride, *b2 = block + 2 * stride, *b3 = block + 3 * stride;
+    for (int p = 0; p < k; ++p) {
+        const v8 x = SPLAT(a[p]);
+        const int64_t o = (int64_t)p * BLOCK;
+        c0 += x * AT(b0 + o); c1 += x * AT(b0 + o + 8);
+        c2 += x * AT(b1 + o); c3 += x * AT(b1 + o + 8);
+        c4 += x * AT(b2 + o); c5 += x * AT(b2 + o + 8);
+        c6 += x * AT(b3 + o); c7 += x * AT(b3 + o + 8);
+    }
+    const v8 out[8] = {c0, c1, c2, c3, c4, c5, c6, c7};
+    for (int i = 0; i < 8; ++i) store8(c + 8 * i, out[i], width - 8 * i);
+}
+
+/* One row by one block. */
+INLINE void row16(const float *a, const float *block, int k, const float *bias0, float *c,
+                  int width) {
+    v8 c0 = AT(bias0), c1 = AT(bias0 + 8), d0 = SPLAT(0.0f), d1 = d0;
+    int p = 0;
+    for (; p + 2 <= k; p += 2) {  /* two chains per half: the FMA latency */
+        const float *bp = block + (int64_t)p * BLOCK;
+        c0 += SPLAT(a[p]) * AT(bp); c1 += SPLAT(a[p]) * AT(bp + 8);
+        d0 += SPLAT(a[p + 1]) * AT(bp + BLOCK); d1 += SPLAT(a[p + 1]) * AT(bp + BLOCK + 8);
+    }
+    for (; p < k; ++p) {
+        c0 += SPLAT(a[p]) * AT(block + (int64_t)p * BLOCK);
+        c1 += SPLAT(a[p]) * AT(block + (int64_t)p * BLOCK + 8);
+    }
+    store8(c, c0 + d0, width);
+    store8(c + 8, c1 + d1, width - 8);
+}
+
+/* The bias of columns j0..j0+count*BLOCK (zeros past n), so that no kernel reads past it. */
+INLINE int bias_blocks(const float *bias, int j0, int count, int n, float *out) {
+    const int width = n - j0 < count * BLOCK ? n - j0 : count * BLOCK;
+    for (int q = 0; q < count * BLOCK; ++q) out[q] = bias && q < width ? bias[j0 + q] : 0.0f;
+    return width;
+}
+
+/* Six (then four) rows at a time block by block (the block stays in L1 while the rows
+ * stream), then each remaining row 64 columns at a time (eight chains of FMAs). */
+INLINE void product(const float *a, int64_t lda, int m, const float *packed, int k, int n,
+                    const float *bias, float *c, int64_t ldc) {
+    const int blocks = (n + BLOCK - 1) / BLOCK, sixes = m / 6 * 6;
+    const int whole = sixes + (m - sixes >= 4 ? 4 : 0);
+    const int64_t block_floats = (int64_t)BLOCK * k;
+    float biases[4 * BLOCK];
+    for (int j = 0; j < blocks && whole > 0; ++j) {
+        const int width = bias_blocks(bias, j * BLOCK, 1, n, biases);
+        const float *block = packed + j * block_floats;
+        for (int r = 0; r < sixes; r += 6)
+            rows6(a + r * lda, lda, block, k, biases, c + r * ldc + j * BLOCK, ldc, width);
+        if (whole > sixes)
+            rows4(a + sixes * lda, lda, block, k, biases, c + sixes * ldc + j * BLOCK, ldc, width);
+    }
+    for (int j = 0; j < blocks && whole < m; ) {
+        const int group = j + 4 <= blocks ? 4 : 1;
+        const int width = bias_blocks(bias, j * BLOCK, group, n, biases);
+        for (int r = whole; r < m; ++r) {
+            if (group == 4)
+                row64(a + r * lda, packed + j * block_floats, k, biases, c + r * ldc + j * BLOCK, width);
+            else
+                row16(a + r * lda, packed + j * block_floats, k, biases, c + r * ldc + j * BLOCK, width);
+        }
+        j += group;
+    }
+}
+
+DISPATCH void matmul(const float *a, int m, const float *packed, int k, int n, const float *bias,
+                     float *c) {
+    product(a, k, m, packed, k, n, bias, c, n);
+}
+
+/* ---- activations, in place over n floats ---- */
+
+INLINE float exp_poly(float x) {
+    x = x < -87.0f ? -87.0f : x > 88.0f ? 88.0f : x;  /* 2^n stays a normal float */
+    const float n = floorf(x * 1.44269504088896341f + 0.5f);
+    x = x - n * 0.693359375f + n * 2.12194440e-4f;
+    const float z = x * x;
+    float y = 1.9875691500e-4f;
+    y = y * x + 1.3981999507e-3f;
+    y = y * x + 8.3334519073e-3f;
+    y = y * x + 4.1665795894e-2f;
+    y = y * x + 1.6666665459e-1f;
+    y = y * x + 5.0000001201e-1f;
+    y = y * z + x + 1.0f;
+    union { int32_t i; float f; } scale = { .i = ((int32_t)n + 127) << 23 };
+    return y * scale.f;
+}
+
+INLINE void activate(int kind, float *v, int n) {
+    switch (kind) {
+    case SIGMOID:
+        for (int i = 0; i < n; ++i) v[i] = 1.0f / (1.0f + exp_poly(-v[i]));
+        break;
+    case HARD_SIGMOID:
+        for (int i = 0; i < n; ++i) {
+            const float y = 0.2f * v[i] + 0.5f;
+            v[i] = y < 0.0f ? 0.0f : y > 1.0f ? 1.0f : y;
+        }
+        break;
+    case TANH:
+        for (int i = 0; i < n; ++i) v[i] = 1.0f - 2.0f / (exp_poly(2.0f * v[i]) + 1.0f);
+        break;
+    case RELU:
+        for (int i = 0; i < n; ++i) v[i] = v[i] > 0.0f ? v[i] : 0.0f;
+        break;
+    case SOFTSIGN:
+        for (int i = 0; i < n; ++i) v[i] = v[i] / (1.0f + fabsf(v[i]));
+        break;
+    case SOFTPLUS:
+        for (int i = 0; i < n; ++i)
+            v[i] = v[i] > 0 ? v[i] + log1pf(expf(-v[i])) : log1pf(expf(v[i]));
+        break;
+    case ELU:
+        for (int i = 0; i < n; ++i) v[i] = v[i] > 0 ? v[i] : expm1f(v[i]);
+        break;
+    default:
+        break;
+    }
+}
+
+/* ---- one step of one row: the cell's equations ---- */
+
+INLINE void add(float *dst, const float *a, const float *b, int n) {
+    for (int i = 0; i < n; ++i) dst[i] = a[i] + b[i];
+}
+
+/* x: the row's projected inputs; m: its recurrent product; h (and c) updated in place. */
+INLINE void gru_after(const layer_args *a, const float *x, const float *m, float *h, float *t) {
+    const int u = a->units;
+    float *zr = t, *hh = t + 2 * u;
+    add(zr, x, m, 2 * u);
+    activate(a->f, zr, 2 * u);
+    for (int i = 0; i < u; ++i) hh[i] = x[2 * u + i] + zr[u + i] * m[2 * u + i];
+    activate(a->g, hh, u);
+    for (int i = 0; i < u; ++i) h[i] = zr[i] * h[i] + (1.0f - zr[i]) * hh[i];
+}
+
+INLINE void lstm(const layer_args *a, const float *x, const float *m, float *h, float *c, float *t) {
+    const int u = a->units;
+    add(t, x, m, 4 * u);
+    activate(a->f, t, 2 * u);          /* i, f */
+    activate(a->g, t + 2 * u, u);      /* c candidate */
+    activate(a->f, t + 3 * u, u);      /* o */
+    for (int i = 0; i < u; ++i) c[i] = t[u + i] * c[i] + t[i] * t[2 * u + i];
+    for (int i = 0; i < u; ++i) t[2 * u + i] = c[i];
+    activate(a->g, t + 2 * u, u);
+    for (int i = 0; i < u; ++i) h[i] = t[3 * u + i] * t[2 * u + i];
+}
+
+/* ---- one direction over the whole batch ---- */
+
+typedef struct { const layer_args *a; int d; } direction_job;
+
+DISPATCH void run_direction(const layer_args *a, int d) {
+    const int u = a->units, gu = gates_of(a->cell) * u, n_in = a->inputs;
+    const int batch = a->batch, steps = a->steps, width = a->directions * u;
+    float *proj = a->work + d * direction_floats(a);
+    float *h = proj + (int64_t)batch * steps * gu, *c = h + (int64_t)batch * u;
+    float *m = c + (int64_t)batch * u, *rh = m + (int64_t)batch * gu;
+    float *t = rh + (int64_t)batch * u;
+    int *order = (int *)(t + 4 * u);
+    const int reverse = d == 1;
+
+    /* Each sequence's own steps through the input kernel, in one product per sequence. */
+    for (int b = 0; b < batch; ++b)
+        product(a->x + (int64_t)b * steps * n_in, n_in, a->lengths[b], a->kernel[d], n_in, gu,
+                a->input_bias[d], proj + (int64_t)b * steps * gu, gu);
+    /* Rows by length, longest first: the rows still running at step s are a prefix. */
+    for (int b = 0; b < batch; ++b) {
+        int i = b;
+        for (; i > 0 && a->lengths[order[i - 1]] < a->lengths[b]; --i) order[i] = order[i - 1];
+        order[i] = b;
+    }
+    memset(h, 0, sizeof(float) * batch * u);
+    memset(c, 0, sizeof(float) * batch * u);
+    int running = batch;
+    for (int s = 0; s < steps; ++s) {
+        while (running > 0 && a->lengths[order[running - 1]] <= s) --running;
+        if (running == 0) break;
+        if (a->cell == GRU_RESET_BEFORE)
+            product(h, u, running, a->recurrent[d], u, 2 * u, a->recurrent_bias[d], m, gu);
+        else
+            product(h, u, running, a->recurrent[d], u, gu, a->recurrent_bias[d], m, gu);
+        for (int i = 0; i < running; ++i) {
+            const int b = order[i], len = a->lengths[b], step = reverse ? len - 1 - s : s;
+            const float *x = proj + ((int64_t)b * steps + step) * gu;
+            float *hi = h + (int64_t)i * u, *mi = m + (int64_t)i * gu;
+            if (a->cell == LSTM) {
+                lstm(a, x, mi, hi, c + (int64_t)i * u, t);
+            } else if (a->cell == GRU_RESET_AFTER) {
+                gru_after(a, x, mi, hi, t);
+            } else {
+                add(t, x, mi, 2 * u);
+                activate(a->f, t, 2 * u);
+                for (int k = 0; k < u; ++k) rh[k] = t[u + k] * hi[k];
+                product(rh, u, 1, a->recurrent_h[d], u, u, a->recurrent_bias[d] + 2 * u, mi + 2 * u, gu);
+                for (int k = 0; k < u; ++k) t[2 * u + k] = x[2 * u + k] + mi[2 * u + k];
+                activate(a->g, t + 2 * u, u);
+                for (int k = 0; k < u; ++k) hi[k] = t[k] * hi[k] + (1.0f - t[k]) * t[2 * u + k];
+            }
+            memcpy(a->out + ((int64_t)b * steps + step) * width + d * u, hi, sizeof(float) * u);
+        }
+    }
+    /* Steps past a sequence's length hold zeros, as ONNX's sequence_lens leaves them. */
+    for (int b = 0; b < batch; ++b)
+        for (int s = a->lengths[b]; s < steps; ++s)
+            memset(a->out + ((int64_t)b * steps + s) * width + d * u, 0, sizeof(float) * u);
+}
+
+static void *direction_thread(void *job) {
+    const direction_job *j = job;
+    run_direction(j->a, j->d);
+    return NULL;
+}
+
+/* Both directions; on two threads when asked to (and one of them fails to start: on one). */
+int recurrent_layer(const layer_args *a) {
+    if (a->directions == 2 && a->threads > 1) {
+        pthread_t other;
+        direction_job job = { a, 1 };
+        if (pthread_create(&other, NULL, direction_thread, &job) == 0) {
+            run_direction(a, 0);
+            pthread_join(other, NULL);
+            return 0;
+        }
+    }
+    for (int d = 0; d < a->directions; ++d) run_direction(a, d);
+    return 0;
+}
