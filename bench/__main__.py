@@ -107,7 +107,7 @@ def bench_bare(id_range: tuple[int, int], quick: bool) -> dict:
 def available(kind: str) -> bool:
     from importlib.util import find_spec
 
-    return find_spec(kind) is not None
+    return find_spec("app.engine._recurrence" if kind == "native" else kind) is not None
 
 
 def main() -> None:

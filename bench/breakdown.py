@@ -1,7 +1,7 @@
 """Where a request's time goes.
 
 - **A lone request, phase by phase** (16, 64, 256 and 2048 tokens): the real ASGI app
-  (``app.main.create_app``, the default model, ``ENGINE=onnxruntime``, started through its
+  (``app.main.create_app``, the default model, ``ENGINE=auto``, started through its
   lifespan) driven in process by a stub ASGI transport, with ``time.perf_counter_ns``
   wrappers that only this benchmark installs around the functions each phase runs:
 
@@ -50,6 +50,7 @@ LENGTHS = (16, 64, 256, 2048)
 PHASES = ("envelope + routing + body", "parse + validate", "parsing hop", "admission", "queue hop",
           "engine call", "back hop", "encode", "send", "other")
 TOTALS = ("total", "loop cpu", "parse cpu", "engine cpu")
+SERVED_ENGINE = "auto"  # the breakdown follows what the service serves here
 LOAD_CONNECTIONS = 32
 MIXED = (8, 256)
 
@@ -282,7 +283,7 @@ def phases_of(events: list[tuple[str, int, int]], start: int, end: int) -> dict[
 
 
 async def _lone_requests(quick: bool) -> dict:
-    os.environ.update({"ENGINE": "onnxruntime", "GRPC_PORT": "0"})
+    os.environ.update({"ENGINE": SERVED_ENGINE, "GRPC_PORT": "0"})
     from app.config import Settings
     from app.main import create_app
 
@@ -336,7 +337,7 @@ def in_process(quick: bool) -> dict:
     """The lone-request breakdown, in a process of its own (the app sets glibc's policy and
     loads its engine there, not in the benchmark's process)."""
     command = [sys.executable, "-m", "bench.breakdown", "--in-process"] + (["--quick"] if quick else [])
-    env = {**os.environ, "ENGINE": "onnxruntime", "GRPC_PORT": "0"}
+    env = {**os.environ, "ENGINE": SERVED_ENGINE, "GRPC_PORT": "0"}
     run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     if run.returncode != 0:
         raise RuntimeError(f"the in-process breakdown failed: {run.stderr[-3000:]}")
@@ -388,7 +389,7 @@ def under_load(id_range: tuple[int, int], quick: bool) -> dict:
     from bench.server import cpu_seconds, start_server, stop, wrk
 
     seconds = 3 if quick else 6
-    process, _ = start_server({"ENGINE": "onnxruntime"})
+    process, _ = start_server({"ENGINE": SERVED_ENGINE})
     try:
         wrk(LOAD_CONNECTIONS, 1, MIXED, id_range, seed=99)  # connections, first calls at each bucket
         before, threads_before = cpu_seconds(process.pid), thread_cpu(process.pid)

@@ -5,6 +5,7 @@ engine against the NumPy reference for other architectures: ``test_conversion``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 
 import numpy as np
@@ -52,6 +53,35 @@ def test_batched_equals_alone(bundle, runner_of, engine: str) -> None:
     alone = [runner.run([sequence])[0] for sequence in sequences]
     for which in (0, 1):
         assert max_diff([r[which] for r in together], [r[which] for r in alone]) <= GPU_TOLERANCE
+
+
+@pytest.mark.parametrize("engine", [e for e in ENGINES if e != "keras"])
+def test_calls_side_by_side_equal_calls_alone(bundle, runner_of, engine: str) -> None:
+    """The service runs engine calls in parallel threads: each must get exactly its own numbers
+    (the native engine also moves a lone call's second direction to a thread of its own)."""
+    runner = runner_of(engine)
+    sequences = bundle.parity.sequences
+    alone = [runner.run([sequence])[0] for sequence in sequences]
+    groups = [sequences[i::4] for i in range(4)] * 3
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(runner.run, groups))
+    for index, results in enumerate(together):
+        expected = alone[index % 4::4]
+        for which in (0, 1):
+            assert max_diff([r[which] for r in results], [r[which] for r in expected]) <= 1e-6
+
+
+def test_the_native_kernel_runs_a_lone_call_on_two_threads_with_the_same_numbers(bundle) -> None:
+    from app.engine.native_engine import NativeEngine
+
+    ids = np.random.default_rng(5).integers(2, bundle.spec.vocab_size, (3, 50)).astype(np.int32)
+    lengths = np.array([50, 1, 33], np.int32)
+    one, two = (NativeEngine(bundle.spec, threads).run(ids, lengths) for threads in (1, 2))
+    for a, b in zip(one, two):
+        for row, length in enumerate(lengths):
+            np.testing.assert_array_equal(a[row, :length], b[row, :length])
+    hidden = two[1]
+    assert not any(hidden[row, length:].any() for row, length in enumerate(lengths))  # as ONNX's
 
 
 def test_reversed_lowering_equals_sequence_lens_lowering_in_onnxruntime(bundle) -> None:

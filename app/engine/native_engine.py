@@ -5,9 +5,9 @@ Per recurrent layer and direction, every step of a sequence goes through the inp
 one matrix product, then the recurrence runs step by step over the rows still inside their
 length (longest first, so they are a prefix), the backward direction from each sequence's own
 last step: a right-padded batch gives every sequence its own numbers, and padded steps hold
-zeros. Weights are packed once for the kernel at start-up. ``threads=2`` runs the two
-directions of a layer side by side (a lone request on two cores); the service's parallel
-calls otherwise keep one thread each.
+zeros. Weights are packed once for the kernel at start-up. With ``threads=2`` a call that runs
+alone runs the two directions of each layer side by side (a lone request on two cores); calls
+that overlap others take one thread each, as the service's side-by-side calls are meant to.
 
 Scratch (the projected inputs and the layers' outputs but the last) is kept per calling
 thread and reused, so calls cost no fresh mappings; after a call of over ``kept_tokens``
@@ -83,9 +83,10 @@ def _floats(array: np.ndarray | None) -> np.ndarray | None:
 
 
 class _Layer:
-    """One recurrent layer's packed weights and the fixed part of its kernel arguments."""
+    """One recurrent layer's packed weights and the fixed part of its kernel arguments (each
+    call fills a copy)."""
 
-    def __init__(self, lib: ctypes.CDLL, layer: RecurrentLayer, threads: int) -> None:
+    def __init__(self, lib: ctypes.CDLL, layer: RecurrentLayer) -> None:
         variant, units = layer.variant, layer.units
         if isinstance(variant, GRUVariant):
             cell = GRU_RESET_AFTER if variant.reset_after else GRU_RESET_BEFORE
@@ -96,7 +97,7 @@ class _Layer:
         args = self.args = _LayerArgs(
             cell=cell, f=ACTIVATIONS[variant.recurrent_activation], g=ACTIVATIONS[variant.activation],
             units=units, inputs=layer.forward.input_width, directions=len(layer.directions()),
-            threads=threads)
+            threads=1)
         for d, weights in enumerate(layer.directions()):
             bias = np.atleast_2d(_floats(weights.bias))
             recurrent = weights.recurrent_kernel
@@ -125,14 +126,26 @@ class NativeEngine:
         self.input = spec.input
         self._embeddings = (np.ascontiguousarray(spec.input.embeddings, np.float32)
                             if isinstance(spec.input, TokenInput) else None)
-        self._layers = [_Layer(self._lib, layer, min(threads, 2)) for layer in spec.layers]
+        self._layers = [_Layer(self._lib, layer) for layer in spec.layers]
+        self._threads = min(threads, 2)
+        self._calls = 0  # calls in flight, under _lock
+        self._lock = threading.Lock()
         self._dense = [(dense, _Packed(self._lib, dense.kernel), _floats(dense.bias))
                        for dense in spec.dense]
         self._scratch = threading.local()
 
     def run(self, inputs: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        with self._lock:
+            self._calls += 1
+            threads = self._threads if self._calls == 1 else 1
+        try:
+            return self._run(inputs, np.ascontiguousarray(lengths, np.int32), threads)
+        finally:
+            with self._lock:
+                self._calls -= 1
+
+    def _run(self, inputs: np.ndarray, lengths: np.ndarray, threads: int) -> tuple[np.ndarray, np.ndarray]:
         batch, steps = inputs.shape[:2]
-        lengths = np.ascontiguousarray(lengths, np.int32)
         if self._embeddings is not None:
             width = self._embeddings.shape[1]
             x = self._buffer("embedded", batch * steps * width).reshape(batch, steps, width)
@@ -141,7 +154,7 @@ class NativeEngine:
             x = np.ascontiguousarray(inputs, np.float32)
         last = len(self._layers) - 1
         for index, layer in enumerate(self._layers):
-            x = self._recurrent(layer, x, lengths, batch, steps, index, last=index == last)
+            x = self._recurrent(layer, x, lengths, (batch, steps, threads), index, last=index == last)
         hidden = x
         for dense, kernel, bias in self._dense:
             x = self._dense_layer(dense, kernel, bias, x)
@@ -149,10 +162,11 @@ class NativeEngine:
             self._scratch.__dict__.clear()
         return x, hidden
 
-    def _recurrent(self, layer: _Layer, x: np.ndarray, lengths: np.ndarray, batch: int, steps: int,
-                   index: int, last: bool) -> np.ndarray:
-        args = layer.args
-        args.batch, args.steps = batch, steps
+    def _recurrent(self, layer: _Layer, x: np.ndarray, lengths: np.ndarray,
+                   shape: tuple[int, int, int], index: int, last: bool) -> np.ndarray:
+        batch, steps, threads = shape
+        args = _LayerArgs.from_buffer_copy(layer.args)  # calls run side by side: one each
+        args.batch, args.steps, args.threads = batch, steps, threads
         args.lengths, args.x = lengths.ctypes.data, x.ctypes.data
         width = args.directions * layer.units
         merged = layer.layer.merge_mode != "concat" and args.directions == 2
