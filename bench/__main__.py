@@ -31,6 +31,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from app.spec import ModelSpec
 from bench import breakdown, report
+from bench.arithmetic import flops_per_token, peak_gflops
 from bench.inprocess import bench_engine, bench_xla_keras
 from bench.server import HOST, PORT, RESULTS, ROOT, start_bare_uvicorn, start_server, stop, wrk
 
@@ -138,6 +139,8 @@ def main() -> None:
     results["engines"] = {kind: bench_engine(kind, spec, singles, mixed, max(LENGTHS), workers, args.quick)
                           for kind in ENGINES if available(kind)}
     results["xla_keras"] = bench_xla_keras(spec, singles, mixed, args.quick)
+    results["arithmetic"] = {"flops_per_token": flops_per_token(spec), "peak_gflops_per_core": peak_gflops(),
+                             "cores": workers, "mixed_mean_tokens": float(np.mean([len(s) for s in mixed]))}
     results["load_average_after"] = os.getloadavg()
     results["h100"] = json.loads((ROOT / "models" / "segmenter" / "provenance.json").read_text())[
         "gpu_inference_anchor"]

@@ -76,10 +76,30 @@ def markdown(r: dict) -> str:
               + "; ".join(f"{n} {e['throughput_seq_s']:.0f} seq/s ({e['workers']} one-thread calls "
                           f"side by side, {e['throughput_seq_s'] / xla['throughput_seq_s']:.2f}x XLA Keras)"
                           for n, e in engines.items()) + "."]
+    if r.get("arithmetic"):
+        lines += ["", _arithmetic(r)]
     lines += ["", *_notes(r)]
     if r.get("breakdown"):
         lines += ["", breakdown_markdown(r["breakdown"])]
     return "\n".join(lines)
+
+
+def _arithmetic(r: dict) -> str:
+    """Each engine's speed as GFLOP/s (bench/arithmetic.py) beside the machine's peak."""
+    a = r["arithmetic"]
+    flops, peak, cores = a["flops_per_token"], a["peak_gflops_per_core"], a["cores"]
+    peers = {**r["engines"], "XLA Keras": r["xla_keras"]}
+
+    def lone(row: dict, n: int) -> str:
+        return f"{n * flops / _key(row['latency'], n)['p50_ms'] / 1e6:.1f}"
+
+    cells = [f"{name} {lone(e, 64)} / {lone(e, 2048)} / "
+             f"{e['throughput_seq_s'] * a['mixed_mean_tokens'] * flops / 1e9:.1f}"
+             for name, e in peers.items()]
+    top = f"{peak:.0f} GFLOP/s per core, {peak * cores:.0f} on {cores}" if peak else "not measured"
+    return (f"Arithmetic: the model costs {flops / 1e6:.2f} MFLOP per token (bench/arithmetic.py); "
+            f"the FMA peak measured here: {top}. GFLOP/s, one sequence of 64 / of 2048 tokens / "
+            "batches of 32 on every core: " + "; ".join(cells) + ".")
 
 
 def _ms(value: float | None) -> str:
