@@ -15,9 +15,15 @@ IMAGE  ?= localhost/bigru-serve:image-test
 
 .PHONY: install run test image-test image-build image-check lint bench startup soak flood peak-rss engine-memory wire parse-cost mutation constraints proto clean
 
-install: $(VENV)/.installed $(TOOLS)/.installed $(CLIENT)/.installed
+install: $(VENV)/.installed $(VENV)/.kernel $(TOOLS)/.installed $(CLIENT)/.installed
 
-$(VENV)/.installed: pyproject.toml constraints.txt
+# The native engine's kernel, rebuilt in place when its source changes (the editable install
+# builds it once).
+$(VENV)/.kernel: app/engine/recurrence.c setup.py $(VENV)/.installed
+	$(BIN)/python setup.py -q build_ext --inplace
+	touch $@
+
+$(VENV)/.installed: pyproject.toml setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
@@ -43,7 +49,7 @@ $(CLIENT)/.installed: constraints-client.txt
 	$(CLIENT)/bin/pip install -q -c constraints-client.txt 'tritonclient[http,grpc]'
 	touch $@
 
-run: $(VENV)/.installed
+run: $(VENV)/.installed $(VENV)/.kernel
 	HOST=$(HOST) PORT=$(PORT) $(BIN)/python -m app serve
 
 # ruff, and the import contracts of pyproject.toml ([tool.importlinter]): layers, no cycles.
@@ -73,7 +79,7 @@ image-check: $(VENV)/.installed
 	IMAGE_TEST=$(IMAGE) $(BIN)/pytest -raP tests/test_image.py
 
 # Needs wrk (Debian: apt-get install wrk); BENCH_ARGS=--readme pastes the tables into docs/benchmark.md.
-bench: $(VENV)/.installed
+bench: $(VENV)/.installed $(VENV)/.kernel
 	@command -v wrk >/dev/null || { echo "make bench needs wrk (Debian: apt-get install wrk)"; exit 1; }
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
