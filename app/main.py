@@ -22,8 +22,9 @@ from app.api.kserve import PREFIX as PROTOCOL_PREFIX
 from app.api.kserve.admin import AdminGate
 from app.api.kserve.grpc_service import start_grpc_server
 from app.api.kserve.repository import build_repository_router
-from app.api.kserve.rest import build_kserve_router
+from app.api.kserve.rest import include_kserve_routes
 from app.api.middleware import RequestEnvelope
+from app.api.plain_routes import PlainDispatch
 from app.api.routes import include_routes
 from app.config import Settings, get_settings
 from app.errors import ConfigurationError, ModelError
@@ -68,16 +69,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
     )
     app.state.metrics = metrics
+    install_error_handlers(app)
+    plain = include_routes(app, settings)
+    include_docs(app)
+    plain += include_kserve_routes(app, settings)
+    app.include_router(build_repository_router(gate))
+    # Inside the envelope (added last, so outermost): the inference routes skip FastAPI's machinery.
+    app.add_middleware(PlainDispatch, plain=plain)
     app.add_middleware(RequestEnvelope, metrics=metrics, max_body_bytes=settings.max_body_bytes,
                        discard_body_bytes=settings.discard_body_bytes, body_timeout_s=settings.body_timeout_s,
                        most_requests=lambda: most_requests(getattr(app.state, "repository", None),
                                                            settings.max_requests),
                        protocol_prefix=PROTOCOL_PREFIX)
-    install_error_handlers(app)
-    include_routes(app, settings)
-    include_docs(app)
-    app.include_router(build_kserve_router(settings))
-    app.include_router(build_repository_router(gate))
     return app
 
 

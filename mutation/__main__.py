@@ -59,6 +59,7 @@ MODULES = {
     "routes": Module("app/api/routes.py", (
         "tests/test_routes.py", "tests/test_validation.py",
         "tests/test_settings.py::test_a_parity_tolerance_too_tight_keeps_the_service_not_ready")),
+    "plain_routes": Module("app/api/plain_routes.py", ("tests/test_plain_routes.py",)),
     "inputs": Module("app/api/inputs.py", ("tests/test_inputs.py",)),
     "json_body": Module("app/api/json_body.py", ("tests/test_json_body.py", "tests/test_validation.py")),
     "pricing": Module("app/service/pricing.py", ("tests/test_limits.py",),

@@ -73,11 +73,15 @@ def request_id_of(request: Request) -> str | None:
     return getattr(request.state, "request_id", None)
 
 
+def api_error_response(exc: ApiError, request: Request) -> Response:
+    """How an :class:`ApiError` leaves a route outside ``/v2``."""
+    return error_response(exc.status, exc.type, exc.message, exc.details, exc.headers, request_id_of(request))
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> Response:
-        return error_response(exc.status, exc.type, exc.message, exc.details, exc.headers,
-                              request_id_of(request))
+        return api_error_response(exc, request)
 
     @app.exception_handler(RequestValidationError)
     async def request_validation(request: Request, exc: RequestValidationError) -> Response:

@@ -80,8 +80,9 @@ def parse_json(raw: bytes) -> Any:
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        error = exc
-    non_finite_here = raw.startswith(NON_FINITE, error.pos) or "infinity when parsed" in error.msg
+        # Its text and place only: the error itself holds this frame (and the body) in a cycle.
+        error, position, reason = str(exc), exc.pos, exc.msg
+    non_finite_here = raw.startswith(NON_FINITE, position) or "infinity when parsed" in reason
     if not non_finite_here or len(raw) > REPARSE_BYTES:
         raise ApiError(400, "invalid_json", f"the body is not valid JSON: {error}") from None
     non_finite: list[float] = []

@@ -20,10 +20,11 @@ from app.api.dataplane import (
     read_body,
     served,
 )
-from app.api.errors import ApiError
+from app.api.errors import ApiError, api_error_response
 from app.api.inputs import InvalidInput, input_arrays
 from app.api.json_body import PARSED, check_value_count, most_values, parse_body, parsed_bytes
 from app.api.openapi import publish_model_schema
+from app.api.plain_routes import PlainRoute, plain_routes
 from app.api.schemas import ErrorResponse, InferResponse, make_infer_request
 from app.api.streaming import StreamedAnswer, infer_document
 from app.config import Settings
@@ -45,12 +46,16 @@ def json_response(content: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(content), status_code=status, media_type="application/json")
 
 
-def include_routes(app: FastAPI, settings: Settings) -> None:
-    app.include_router(build_router(settings))
+def include_routes(app: FastAPI, settings: Settings) -> list[PlainRoute]:
+    """The routes, declared to FastAPI; returns the inference routes, to be answered in plain
+    ASGI (:mod:`app.api.plain_routes`)."""
+    router, plain = build_router(settings)
+    app.include_router(router)
     publish_model_schema(app, settings)
+    return plain
 
 
-def build_router(settings: Settings) -> APIRouter:
+def build_router(settings: Settings) -> tuple[APIRouter, list[PlainRoute]]:
     router = APIRouter()
     request_models = {kind: make_infer_request(settings.max_batch, settings.max_len, kind)
                       for kind in ("tokens", "features")}
@@ -76,6 +81,10 @@ def build_router(settings: Settings) -> APIRouter:
                     parsed_inputs, body_bytes, raw, request_models[model_input.kind], most, model_input)
                 del raw  # the input arrays are all that is kept
             return await answer_streamed(lease, sequences, return_hidden, body_bytes, settings, metrics)
+
+    async def plain_infer(request: Request, name: str | None = None, version: str | None = None) -> Response:
+        state = request.app.state
+        return await infer_with(served(state.repository, name, version), request, state.metrics)
 
     @router.post("/infer", summary="Per-step outputs for unpadded, variable-length sequences "
                  "(the default model)", **infer_route)  # type: ignore[arg-type]
@@ -129,7 +138,10 @@ def build_router(settings: Settings) -> APIRouter:
     async def model_version_info(models: Models, name: str, version: str | None = None) -> Response:
         return json_response(described(models, name, version).metadata())
 
-    return router
+    plain = plain_routes(router.routes, ("/infer", "/v1/models/{name}/infer",
+                                         "/v1/models/{name}/versions/{version}/infer"),
+                         plain_infer, api_error_response)
+    return router, plain
 
 
 def described(models: Repository, name: str | None, version: str | None = None) -> ModelService:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response
 from fastapi.routing import APIRoute
 
@@ -32,15 +32,22 @@ from app.api.kserve.tensors import (
     tensor_from_values,
 )
 from app.api.kserve.wire import InferenceRequest, ProtocolError, RequestInput
+from app.api.plain_routes import PlainRoute, plain_routes
 from app.api.routes import json_response
 from app.config import Settings
 from app.service.model_service import Lease
+from app.service.repository import Repository
 from app.spec import ModelInput
 
 
+def protocol_refusal(exc: ApiError, request: Request | None = None) -> Response:
+    """An :class:`ApiError` in the protocol's form. The protocol has no 422: a request that is
+    not what the model takes is a 400."""
+    return protocol_error_response(400 if exc.status == 422 else exc.status, exc.message, exc.headers)
+
+
 class ProtocolRoute(APIRoute):
-    """A route whose errors leave in the protocol's form. The protocol has no 422: a request
-    that is not what the model takes is a 400."""
+    """A route whose errors leave in the protocol's form (:func:`protocol_refusal`)."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
@@ -49,13 +56,20 @@ class ProtocolRoute(APIRoute):
             try:
                 return await handler(request)
             except ApiError as exc:
-                return protocol_error_response(400 if exc.status == 422 else exc.status, exc.message,
-                                               exc.headers)
+                return protocol_refusal(exc)
 
         return handle
 
 
-def build_kserve_router(settings: Settings) -> APIRouter:
+def include_kserve_routes(app: FastAPI, settings: Settings) -> list[PlainRoute]:
+    """The routes under ``/v2``, declared to FastAPI; returns the inference routes, to be
+    answered in plain ASGI (:mod:`app.api.plain_routes`)."""
+    router, plain = build_kserve_router(settings)
+    app.include_router(router)
+    return plain
+
+
+def build_kserve_router(settings: Settings) -> tuple[APIRouter, list[PlainRoute]]:
     router = APIRouter(prefix=PREFIX, route_class=ProtocolRoute, tags=["Open Inference Protocol (KServe v2)"])
     errors: dict[int | str, dict[str, Any]] = {code: {"model": ProtocolError}
                                                for code in (400, 404, 413, 415, 503, 504)}
@@ -106,6 +120,12 @@ def build_kserve_router(settings: Settings) -> APIRouter:
     @router.post("/models/{name}/versions/{version}/infer", summary="Inference",
                  responses=infer_responses, openapi_extra=infer_body)
     async def infer(request: Request, models: Models, name: str, version: str = "") -> Response:
+        return await answer(request, models, name, version)
+
+    async def plain_infer(request: Request, name: str, version: str = "") -> Response:
+        return await answer(request, request.app.state.repository, name, version)
+
+    async def answer(request: Request, models: Repository, name: str, version: str) -> Response:
         service = served(models, name, version)
         request.state.model = service.labels  # the access log names the model and version
         with service.lease() as lease:
@@ -139,7 +159,10 @@ def build_kserve_router(settings: Settings) -> APIRouter:
             header["id"] = request_id
         return await http_answer(plan, header, started, settings.send_timeout_s)
 
-    return router
+    plain = plain_routes(router.routes, [PREFIX + path for path in ("/models/{name}/infer",
+                                                                     "/models/{name}/versions/{version}/infer")],
+                         plain_infer, protocol_refusal)
+    return router, plain
 
 
 def decoded_body(body: bytes, header_length: str | None, most: int, model_input: ModelInput,
