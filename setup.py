@@ -7,7 +7,7 @@ from setuptools import Extension, setup
 setup(ext_modules=[Extension(
     "app.engine._recurrence",
     sources=["app/engine/recurrence.c"],
-    extra_compile_args=["-O3", "-std=gnu11", "-fno-trapping-math", "-pthread"],
+    extra_compile_args=["-O3", "-std=gnu11", "-fno-trapping-math", "-pthread", "-Wno-psabi"],
     extra_link_args=["-pthread"],
     libraries=["m"],
     optional=True,  # without a C compiler the package installs, and ENGINE=auto serves the others

@@ -71,15 +71,18 @@ def test_calls_side_by_side_equal_calls_alone(bundle, runner_of, engine: str) ->
             assert max_diff([r[which] for r in results], [r[which] for r in expected]) <= 1e-6
 
 
-def test_the_native_kernel_runs_a_lone_call_on_two_threads_with_the_same_numbers(bundle) -> None:
+def test_the_native_kernel_gives_the_same_bits_on_two_threads_and_batched_or_alone(bundle) -> None:
     from app.engine.native_engine import NativeEngine
 
-    ids = np.random.default_rng(5).integers(2, bundle.spec.vocab_size, (3, 50)).astype(np.int32)
-    lengths = np.array([50, 1, 33], np.int32)
+    ids = np.random.default_rng(5).integers(2, bundle.spec.vocab_size, (9, 50)).astype(np.int32)
+    lengths = np.array([50, 1, 33, 50, 7, 2, 49, 16, 3], np.int32)  # 9 rows: every row kernel
     one, two = (NativeEngine(bundle.spec, threads).run(ids, lengths) for threads in (1, 2))
-    for a, b in zip(one, two):
+    alone = [NativeEngine(bundle.spec, 1).run(ids[row:row + 1, :length], lengths[row:row + 1])
+             for row, length in enumerate(lengths)]
+    for which, (a, b) in enumerate(zip(one, two)):
         for row, length in enumerate(lengths):
             np.testing.assert_array_equal(a[row, :length], b[row, :length])
+            np.testing.assert_array_equal(a[row, :length], alone[row][which][0])
     hidden = two[1]
     assert not any(hidden[row, length:].any() for row, length in enumerate(lengths))  # as ONNX's
 

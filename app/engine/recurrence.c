@@ -162,22 +162,19 @@ INLINE void row64(const float *a, const float *block, int k, const float *bias0,
     for (int i = 0; i < 8; ++i) store8(c + 8 * i, out[i], width - 8 * i);
 }
 
-/* One row by one block. */
+/* One row by one block (the last, narrow blocks). One chain per accumulator, as in the
+ * other kernels: every row's sums run in the same order, so a sequence gets the same bits
+ * whichever kernel its row falls to (batched == alone, exactly). */
 INLINE void row16(const float *a, const float *block, int k, const float *bias0, float *c,
                   int width) {
-    v8 c0 = AT(bias0), c1 = AT(bias0 + 8), d0 = SPLAT(0.0f), d1 = d0;
-    int p = 0;
-    for (; p + 2 <= k; p += 2) {  /* two chains per half: the FMA latency */
-        const float *bp = block + (int64_t)p * BLOCK;
-        c0 += SPLAT(a[p]) * AT(bp); c1 += SPLAT(a[p]) * AT(bp + 8);
-        d0 += SPLAT(a[p + 1]) * AT(bp + BLOCK); d1 += SPLAT(a[p + 1]) * AT(bp + BLOCK + 8);
+    v8 c0 = AT(bias0), c1 = AT(bias0 + 8);
+    for (int p = 0; p < k; ++p) {
+        const v8 x = SPLAT(a[p]);
+        c0 += x * AT(block + (int64_t)p * BLOCK);
+        c1 += x * AT(block + (int64_t)p * BLOCK + 8);
     }
-    for (; p < k; ++p) {
-        c0 += SPLAT(a[p]) * AT(block + (int64_t)p * BLOCK);
-        c1 += SPLAT(a[p]) * AT(block + (int64_t)p * BLOCK + 8);
-    }
-    store8(c, c0 + d0, width);
-    store8(c + 8, c1 + d1, width - 8);
+    store8(c, c0, width);
+    store8(c + 8, c1, width - 8);
 }
 
 /* The bias of columns j0..j0+count*BLOCK (zeros past n), so that no kernel reads past it. */
