@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import bisect
 import itertools
 from collections.abc import Iterator
-
-import numpy as np
 
 
 def _series() -> Iterator[int]:
@@ -26,7 +25,7 @@ def bucket_of(buckets: list[int], length: int) -> int:
     """The smallest bucket that holds ``length``; past the last bucket (self-check data may
     be longer than ``MAX_LEN``), the series goes on: a compiling engine then compiles a
     few shapes for the self-check, not one per length."""
-    index = int(np.searchsorted(buckets, length))
+    index = bisect.bisect_left(buckets, length)  # numpy's searchsorted copies the list per call
     if index < len(buckets):
         return buckets[index]
     return next(bucket for bucket in _series() if bucket >= length)
