@@ -27,6 +27,7 @@ import numpy as np
 from app.errors import ModelError
 from app.spec import DenseLayer, GRUVariant, ModelSpec, RecurrentLayer, TokenInput
 
+# The C kernel's enums, in their order.
 ACTIVATIONS = {name: code for code, name in enumerate(
     ("linear", "sigmoid", "hard_sigmoid", "tanh", "relu", "softsign", "softplus", "elu"))}
 GRU_RESET_AFTER, GRU_RESET_BEFORE, LSTM = 0, 1, 2
@@ -62,8 +63,8 @@ def _library() -> ctypes.CDLL:
     lib.packed_floats.restype = ctypes.c_int64
     lib.pack_columns.argtypes = [pointer, size, size, pointer]
     lib.matmul.argtypes = [pointer, size, pointer, size, size, pointer, pointer]
-    for function in (lib.recurrent_layer, lib.pack_columns, lib.matmul):
-        function.restype = None if function is not lib.recurrent_layer else ctypes.c_int
+    lib.recurrent_layer.restype = ctypes.c_int
+    lib.pack_columns.restype = lib.matmul.restype = None
     return lib
 
 
