@@ -89,6 +89,15 @@ def test_ready_as_uid_10001_on_a_read_only_root(container: Container) -> None:
     report_memory(container.memory(), "ready, idle")
 
 
+def test_the_image_built_the_native_kernel_and_times_it(container: Container) -> None:
+    """The build stage compiled the kernel (the final stage has no compiler): ENGINE=auto timed
+    it beside ONNX Runtime and served the faster."""
+    choice = httpx.get(container.url + "/v1/model", timeout=10).json()["engine_choice"]
+    assert set(choice["timings"]) >= {"native", "onnxruntime"}
+    assert "lone_ms" in choice["timings"]["native"], choice
+    assert choice["chosen"] in ("native", "onnxruntime")
+
+
 def test_demo_restores_the_spaces(container: Container) -> None:
     demo = subprocess.run([sys.executable, "examples/segment.py", "--url", container.url,
                            "thequickbrownfoxjumpsoverthelazydog"],
