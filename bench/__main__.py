@@ -30,7 +30,7 @@ import numpy as np
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from app.spec import ModelSpec
-from bench import breakdown, report
+from bench import breakdown, grpc_latency, report
 from bench.arithmetic import flops_per_token, peak_gflops
 from bench.inprocess import bench_engine, bench_xla_keras
 from bench.server import HOST, PORT, RESULTS, ROOT, start_bare_uvicorn, start_server, stop, wrk
@@ -134,6 +134,7 @@ def main() -> None:
     results = {"machine": report.machine(), "load_average_before": load_before}
     results["http"] = bench_http(id_range, args.quick)  # first: no TensorFlow in this process yet
     results["breakdown"] = breakdown.run(id_range, args.quick)
+    results["grpc"] = grpc_latency.run(args.quick)
     results["bare_uvicorn"] = bench_bare(id_range, args.quick)
     workers = os.cpu_count() or 1
     results["engines"] = {kind: bench_engine(kind, spec, singles, mixed, max(LENGTHS), workers, args.quick)

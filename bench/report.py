@@ -187,10 +187,25 @@ def _notes(r: dict) -> list[str]:
         f"the service answers a 64-token request in {_cpu(net64)} of CPU against "
         f"{_cpu(_key(r['engines'][http['engine']]['latency'], 64), 'cpu_ms')} for its engine's call "
         f"in-process, and adds {net64['p50_ms'] - engine64:.2f} ms of wall time to the fastest engine.",
+        *_grpc(r),
         f"- XLA Keras compiled its {len(xla['latency'])} latency shapes and the batches' shapes in "
         f"{xla['compile_s']:.1f} s before timing. Footnote: `model.predict` on one 64-token sequence: "
         f"{xla['predict_64_p50_ms']:.1f} ms p50 (fixed per-call overhead; not a peer).",
     ]
+
+
+def _grpc(r: dict) -> list[str]:
+    """gRPC against HTTP for one 64-token request (bench/grpc_latency.py)."""
+    g = r.get("grpc")
+    if not g:
+        return []
+    grpc_, http = g["grpc"], g["http"]
+    met = "met" if grpc_["p50_ms"] <= http["p50_ms"] else "not met"
+    return [f"- gRPC: one {g['tokens']}-token `ModelInfer` p50 {grpc_['p50_ms']:.2f} ms (p99 "
+            f"{grpc_['p99_ms']:.2f}) against `/infer`'s {http['p50_ms']:.2f} ms (p99 {http['p99_ms']:.2f}), "
+            f"Python clients (grpcio, httpx) taking turns on one server; server CPU "
+            f"{grpc_['server_cpu_ms']:.2f} against {http['server_cpu_ms']:.2f} ms per request "
+            f"(target: gRPC's p50 <= HTTP's: {met})."]
 
 
 def _cpu(row: dict, key: str = "server_cpu_ms_per_request") -> str:
