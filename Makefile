@@ -61,10 +61,12 @@ lint: $(VENV)/.installed
 # time, so that a file's module-scoped servers start once, longest first (tests/conftest.py);
 # TEST_WORKERS=0 runs the suite in one process.
 # Tests marked `alone` time a burst of requests: they run after the workers, by themselves.
+# Both runs share one conversion cache (TEST_MODEL_CACHE_DIR): the default model converts once.
 TEST_WORKERS ?= auto
 test: install lint
-	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder -m "not alone"
-	$(BIN)/pytest -m alone
+	cache=$$(mktemp -d) && export TEST_MODEL_CACHE_DIR=$${TEST_MODEL_CACHE_DIR:-$$cache} && \
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder -m "not alone" && \
+	$(BIN)/pytest -m alone; status=$$?; rm -rf "$$cache"; exit $$status
 
 # The image from our Dockerfile, built by podman on a local stand-in for its base image and run
 # read-only under the manifest's memory limit (tests/image/, tests/test_image.py). Needs root,

@@ -5,6 +5,7 @@ import itertools
 import json
 import logging
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -47,6 +48,31 @@ def conversion_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
         path = tmp_path_factory.mktemp("model-cache")
     os.environ["MODEL_CACHE_DIR"] = str(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def default_converted(conversion_cache: Path) -> Path:
+    """The default model's entry in the session's cache: converted once per run (the servers
+    of the default model find it there too), for tests that need it converted but not cold."""
+    from app.convert.cache import resolve
+
+    return resolve(DEFAULT_MODEL, conversion_cache, 600, lambda step, message: None).directory
+
+
+def converted_copy(entry: Path, directory: Path, **parity: float | None) -> Path:
+    """A copy of a converted directory, its manifest's ``parity`` entries set as given (None
+    removes one) and its integrity record written again: served as it is, without a conversion."""
+    from app.convert.directory import write_integrity
+
+    shutil.copytree(entry, directory)
+    manifest = json.loads((directory / "model.json").read_text())
+    for key, value in parity.items():
+        manifest["parity"].pop(key, None)
+        if value is not None:
+            manifest["parity"][key] = value
+    (directory / "model.json").write_text(json.dumps(manifest))
+    write_integrity(directory)
+    return directory
 
 
 class Records(logging.Handler):

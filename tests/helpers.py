@@ -36,9 +36,11 @@ def runner_for(spec: ModelSpec, engine: str, max_len: int = 64, max_batch_size: 
 
 
 def outputs(spec: ModelSpec, sequences: list, engine: str) -> list[np.ndarray]:
-    """Per sequence (ids, or feature vectors per step), the model's per-step outputs."""
-    runner = runner_for(spec, engine)
-    return [o for o, _ in runner.run([np.asarray(s, spec.input.dtype) for s in sequences])]
+    """Per sequence (ids, or feature vectors per step), the model's per-step outputs, all of
+    them in one engine call padded to the longest: the keras engine compiles one shape."""
+    inputs = [np.asarray(s, spec.input.dtype) for s in sequences]
+    runner = runner_for(spec, engine, max_batch_size=len(inputs), buckets=[max(len(s) for s in inputs)])
+    return [o for o, _ in runner.run(inputs)]
 
 
 def max_diff(got: list[np.ndarray], expected: list[np.ndarray]) -> float:

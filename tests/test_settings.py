@@ -15,7 +15,7 @@ import pytest
 
 from app.config import Settings
 from app.engine.selfcheck import DEFAULT_TOLERANCE
-from tests.conftest import DEFAULT_MODEL, ROOT
+from tests.conftest import DEFAULT_MODEL, ROOT, converted_copy
 from tests.helpers import in_process
 
 # Documented default texts that are not plain values.
@@ -138,19 +138,31 @@ def model_dir_with_tolerance(tmp_path: Path, tolerance: float | None) -> Path:
     return directory
 
 
+def tolerance_used(settings: Settings) -> float:
+    with in_process(settings) as client:
+        check = client.get("/v1/model").json()["self_check"]
+        assert check["passed"]
+        return check["tolerance"]
+
+
+def test_the_manifests_parity_tolerance_goes_through_the_conversion(tmp_path: Path) -> None:
+    """A source's own tolerance, converted at start-up, is the one the self-check uses."""
+    settings = Settings(_env_file=None, model_path=model_dir_with_tolerance(tmp_path, 5e-4))  # type: ignore[call-arg]
+    assert tolerance_used(settings) == 5e-4
+
+
+# The same precedence on converted directories (the conversion's part: the test above).
 @pytest.mark.parametrize(("manifest", "setting", "used"), [
     (None, None, DEFAULT_TOLERANCE),  # neither: 1e-4
     (5e-4, None, 5e-4),  # the manifest's
     (1e-9, 1e-3, 1e-3),  # PARITY_TOLERANCE wins over a manifest the check would fail
 ])
 def test_parity_tolerance_comes_from_the_setting_then_the_manifest(
-    tmp_path: Path, manifest: float | None, setting: float | None, used: float,
+    tmp_path: Path, default_converted: Path, manifest: float | None, setting: float | None, used: float,
 ) -> None:
-    settings = Settings(_env_file=None, model_path=model_dir_with_tolerance(tmp_path, manifest),  # type: ignore[call-arg]
-                        parity_tolerance=setting)
-    with in_process(settings) as client:
-        check = client.get("/v1/model").json()["self_check"]
-        assert check["passed"] and check["tolerance"] == used
+    model = converted_copy(default_converted, tmp_path / "model", tolerance=manifest)
+    settings = Settings(_env_file=None, model_path=model, parity_tolerance=setting)  # type: ignore[call-arg]
+    assert tolerance_used(settings) == used
 
 
 def test_a_parity_tolerance_too_tight_keeps_the_service_not_ready() -> None:

@@ -17,7 +17,7 @@ import pytest
 
 from app.errors import ModelError
 from app.formats.bundle import load_bundle
-from tests.conftest import DEFAULT_MODEL, FIXTURES, ROOT, Server
+from tests.conftest import DEFAULT_MODEL, FIXTURES, ROOT, Server, converted_copy
 from tests.keras2_files import model_config, write_full_model
 from tests.reference import random_model
 
@@ -180,17 +180,12 @@ def test_a_cache_it_cannot_write_stops_start_up_with_advice(tmp_path: Path) -> N
     assert f"MODEL_CACHE_DIR {cache}: cannot convert into it" in server.output()
 
 
-def _model_dir_with_tight_tolerance(tmp_path: Path) -> Path:
-    directory = tmp_path / "model"
-    shutil.copytree(DEFAULT_MODEL, directory)
-    manifest = json.loads((directory / "model.json").read_text())
-    manifest["parity"]["tolerance"] = 1e-9
-    (directory / "model.json").write_text(json.dumps(manifest))
-    return directory
+def _model_dir_with_tight_tolerance(tmp_path: Path, converted: Path) -> Path:
+    return converted_copy(converted, tmp_path / "model", tolerance=1e-9)
 
 
-def test_failed_self_check_keeps_the_service_not_ready(tmp_path: Path) -> None:
-    server = Server({"MODEL_PATH": str(_model_dir_with_tight_tolerance(tmp_path))})
+def test_failed_self_check_keeps_the_service_not_ready(tmp_path: Path, default_converted: Path) -> None:
+    server = Server({"MODEL_PATH": str(_model_dir_with_tight_tolerance(tmp_path, default_converted))})
     try:
         server.wait_until("/healthz")
         for _ in range(600):
@@ -207,7 +202,8 @@ def test_failed_self_check_keeps_the_service_not_ready(tmp_path: Path) -> None:
     assert "self-check failed" in log
 
 
-def test_failed_self_check_exits_when_configured(tmp_path: Path) -> None:
-    server = Server({"MODEL_PATH": str(_model_dir_with_tight_tolerance(tmp_path)), "EXIT_ON_FAILURE": "1"})
+def test_failed_self_check_exits_when_configured(tmp_path: Path, default_converted: Path) -> None:
+    server = Server({"MODEL_PATH": str(_model_dir_with_tight_tolerance(tmp_path, default_converted)),
+                     "EXIT_ON_FAILURE": "1"})
     assert server.process.wait(timeout=120) == 1
     assert "self-check failed" in server.output()

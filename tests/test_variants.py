@@ -105,7 +105,8 @@ def matches_tf_keras(tagger: Tagger, engine: str, workdir: str) -> None:
     batched_and_alone_match(spec, inputs, engine, expected)
 
 
-# The suite's longest tests, in two classes: `make test`'s parallel workers take one each.
+# The suite's longest tests, in two classes: `make test`'s parallel workers take one each; the
+# other tests of a tagger go with its class, which has saved it and its outputs already.
 RESET_BEFORE = [t for t in TAGGERS if not t.reset_after]
 RESET_AFTER = [t for t in TAGGERS if t.reset_after]
 
@@ -115,6 +116,77 @@ class TestResetBeforeTaggers:
     @pytest.mark.parametrize("tagger", RESET_BEFORE, ids=[t.label for t in RESET_BEFORE])
     def test_keras2_taggers_match_tf_keras(self, tagger: Tagger, engine: str, workdir: str) -> None:
         matches_tf_keras(tagger, engine, workdir)
+
+    def test_convert_writes_a_keras_file_that_keeps_keras2s_hard_sigmoid(self, tmp_path: Path,
+                                                                          workdir: str) -> None:
+        """`convert` saves the built model as .keras; it loads back in Keras' safe mode and in the
+        service's own reader, as the same variant with the same numbers."""
+        import json
+        import shutil
+
+        import keras
+
+        from app.cli import main
+        from app.formats.parity import ParityData, write_parity
+
+        tagger = next(t for t in RESET_BEFORE if t.recurrent_activation == "hard_sigmoid")
+        path, inputs, expected = saved(tagger, workdir)
+        source = tmp_path / "source"
+        source.mkdir()
+        shutil.copy(path, source / "tagger.h5")
+        write_parity(source / "parity.npz", ParityData("", inputs, expected, None, None))
+        (source / "model.json").write_text(json.dumps({"artifact": "tagger.h5", "parity": {
+            "file": "parity.npz", "ids": "features" if tagger.inputs == "features" else "ids",
+            "tolerance": TOLERANCE}}))
+        assert main(["convert", str(source), "--out", str(tmp_path / "out")]) == 0
+        bundle = load_bundle(tmp_path / "out")
+        assert bundle.spec.layers[0].variant == GRUVariant(False, "hard_sigmoid", tagger.activation)
+        loaded = keras.saving.load_model(tmp_path / "out" / "model.keras", safe_mode=True)
+        got = [loaded([s[None], np.ones((1, len(s)), bool)])[0].numpy()[0] for s in inputs]
+        assert max_diff(got, expected) <= TOLERANCE
+
+    def test_exports_carry_the_variant_the_stack_and_the_input_kind(self, tmp_path: Path,
+                                                                     workdir: str) -> None:
+        """The .npz (read by its documented layout), the ONNX file (in ONNX Runtime) and the
+        SavedModel (in TensorFlow) of a feature model with Keras 2's GRU and a Dense stack give
+        tf_keras' numbers."""
+        import onnxruntime as ort
+        import tensorflow as tf
+
+        from app.lowering.exports import export
+        from tests.reference import npz_engine
+
+        tagger = next(t for t in RESET_BEFORE if t.inputs == "features" and t.head == "stack")
+        path, inputs, expected = saved(tagger, workdir)
+        spec = read_keras_h5(path, Architecture(), "tagger")
+        with np.load(export(spec, "npz", tmp_path / "w.npz")) as data:
+            arrays = {key: data[key] for key in data.files}
+        assert "embeddings" not in arrays and {"dense0.kernel", "dense1.kernel"} <= arrays.keys()
+        assert max_diff([npz_engine(arrays, s) for s in inputs], expected) <= TOLERANCE
+        session = ort.InferenceSession(str(export(spec, "onnx", tmp_path / "m.onnx")),
+                                       providers=["CPUExecutionProvider"])
+        assert [i.name for i in session.get_inputs()] == ["features", "lengths"]
+        got = [session.run(["outputs"], {"features": s[None], "lengths": np.array([len(s)], np.int32)})[0][0]
+               for s in inputs]
+        assert max_diff(got, expected) <= TOLERANCE
+        loaded = tf.saved_model.load(str(export(spec, "savedmodel", tmp_path / "sm")))
+        got = [loaded.serve([tf.constant(s[None]), tf.ones((1, len(s)), tf.bool)])[0].numpy()[0]
+               for s in inputs]
+        assert max_diff(got, expected) <= TOLERANCE
+
+    def test_the_openvino_engine_refuses_other_variants_by_name(self, workdir: str) -> None:
+        """``ENGINE=auto`` then serves such a model with ONNX Runtime (it skips a candidate that
+        cannot be built)."""
+        from app.engine.engine_choice import choose_engine
+        from app.engine.engines import make_engine
+        from app.errors import ModelError
+
+        path, _, _ = saved(RESET_BEFORE[0], workdir)
+        spec = read_keras_h5(path, Architecture(), "tagger")
+        assert choose_engine("auto", spec, 1, [8], 4).engine.name == "onnxruntime"
+        refused = r"engine runs cuDNN's GRU and LSTM only, not .*reset_after=False"
+        with pytest.raises(ModelError, match=refused):
+            make_engine("openvino", spec, 1, [8])
 
 
 class TestResetAfterTaggers:
@@ -231,73 +303,3 @@ def test_cudnngru_claims_stay_strict(tmp_path: Path) -> None:
     architecture = Architecture(gru={"recurrent_activation": "hard_sigmoid"}, head_activation="softmax")
     spec = read_keras_h5(path, architecture, "c")
     assert spec.layers[0].variant.is_cudnn
-
-
-def test_convert_writes_a_keras_file_that_keeps_keras2s_hard_sigmoid(tmp_path: Path, workdir: str) -> None:
-    """`convert` saves the built model as .keras; it loads back in Keras' safe mode and in the
-    service's own reader, as the same variant with the same numbers."""
-    import json
-    import shutil
-
-    import keras
-
-    from app.cli import main
-    from app.formats.parity import ParityData, write_parity
-
-    tagger = next(t for t in TAGGERS if t.recurrent_activation == "hard_sigmoid" and not t.reset_after)
-    path, inputs, expected = saved(tagger, workdir)
-    source = tmp_path / "source"
-    source.mkdir()
-    shutil.copy(path, source / "tagger.h5")
-    write_parity(source / "parity.npz", ParityData("", inputs, expected, None, None))
-    (source / "model.json").write_text(json.dumps({"artifact": "tagger.h5", "parity": {
-        "file": "parity.npz", "ids": "features" if tagger.inputs == "features" else "ids",
-        "tolerance": TOLERANCE}}))
-    assert main(["convert", str(source), "--out", str(tmp_path / "out")]) == 0
-    bundle = load_bundle(tmp_path / "out")
-    assert bundle.spec.layers[0].variant == GRUVariant(False, "hard_sigmoid", tagger.activation)
-    loaded = keras.saving.load_model(tmp_path / "out" / "model.keras", safe_mode=True)
-    got = [loaded([s[None], np.ones((1, len(s)), bool)])[0].numpy()[0] for s in inputs]
-    assert max_diff(got, expected) <= TOLERANCE
-
-
-def test_exports_carry_the_variant_the_stack_and_the_input_kind(tmp_path: Path, workdir: str) -> None:
-    """The .npz (read by its documented layout), the ONNX file (in ONNX Runtime) and the
-    SavedModel (in TensorFlow) of a feature model with Keras 2's GRU and a Dense stack give
-    tf_keras' numbers."""
-    import onnxruntime as ort
-    import tensorflow as tf
-
-    from app.lowering.exports import export
-    from tests.reference import npz_engine
-
-    tagger = next(t for t in TAGGERS if t.inputs == "features" and t.head == "stack" and not t.reset_after)
-    path, inputs, expected = saved(tagger, workdir)
-    spec = read_keras_h5(path, Architecture(), "tagger")
-    with np.load(export(spec, "npz", tmp_path / "w.npz")) as data:
-        arrays = {key: data[key] for key in data.files}
-    assert "embeddings" not in arrays and {"dense0.kernel", "dense1.kernel"} <= arrays.keys()
-    assert max_diff([npz_engine(arrays, s) for s in inputs], expected) <= TOLERANCE
-    session = ort.InferenceSession(str(export(spec, "onnx", tmp_path / "m.onnx")),
-                                   providers=["CPUExecutionProvider"])
-    assert [i.name for i in session.get_inputs()] == ["features", "lengths"]
-    got = [session.run(["outputs"], {"features": s[None], "lengths": np.array([len(s)], np.int32)})[0][0]
-           for s in inputs]
-    assert max_diff(got, expected) <= TOLERANCE
-    loaded = tf.saved_model.load(str(export(spec, "savedmodel", tmp_path / "sm")))
-    got = [loaded.serve([tf.constant(s[None]), tf.ones((1, len(s)), tf.bool)])[0].numpy()[0] for s in inputs]
-    assert max_diff(got, expected) <= TOLERANCE
-
-
-def test_the_openvino_engine_refuses_other_variants_by_name(workdir: str) -> None:
-    """``ENGINE=auto`` then serves such a model with ONNX Runtime (it skips a candidate that
-    cannot be built)."""
-    from app.engine.engine_choice import choose_engine
-    from app.engine.engines import make_engine
-    from app.errors import ModelError
-
-    path, _, _ = saved(next(t for t in TAGGERS if not t.reset_after), workdir)
-    spec = read_keras_h5(path, Architecture(), "tagger")
-    assert choose_engine("auto", spec, 1, [8], 4).engine.name == "onnxruntime"
-    with pytest.raises(ModelError, match=r"engine runs cuDNN's GRU and LSTM only, not .*reset_after=False"):
-        make_engine("openvino", spec, 1, [8])
