@@ -4,6 +4,9 @@ engine against the NumPy reference for other architectures: ``test_conversion``.
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
@@ -85,6 +88,27 @@ def test_the_native_kernel_gives_the_same_bits_on_two_threads_and_batched_or_alo
             np.testing.assert_array_equal(a[row, :length], alone[row][which][0])
     hidden = two[1]
     assert not any(hidden[row, length:].any() for row, length in enumerate(lengths))  # as ONNX's
+
+
+def test_a_forked_child_runs_the_native_kernel_on_two_threads(bundle) -> None:
+    """The kernel's partner thread (which runs a lone call's second direction) is not copied
+    by fork: a child started after the parent used it starts its own instead of waiting."""
+    from app.engine.native_engine import NativeEngine
+
+    engine = NativeEngine(bundle.spec, 2)
+    ids = np.full((1, 40), 5, np.int32)
+    lengths = np.array([40], np.int32)
+    expected = engine.run(ids, lengths)[0]
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child's outcome is its exit status
+        os._exit(0 if np.array_equal(engine.run(ids, lengths)[0], expected) else 1)
+    deadline = time.monotonic() + 30
+    while (done := os.waitpid(child, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if done[0] == 0:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+    assert done[0] == child and os.waitstatus_to_exitcode(done[1]) == 0
 
 
 def test_reversed_lowering_equals_sequence_lens_lowering_in_onnxruntime(bundle) -> None:

@@ -299,8 +299,6 @@ INLINE void lstm(const layer_args *a, const float *x, const float *m, float *h, 
 
 /* ---- one direction over the whole batch ---- */
 
-typedef struct { const layer_args *a; int d; } direction_job;
-
 DISPATCH void run_direction(const layer_args *a, int d) {
     const int u = a->units, gu = gates_of(a->cell) * u, n_in = a->inputs;
     const int batch = a->batch, steps = a->steps, width = a->directions * u;
@@ -357,22 +355,78 @@ DISPATCH void run_direction(const layer_args *a, int d) {
             memset(a->out + ((int64_t)b * steps + s) * width + d * u, 0, sizeof(float) * u);
 }
 
-static void *direction_thread(void *job) {
-    const direction_job *j = job;
-    run_direction(j->a, j->d);
+/* ---- the second direction on a partner thread ----
+ * One thread, started on first use and kept: handing it a direction costs a wake-up
+ * (a few microseconds) where creating a thread per layer cost 20-55. It serves one call at a
+ * time; a call that finds it busy runs both directions itself. */
+
+static pthread_mutex_t partner_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t partner_wake = PTHREAD_COND_INITIALIZER, partner_done = PTHREAD_COND_INITIALIZER;
+static const layer_args *partner_job;  /* set while the partner owes a direction */
+static int partner_started, partner_busy, partner_finished;
+
+static void *partner_loop(void *unused) {
+    (void)unused;
+    pthread_mutex_lock(&partner_lock);
+    for (;;) {
+        while (partner_job == NULL) pthread_cond_wait(&partner_wake, &partner_lock);
+        const layer_args *a = partner_job;
+        pthread_mutex_unlock(&partner_lock);
+        run_direction(a, 1);
+        pthread_mutex_lock(&partner_lock);
+        partner_job = NULL;
+        partner_finished = 1;
+        pthread_cond_signal(&partner_done);
+    }
     return NULL;
 }
 
-/* Both directions; on two threads when asked to (and one of them fails to start: on one). */
-int recurrent_layer(const layer_args *a) {
-    if (a->directions == 2 && a->threads > 1) {
-        pthread_t other;
-        direction_job job = { a, 1 };
-        if (pthread_create(&other, NULL, direction_thread, &job) == 0) {
-            run_direction(a, 0);
-            pthread_join(other, NULL);
-            return 0;
+/* A forked child has no partner thread: it starts its own on first use. */
+static void partner_forget(void) {
+    pthread_mutex_init(&partner_lock, NULL);
+    pthread_cond_init(&partner_wake, NULL);
+    pthread_cond_init(&partner_done, NULL);
+    partner_job = NULL;
+    partner_started = partner_busy = partner_finished = 0;
+}
+
+/* Hands the partner ``a``'s backward direction; 0 when it is busy or cannot start. */
+static int partner_take(const layer_args *a) {
+    pthread_mutex_lock(&partner_lock);
+    int taken = 0;
+    if (!partner_busy) {
+        if (!partner_started) {
+            pthread_t thread;
+            partner_started = pthread_create(&thread, NULL, partner_loop, NULL) == 0;
+            if (partner_started) {
+                pthread_detach(thread);
+                pthread_atfork(NULL, NULL, partner_forget);
+            }
         }
+        if (partner_started) {
+            partner_busy = taken = 1;
+            partner_finished = 0;
+            partner_job = a;
+            pthread_cond_signal(&partner_wake);
+        }
+    }
+    pthread_mutex_unlock(&partner_lock);
+    return taken;
+}
+
+static void partner_wait(void) {
+    pthread_mutex_lock(&partner_lock);
+    while (!partner_finished) pthread_cond_wait(&partner_done, &partner_lock);
+    partner_busy = 0;
+    pthread_mutex_unlock(&partner_lock);
+}
+
+/* Both directions; side by side when asked to and the partner is free. */
+int recurrent_layer(const layer_args *a) {
+    if (a->directions == 2 && a->threads > 1 && partner_take(a)) {
+        run_direction(a, 0);
+        partner_wait();
+        return 0;
     }
     for (int d = 0; d < a->directions; ++d) run_direction(a, d);
     return 0;
