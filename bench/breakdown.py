@@ -9,9 +9,10 @@
   the parsing, less admission), parse + validate (orjson, pydantic, the input arrays: on the
   loop for a small body, else on the parsing thread), parsing hop (to the parsing thread and
   back; none for a small body),
-  admission (pricing and the memory budget), queue hop (the batcher's queue to the engine
-  thread starting the call), engine call (the runner on the engine thread: padding, ONNX
-  Runtime, slicing), back hop (the engine thread's end to the request's coroutine holding the
+  admission (pricing and the memory budget), queue hop (the parts handed to the batcher to
+  the call's start: the queue and an engine thread's wake-up, or for a short call run on the
+  loop, one turn of the loop), engine call (the runner on the engine thread: padding, ONNX
+  Runtime, slicing), back hop (the call's end to the request's coroutine holding the
   results), encode (the JSON document), send (the encoded answer through the middleware to the
   transport), other (the rest of the total). Each figure is the median over the requests;
   the medians need not add up to the median total. No socket: the bare uvicorn figures of
@@ -150,15 +151,14 @@ def install_timers() -> list[str]:
         missing.append("app.api.streaming.infer_document")
     pricing.MemoryBudget.admit = _timed_coroutine("admission", pricing.MemoryBudget.admit)
     pricing.CostModel.price = _timed_function("admission", pricing.CostModel.price)
-    enqueue = batcher.MicroBatcher._enqueue
+    stream = _timed_generator("stream", batcher.MicroBatcher.stream, "delivered")
 
-    def marked_enqueue(self, sequences):
+    def marked_stream(self, parts):
         now = time.perf_counter_ns()
         _record("enqueued", now, now)
-        return enqueue(self, sequences)
+        return stream(self, parts)
 
-    batcher.MicroBatcher._enqueue = marked_enqueue
-    batcher.MicroBatcher.stream = _timed_generator("stream", batcher.MicroBatcher.stream, "delivered")
+    batcher.MicroBatcher.stream = marked_stream
     run = runner.Runner.run
 
     def timed_run(self, sequences):

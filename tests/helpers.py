@@ -111,9 +111,11 @@ class GatedEngine:
         self.calls: list[list[tuple[int, ...]]] = []  # per call: the real sequences it ran
         self.shapes: list[tuple[int, int]] = []  # per call: the padded (batch, steps)
         self.started = 0
+        self.threads: list[int] = []  # per call: the thread that ran it
 
     def run(self, ids: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         self.started += 1
+        self.threads.append(threading.get_ident())
         self.gate.wait(timeout=30)
         self.calls.append([tuple(row[:n]) for row, n in zip(ids.tolist(), lengths.tolist())])
         self.shapes.append(ids.shape)

@@ -9,6 +9,7 @@ that records every call and can hold the engine busy, as a long call does in pro
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -47,12 +48,12 @@ async def eventually(condition: Callable[[], bool], timeout: float = 10.0) -> No
 
 def with_batcher(scenario: Callable[[MicroBatcher, GatedEngine], Awaitable[T]], spec: ModelSpec, *,
                  workers: int = 1, max_queue: int = 64, max_batch_size: int = 8,
-                 max_delay_s: float = 0.0) -> T:
+                 max_delay_s: float = 0.0, in_place_tokens: int = 0) -> T:
     """Runs ``scenario`` against a started batcher; always opens the gate and closes it."""
     async def main() -> T:
         engine = GatedEngine(OnnxRuntimeEngine(spec, threads=1))
         runner = Runner(engine, length_buckets(64), max_batch_size)  # type: ignore[arg-type]
-        batcher = MicroBatcher(runner, workers, max_batch_size, max_delay_s, max_queue)
+        batcher = MicroBatcher(runner, workers, max_batch_size, max_delay_s, max_queue, in_place_tokens)
         batcher.start()
         try:
             return await scenario(batcher, engine)
@@ -320,3 +321,50 @@ def test_one_engine_call_takes_jobs_up_to_max_batch_tokens(model: tuple[NativeMo
 
     asyncio.run(main())
     assert jobs_per_call == [1, 4, 1]  # 4 x 5 = 20 tokens: exactly the bound
+
+
+async def streamed(batcher: MicroBatcher, parts: list[list[np.ndarray]]) -> list[list]:
+    return [results async for results in batcher.stream(parts)]
+
+
+def test_a_small_call_with_nothing_else_to_do_runs_on_the_event_loop(
+    model: tuple[NativeModel, ModelSpec],
+) -> None:
+    """At most IN_PLACE_TOKENS padded tokens, nothing queued, running or arriving: the loop's
+    own thread runs the call. Larger calls, several requests at once, a busy engine, or a
+    MAX_QUEUE_DELAY_MS to wait for company: the engine threads."""
+    native, spec = model
+    where: dict[str, list[bool]] = {}
+
+    async def scenario(batcher: MicroBatcher, engine: GatedEngine) -> None:
+        loop_thread = threading.get_ident()
+
+        def ran_in_place(since: int) -> list[bool]:
+            return [thread == loop_thread for thread in engine.threads[since:]]
+
+        (results,) = await streamed(batcher, [[tokens(1, 4), tokens(2, 2)]])  # 2 x 4 = 8 tokens
+        np.testing.assert_allclose(results[0][0], native.outputs(tokens(1, 4)), atol=1e-5)
+        where["lone"] = ran_in_place(0)
+        await streamed(batcher, [[tokens(3, 9)]])
+        where["larger"] = ran_in_place(1)
+        await asyncio.gather(streamed(batcher, [[tokens(4, 3)]]), streamed(batcher, [[tokens(5, 3)]]))
+        where["together"] = sorted(set(ran_in_place(2)))  # one call or two
+        calls = len(engine.threads)
+        engine.gate.clear()
+        busy = asyncio.ensure_future(streamed(batcher, [[tokens(6, 9)]]))
+        await eventually(lambda: engine.started == calls + 1)
+        queued = asyncio.ensure_future(streamed(batcher, [[tokens(7, 3)]]))
+        await eventually(lambda: batcher.pending == 1)
+        engine.gate.set()
+        await asyncio.gather(busy, queued)
+        where["busy"] = ran_in_place(calls)
+
+    with_batcher(scenario, spec, in_place_tokens=8)
+    assert where == {"lone": [True], "larger": [False], "together": [False], "busy": [False, False]}
+
+    async def waiting(batcher: MicroBatcher, engine: GatedEngine) -> None:
+        await streamed(batcher, [[tokens(8, 3)]])
+        where["delayed"] = [thread == threading.get_ident() for thread in engine.threads]
+
+    with_batcher(waiting, spec, in_place_tokens=8, max_delay_s=0.01)
+    assert where["delayed"] == [False]

@@ -24,7 +24,7 @@ DOCUMENTED_DEFAULTS = {
     "empty": "",
     "unset": None,
     "CPU count": os.cpu_count(),
-    "1 (keras: CPU count)": None,  # unset: each engine picks (1 thread for onnxruntime, all for keras)
+    "1 (native: 2; keras: CPU count)": None,  # unset: each engine picks its own
     "4 MiB": 4 * 1024 * 1024,
     "manifest, else 1e-4": None,  # unset: the manifest's tolerance, else DEFAULT_TOLERANCE
     "64 MiB": 64 * 1024 * 1024,

@@ -24,6 +24,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #define BLOCK 16
 
@@ -356,27 +357,57 @@ DISPATCH void run_direction(const layer_args *a, int d) {
 }
 
 /* ---- the second direction on a partner thread ----
- * One thread, started on first use and kept: handing it a direction costs a wake-up
- * (a few microseconds) where creating a thread per layer cost 20-55. It serves one call at a
- * time; a call that finds it busy runs both directions itself. */
+ * One thread, started on first use and kept: handing it a direction costs a wake-up, far less
+ * than creating a thread per layer. It serves one call at a time; a call that finds it busy
+ * runs both directions itself. Each side spins a while before it sleeps: waking a sleeping
+ * thread on a virtual machine costs as much as a short direction, and the next layer's
+ * direction comes within microseconds of the last one's end (docs/benchmark.md). */
+
+#define SPIN_NS 150000
 
 static pthread_mutex_t partner_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t partner_wake = PTHREAD_COND_INITIALIZER, partner_done = PTHREAD_COND_INITIALIZER;
 static const layer_args *partner_job;  /* set while the partner owes a direction */
 static int partner_started, partner_busy, partner_finished;
 
+static int64_t monotonic_ns(void) {
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (int64_t)now.tv_sec * 1000000000 + now.tv_nsec;
+}
+
+INLINE void relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+/* The job handed to the partner, once one comes within SPIN_NS; else NULL. */
+static const layer_args *spin_for_job(void) {
+    const int64_t until = monotonic_ns() + SPIN_NS;
+    for (unsigned i = 1;; ++i) {
+        const layer_args *a = __atomic_load_n(&partner_job, __ATOMIC_ACQUIRE);
+        if (a != NULL || (i % 64 == 0 && monotonic_ns() > until)) return a;
+        relax();
+    }
+}
+
 static void *partner_loop(void *unused) {
     (void)unused;
-    pthread_mutex_lock(&partner_lock);
     for (;;) {
-        while (partner_job == NULL) pthread_cond_wait(&partner_wake, &partner_lock);
-        const layer_args *a = partner_job;
-        pthread_mutex_unlock(&partner_lock);
+        const layer_args *a = spin_for_job();
+        if (a == NULL) {
+            pthread_mutex_lock(&partner_lock);
+            while ((a = __atomic_load_n(&partner_job, __ATOMIC_ACQUIRE)) == NULL)
+                pthread_cond_wait(&partner_wake, &partner_lock);
+            pthread_mutex_unlock(&partner_lock);
+        }
         run_direction(a, 1);
         pthread_mutex_lock(&partner_lock);
-        partner_job = NULL;
-        partner_finished = 1;
+        __atomic_store_n(&partner_job, NULL, __ATOMIC_RELAXED);
+        __atomic_store_n(&partner_finished, 1, __ATOMIC_RELEASE);
         pthread_cond_signal(&partner_done);
+        pthread_mutex_unlock(&partner_lock);
     }
     return NULL;
 }
@@ -405,8 +436,8 @@ static int partner_take(const layer_args *a) {
         }
         if (partner_started) {
             partner_busy = taken = 1;
-            partner_finished = 0;
-            partner_job = a;
+            __atomic_store_n(&partner_finished, 0, __ATOMIC_RELAXED);
+            __atomic_store_n(&partner_job, a, __ATOMIC_RELEASE);
             pthread_cond_signal(&partner_wake);
         }
     }
@@ -415,8 +446,13 @@ static int partner_take(const layer_args *a) {
 }
 
 static void partner_wait(void) {
+    const int64_t until = monotonic_ns() + SPIN_NS;
+    for (unsigned i = 1; !__atomic_load_n(&partner_finished, __ATOMIC_ACQUIRE); ++i) {
+        if (i % 64 == 0 && monotonic_ns() > until) break;
+        relax();
+    }
     pthread_mutex_lock(&partner_lock);
-    while (!partner_finished) pthread_cond_wait(&partner_done, &partner_lock);
+    while (!__atomic_load_n(&partner_finished, __ATOMIC_ACQUIRE)) pthread_cond_wait(&partner_done, &partner_lock);
     partner_busy = 0;
     pthread_mutex_unlock(&partner_lock);
 }

@@ -8,8 +8,11 @@ job), because on these CPUs two one-thread engine calls side by side do far more
 call with two threads or one call with twice the batch. While calls run, new requests
 queue up and form the next batches, so batching grows with load by itself; ``max_delay_s``
 optionally waits a little for company when the queue is short (0 by default: a lone
-request never waits). At most ``max_queue`` sequences wait: past that, :meth:`submit`
-raises :class:`QueueFull` at once instead of letting latency grow without bound.
+request never waits). A call of at most ``in_place_tokens`` padded tokens with nothing else
+queued, running or arriving runs on the event loop itself: handing it to an engine thread and
+its results back costs two thread wake-ups, about as much as such a call (docs/benchmark.md),
+and it holds the loop no longer than a short call. At most ``max_queue`` sequences wait: past
+that, :meth:`submit` raises :class:`QueueFull` at once instead of letting latency grow without bound.
 
 :meth:`stream` runs a large request part by part (``LOOKAHEAD`` parts queued at a time),
 so that its results are produced about as fast as they are sent and never all held at once.
@@ -62,8 +65,9 @@ def _yield_to_the_event_loop() -> None:
 
 class MicroBatcher:
     def __init__(self, runner: Runner, workers: int, max_batch_size: int, max_delay_s: float,
-                 max_queue: int) -> None:
+                 max_queue: int, in_place_tokens: int = 0) -> None:
         self.runner = runner
+        self.in_place_tokens = in_place_tokens
         self.max_queue = max_queue
         self.workers = workers
         self.max_batch_size = max_batch_size
@@ -76,6 +80,7 @@ class MicroBatcher:
         self._loops: list[asyncio.Task[None]] = []
         self._idle = workers
         self._waiting = 0  # sequences in the queue
+        self._claims = 0  # requests deciding whether to run in place
 
     @property
     def pending(self) -> int:
@@ -101,6 +106,9 @@ class MicroBatcher:
         accepted and runs to its end); closing the iterator drops the parts not started."""
         if self._waiting + len(parts[0]) > self.max_queue:
             raise QueueFull
+        if len(parts) == 1 and await self._alone(parts[0]):
+            yield self._run_in_place(parts[0])
+            return
         pending = deque([self._enqueue(parts[0])])
         following = iter(parts[1:])
         try:
@@ -114,6 +122,33 @@ class MicroBatcher:
         finally:
             for future in pending:
                 future.cancel()
+
+    async def _alone(self, sequences: list[np.ndarray]) -> bool:
+        """Whether this call may run in place: small, and no other work queued, running or
+        about to be (requests that arrived in the same loop iteration get one turn to show up,
+        and the first of several that decide at once leaves it to the engine threads)."""
+        small = len(sequences) * max(len(s) for s in sequences) <= self.in_place_tokens
+        if not (small and self.max_delay_s == 0 and self._engine_idle()):
+            return False
+        self._claims += 1
+        try:
+            await asyncio.sleep(0)
+        finally:
+            self._claims -= 1
+        return self._claims == 0 and self._engine_idle()
+
+    def _engine_idle(self) -> bool:
+        return not self._queue and self._idle == self.workers
+
+    def _run_in_place(self, sequences: list[np.ndarray]) -> list[Result]:
+        started = time.perf_counter()
+        results = self.runner.run(sequences)
+        self._observe(BatchStats(1, len(sequences), [0.0], time.perf_counter() - started))
+        return results
+
+    def _observe(self, stats: BatchStats) -> None:
+        for callback in self.on_batch:
+            callback(stats)
 
     def _enqueue(self, sequences: list[np.ndarray]) -> asyncio.Future[list[Result]]:
         job = Job(sequences, asyncio.get_running_loop().create_future())
@@ -161,10 +196,8 @@ class MicroBatcher:
         finally:
             self._idle += 1
         self._deliver(jobs, results)
-        stats = BatchStats(len(jobs), len(sequences), [started - j.queued_at for j in jobs],
-                           time.perf_counter() - started)
-        for callback in self.on_batch:
-            callback(stats)
+        self._observe(BatchStats(len(jobs), len(sequences), [started - j.queued_at for j in jobs],
+                                 time.perf_counter() - started))
 
     def _take(self) -> list[Job]:
         """This loop's share: what waits, split between the idle loops (this one included),

@@ -172,7 +172,8 @@ class ModelService:
         settings = self.settings
         self.budget = budget
         self.batcher = MicroBatcher(self.runner, workers, settings.max_batch_size,
-                                    settings.max_queue_delay_ms / 1000, settings.max_queue)
+                                    settings.max_queue_delay_ms / 1000, settings.max_queue,
+                                    settings.in_place_tokens)
         self.batcher.on_batch.append(lambda stats: self.metrics.observe_batch(stats, *self.labels))
         self.metrics.queue_depth.labels(*self.labels).set_function(
             lambda: self.batcher.pending if self.batcher else 0)
