@@ -84,12 +84,14 @@ def _drop_color_message(record: logging.LogRecord) -> bool:
 
 
 ACCESS_LOG = "app.access"  # a line per request (HTTP and gRPC)
+GATHER_S = 0.05  # the access log's lines are written this much later at most
 
 
 class WrittenAside(logging.handlers.QueueHandler):
-    """The access log's records are formatted and written by a thread of their own, several
-    lines per write when they come faster than it writes: the caller (the event loop) pays
-    for the record alone. Every other record (start-up, state changes, errors: few) is
+    """The access log's records are formatted and written by a thread of their own, the lines
+    of ``GATHER_S`` per write: the caller (the event loop) pays for the record alone, and the
+    writer takes the interpreter lock a few times a second, not once per request (a lone
+    request's path would otherwise wait for it). Every other record (start-up, state changes, errors: few) is
     written at once, once the lines logged before it are: the order of lines is kept, and
     the last lines before an exit are out even when the process then dies of a signal (as
     uvicorn ends after SIGTERM). :meth:`flush` waits until what was logged before it is
@@ -101,6 +103,7 @@ class WrittenAside(logging.handlers.QueueHandler):
         self.target = target
         self._pid = -1
         self._thread: threading.Thread | None = None
+        self._urgent = threading.Event()  # a flush or close is queued: write now
 
     def emit(self, record: logging.LogRecord) -> None:
         if record.name == ACCESS_LOG:
@@ -132,6 +135,9 @@ class WrittenAside(logging.handlers.QueueHandler):
         target, stream = self.target, self.target.stream
         while True:
             batch = [self.queue.get()]
+            if isinstance(batch[0], logging.LogRecord):
+                self._urgent.wait(GATHER_S)
+            self._urgent.clear()
             while True:
                 try:
                     batch.append(self.queue.get_nowait())
@@ -165,6 +171,7 @@ class WrittenAside(logging.handlers.QueueHandler):
         if thread is not None and thread.is_alive() and self._pid == os.getpid():
             written = threading.Event()
             self.queue.put_nowait(written)
+            self._urgent.set()
             written.wait(5)
 
     def close(self) -> None:
@@ -172,6 +179,7 @@ class WrittenAside(logging.handlers.QueueHandler):
         thread, self._thread = self._thread, None
         if thread is not None and thread.is_alive() and self._pid == os.getpid():
             self.queue.put_nowait(None)
+            self._urgent.set()
             thread.join(5)
         self._pid = -1
         super().close()

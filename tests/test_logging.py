@@ -76,3 +76,25 @@ def test_a_message_is_fixed_when_logged(stream: io.StringIO) -> None:
     changing[0] = "after"
     writer()[0].flush()
     assert lines(stream)[0]["message"] == "client ['before']"
+
+
+def test_access_lines_are_gathered_into_one_write_after_the_gather_time(
+    stream: io.StringIO, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The writer takes the interpreter lock once per GATHER_S, not once per request."""
+    import time
+
+    from app.observability import GATHER_S
+
+    writes: list[float] = []
+    write = stream.write
+    monkeypatch.setattr(stream, "write", lambda text: (writes.append(time.monotonic()), write(text))[1])
+    access = logging.getLogger("app.access")
+    start = time.monotonic()
+    for i in range(3):
+        access.info("request", extra={**FIELDS, "request_id": f"a{i}"})
+    while not writes and time.monotonic() < start + 5:
+        time.sleep(0.005)
+    time.sleep(GATHER_S)
+    assert len(writes) == 1 and GATHER_S * 0.9 <= writes[0] - start < 5
+    assert [line["request_id"] for line in lines(stream)] == ["a0", "a1", "a2"]
