@@ -13,6 +13,11 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 IMAGE  ?= localhost/bigru-serve:image-test
 
+# The three virtual environments install side by side, and lint runs while the kernel builds.
+ifeq ($(MAKELEVEL),0)
+MAKEFLAGS += --jobs=3
+endif
+
 .PHONY: install run test image-test image-build image-check lint bench startup soak flood peak-rss engine-memory wire parse-cost mutation constraints proto clean
 
 install: $(VENV)/.installed $(VENV)/.kernel $(TOOLS)/.installed $(CLIENT)/.installed
@@ -71,7 +76,9 @@ test: install lint
 # The image from our Dockerfile, built by podman on a local stand-in for its base image and run
 # read-only under the manifest's memory limit (tests/image/, tests/test_image.py). Needs root,
 # podman, runc and debootstrap (Debian packages; .ci/run installs them). -rP prints the figures.
-image-test: image-build image-check
+image-test:
+	$(MAKE) image-build
+	$(MAKE) image-check
 
 image-build:
 	tests/image/build.sh $(IMAGE)
