@@ -14,7 +14,7 @@
  *
  * Matrices multiplied on the right are packed once (pack_columns): blocks of 16 columns,
  * each block's rows contiguous, so a kernel streams one block while its accumulators stay in
- * registers. Rows are multiplied four at a time (4 x 16 accumulators) or one at a time
+ * registers. Rows are multiplied six or four at a time (6 x 16, 4 x 16) or one at a time
  * (1 x 64). The hot functions are compiled for AVX-512, AVX2 + FMA and the baseline, and
  * the CPU picks at load time (GCC target_clones). sigmoid and tanh use a vectorisable
  * exponential (Cephes' expf polynomial, about 1 ulp); the rarer activations call libm.
@@ -90,34 +90,11 @@ INLINE void store8(float *c, v8 v, int width) {
     }
 }
 
-/* Four rows by one block of 16 columns. */
-INLINE void rows4(const float *a, int64_t lda, const float *block, int k, const float *bias0,
-                  float *c, int64_t ldc, int width) {
-    v8 c00 = AT(bias0), c01 = AT(bias0 + 8), c10 = c00, c11 = c01;
-    v8 c20 = c00, c21 = c01, c30 = c00, c31 = c01;
-    const float *a0 = a, *a1 = a + lda, *a2 = a + 2 * lda, *a3 = a + 3 * lda;
-    for (int p = 0; p < k; ++p) {
-        const v8 b0 = AT(block + (int64_t)p * BLOCK), b1 = AT(block + (int64_t)p * BLOCK + 8);
-        v8 x = SPLAT(a0[p]);
-        c00 += x * b0; c01 += x * b1;
-        x = SPLAT(a1[p]);
-        c10 += x * b0; c11 += x * b1;
-        x = SPLAT(a2[p]);
-        c20 += x * b0; c21 += x * b1;
-        x = SPLAT(a3[p]);
-        c30 += x * b0; c31 += x * b1;
-    }
-    const v8 out[4][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}};
-    for (int r = 0; r < 4; ++r) {
-        store8(c + r * ldc, out[r][0], width);
-        store8(c + r * ldc + 8, out[r][1], width - 8);
-    }
-}
-
-/* Six rows by one block: twelve accumulators, the most that leave AVX2 registers for the
- * block's two vectors and a broadcast. */
-INLINE void rows6(const float *a, int64_t lda, const float *block, int k, const float *bias0,
-                  float *c, int64_t ldc, int width) {
+/* Six (or four) rows by one block of 16 columns: twelve accumulators, the most that leave
+ * AVX2 registers for the block's two vectors and a broadcast. ``rows`` is a constant at each
+ * call, so the compiler drops the last two rows' work from the four-row copy. */
+INLINE void rows_block(const float *a, int64_t lda, const float *block, int k, const float *bias0,
+                       float *c, int64_t ldc, int width, const int rows) {
     v8 c00 = AT(bias0), c01 = AT(bias0 + 8), c10 = c00, c11 = c01, c20 = c00, c21 = c01;
     v8 c30 = c00, c31 = c01, c40 = c00, c41 = c01, c50 = c00, c51 = c01;
     const float *a0 = a, *a1 = a + lda, *a2 = a + 2 * lda, *a3 = a + 3 * lda;
@@ -132,13 +109,15 @@ INLINE void rows6(const float *a, int64_t lda, const float *block, int k, const 
         c20 += x * b0; c21 += x * b1;
         x = SPLAT(a3[p]);
         c30 += x * b0; c31 += x * b1;
-        x = SPLAT(a4[p]);
-        c40 += x * b0; c41 += x * b1;
-        x = SPLAT(a5[p]);
-        c50 += x * b0; c51 += x * b1;
+        if (rows == 6) {
+            x = SPLAT(a4[p]);
+            c40 += x * b0; c41 += x * b1;
+            x = SPLAT(a5[p]);
+            c50 += x * b0; c51 += x * b1;
+        }
     }
     const v8 out[6][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
-    for (int r = 0; r < 6; ++r) {
+    for (int r = 0; r < rows; ++r) {
         store8(c + r * ldc, out[r][0], width);
         store8(c + r * ldc + 8, out[r][1], width - 8);
     }
@@ -197,9 +176,9 @@ INLINE void product(const float *a, int64_t lda, int m, const float *packed, int
         const int width = bias_blocks(bias, j * BLOCK, 1, n, biases);
         const float *block = packed + j * block_floats;
         for (int r = 0; r < sixes; r += 6)
-            rows6(a + r * lda, lda, block, k, biases, c + r * ldc + j * BLOCK, ldc, width);
+            rows_block(a + r * lda, lda, block, k, biases, c + r * ldc + j * BLOCK, ldc, width, 6);
         if (whole > sixes)
-            rows4(a + sixes * lda, lda, block, k, biases, c + sixes * ldc + j * BLOCK, ldc, width);
+            rows_block(a + sixes * lda, lda, block, k, biases, c + sixes * ldc + j * BLOCK, ldc, width, 4);
     }
     for (int j = 0; j < blocks && whole < m; ) {
         const int group = j + 4 <= blocks ? 4 : 1;
