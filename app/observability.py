@@ -8,7 +8,6 @@ import os
 import queue
 import sys
 import threading
-import time
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
@@ -90,15 +89,14 @@ GATHER_S = 0.01  # the access log's lines are written this much later at most
 
 class WrittenAside(logging.handlers.QueueHandler):
     """The access log's records are formatted and written by a thread of their own, the lines
-    of ``GATHER_S`` per write, letting go of the interpreter lock between lines: the caller
-    (the event loop) pays for the record alone, and the writer wakes a hundred times a second
-    at most, not once per request (a lone request's path would otherwise wait for it). Every
-    other record (start-up, state changes, errors: few) is written at once, once the lines
-    logged before it are: the order of lines is kept, and the last lines before an exit are
-    out even when the process then dies of a signal (as uvicorn ends after SIGTERM).
-    :meth:`flush` waits until what was logged before it is written; :meth:`close`
-    (``logging.shutdown``) writes what is left and stops the thread. A forked child starts a
-    thread of its own."""
+    of ``GATHER_S`` per write: the caller (the event loop) pays for the record alone, and the
+    writer takes the interpreter lock a hundred times a second at most, not once per request
+    (a lone request's path would otherwise wait for it). Every other record (start-up, state
+    changes, errors: few) is written at once, once the lines logged before it are: the order
+    of lines is kept, and the last lines before an exit are out even when the process then
+    dies of a signal (as uvicorn ends after SIGTERM). :meth:`flush` waits until what was
+    logged before it is written; :meth:`close` (``logging.shutdown``) writes what is left and
+    stops the thread. A forked child starts a thread of its own."""
 
     def __init__(self, target: logging.StreamHandler) -> None:  # type: ignore[type-arg]
         super().__init__(queue.SimpleQueue())
@@ -156,7 +154,6 @@ class WrittenAside(logging.handlers.QueueHandler):
                         lines.append(target.format(item) + target.terminator)
                     except Exception:
                         target.handleError(item)
-                    time.sleep(0)  # lets go of the interpreter lock between lines
             if lines:
                 try:
                     stream.write("".join(lines))
