@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import warnings
@@ -112,10 +113,12 @@ class GatedEngine:
         self.shapes: list[tuple[int, int]] = []  # per call: the padded (batch, steps)
         self.started = 0
         self.threads: list[int] = []  # per call: the thread that ran it
+        self.niceness: list[int] = []  # per call: its thread's scheduling niceness
 
     def run(self, ids: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         self.started += 1
         self.threads.append(threading.get_ident())
+        self.niceness.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
         self.gate.wait(timeout=30)
         self.calls.append([tuple(row[:n]) for row, n in zip(ids.tolist(), lengths.tolist())])
         self.shapes.append(ids.shape)

@@ -9,6 +9,7 @@ that records every call and can hold the engine busy, as a long call does in pro
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -335,16 +336,22 @@ def test_a_small_call_with_nothing_else_to_do_runs_on_the_event_loop(
     MAX_QUEUE_DELAY_MS to wait for company: the engine threads."""
     native, spec = model
     where: dict[str, list[bool]] = {}
+    observed: list[BatchStats] = []
 
     async def scenario(batcher: MicroBatcher, engine: GatedEngine) -> None:
         loop_thread = threading.get_ident()
+        batcher.on_batch.append(observed.append)
 
         def ran_in_place(since: int) -> list[bool]:
             return [thread == loop_thread for thread in engine.threads[since:]]
 
-        (results,) = await streamed(batcher, [[tokens(1, 4), tokens(2, 2)]])  # 2 x 4 = 8 tokens
+        lone = streamed(batcher, [[tokens(1, 4), tokens(2, 2)]])  # 2 x 4 = 8 tokens
+        (results,) = await asyncio.wait_for(lone, 0.5)  # one turn of the loop, not a wait
         np.testing.assert_allclose(results[0][0], native.outputs(tokens(1, 4)), atol=1e-5)
         where["lone"] = ran_in_place(0)
+        (stats,) = observed
+        assert (stats.jobs, stats.sequences, stats.queue_wait_s) == (1, 2, [0.0])
+        assert 0 < stats.compute_s < 0.5
         await streamed(batcher, [[tokens(3, 9)]])
         where["larger"] = ran_in_place(1)
         await asyncio.gather(streamed(batcher, [[tokens(4, 3)]]), streamed(batcher, [[tokens(5, 3)]]))
@@ -368,3 +375,23 @@ def test_a_small_call_with_nothing_else_to_do_runs_on_the_event_loop(
 
     with_batcher(waiting, spec, in_place_tokens=8, max_delay_s=0.01)
     assert where["delayed"] == [False]
+
+
+def test_engine_calls_run_on_threads_that_yield_to_the_event_loop(
+    model: tuple[NativeModel, ModelSpec],
+) -> None:
+    """Without IN_PLACE_TOKENS even the smallest call goes to an engine thread, whose niceness
+    lets the event loop have a core first."""
+    from app.service.batcher import ENGINE_NICENESS
+
+    seen: list[GatedEngine] = []
+
+    async def scenario(batcher: MicroBatcher, engine: GatedEngine) -> None:
+        seen.append(engine)
+        await streamed(batcher, [[tokens(9, 1)]])
+
+    with_batcher(scenario, model[1])
+    (engine,) = seen
+    assert engine.threads != [threading.get_ident()]
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    assert engine.niceness == [ENGINE_NICENESS if base <= ENGINE_NICENESS else base]
