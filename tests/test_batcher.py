@@ -380,18 +380,21 @@ def test_a_small_call_with_nothing_else_to_do_runs_on_the_event_loop(
 def test_engine_calls_run_on_threads_that_yield_to_the_event_loop(
     model: tuple[NativeModel, ModelSpec],
 ) -> None:
-    """Without IN_PLACE_TOKENS even the smallest call goes to an engine thread, whose niceness
-    lets the event loop have a core first."""
+    """By default (no ``in_place_tokens``) even the smallest call goes to an engine thread,
+    whose niceness lets the event loop have a core first."""
     from app.service.batcher import ENGINE_NICENESS
 
-    seen: list[GatedEngine] = []
+    engine = GatedEngine(OnnxRuntimeEngine(model[1], threads=1))
 
-    async def scenario(batcher: MicroBatcher, engine: GatedEngine) -> None:
-        seen.append(engine)
-        await streamed(batcher, [[tokens(9, 1)]])
+    async def main() -> None:
+        batcher = MicroBatcher(Runner(engine, length_buckets(64), 8), 1, 8, 0.0, 64)  # type: ignore[arg-type]
+        batcher.start()
+        try:
+            await streamed(batcher, [[tokens(9, 1)]])
+        finally:
+            await batcher.close()
 
-    with_batcher(scenario, model[1])
-    (engine,) = seen
+    asyncio.run(main())
     assert engine.threads != [threading.get_ident()]
     base = os.getpriority(os.PRIO_PROCESS, 0)
     assert engine.niceness == [ENGINE_NICENESS if base <= ENGINE_NICENESS else base]
