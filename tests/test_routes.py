@@ -46,6 +46,37 @@ def test_the_read_only_routes_answer_200_with_json(client: TestClient) -> None:
     assert len(client.get("/v1/model/vocabulary").json()["tokens"]) == 96
 
 
+def test_a_model_or_version_not_served_is_a_404_naming_it(client: TestClient) -> None:
+    described = client.get("/v1/models/segmenter/versions/1")
+    assert described.status_code == 200 and described.json() == client.get("/v1/model").json()
+    assert client.get("/v1/models/segmenter").json() == described.json()
+    for path, named in (("/v1/models/nope", "nope"), ("/v1/models/segmenter/versions/7", "7")):
+        response = client.get(path)
+        error = response.json()["error"]
+        assert (response.status_code, error["type"]) == (404, "unknown_model"), path
+        assert named in error["message"], error
+
+
+def test_with_several_models_and_no_default_the_default_routes_name_the_others(
+    tmp_path: Path, conversion_cache: Path,
+) -> None:
+    """/v1/model and /infer describe and serve the default model: with two models and no
+    DEFAULT_MODEL there is none, and the 400 says which routes to use instead."""
+    import shutil
+
+    from tests.conftest import DEFAULT_MODEL
+
+    for name in ("a", "b"):
+        shutil.copytree(DEFAULT_MODEL, tmp_path / name / "1")
+    settings = Settings(_env_file=None, model_repository=tmp_path)  # type: ignore[call-arg]
+    with in_process(settings) as several:
+        for response in (several.get("/v1/model"), several.post("/infer", json={"sequences": [[2, 3]]})):
+            error = response.json()["error"]
+            assert (response.status_code, error["type"]) == (400, "no_default_model")
+            assert "/v1/models/a/infer, /v1/models/b/infer" in error["message"], error
+        assert several.get("/v1/models/b").json()["name"] == "b"
+
+
 def test_an_answer_names_the_served_model(client: TestClient) -> None:
     name = client.get("/v1/model").json()["name"]
     assert client.post("/infer", json={"sequences": [[3, 4]]}).json()["model"] == name == "segmenter"
