@@ -198,7 +198,6 @@ def request_id_from(given: Iterable[str]) -> str:
     return f"{_ID_PREFIX}{next(_ID_COUNTER) & 0xFFFFFFFFFFFFFFFF:016x}"
 
 
-
 def _error(scope: Scope, request_id: str, status: int, type_: str, message: str, protocol_prefix: str,
            headers: dict[str, str] | None = None) -> ASGIApp:
     """An error in the form of the request's path: the protocol's under its prefix, else ours."""

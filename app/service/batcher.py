@@ -127,7 +127,8 @@ class MicroBatcher:
         """Whether this call may run in place: small, and no other work queued, running or
         about to be (requests that arrived in the same loop iteration get one turn to show up,
         and the first of several that decide at once leaves it to the engine threads)."""
-        small = len(sequences) * max(len(s) for s in sequences) <= self.in_place_tokens
+        batch, steps = self.runner.engine.pad_shape(len(sequences), max(len(s) for s in sequences))
+        small = batch * steps <= self.in_place_tokens
         if not (small and self.max_delay_s == 0 and self._engine_idle()):
             return False
         self._claims += 1
