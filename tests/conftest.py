@@ -14,6 +14,10 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+# The suite's services (in process and as servers) run the native engine unless a test names
+# another: ENGINE=auto times every engine at each start-up (about a second of both cores), and
+# under the suite's load it would pick whichever ran luckier. Its choice has tests of its own.
+os.environ.setdefault("ENGINE", "native")
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"

@@ -77,6 +77,32 @@ def test_with_several_models_and_no_default_the_default_routes_name_the_others(
         assert several.get("/v1/models/b").json()["name"] == "b"
 
 
+def test_a_model_with_no_version_loaded_is_described_as_a_503_saying_why(
+    tmp_path: Path, conversion_cache: Path,
+) -> None:
+    """A model whose only version its policy leaves out has nothing to describe: not ready,
+    retry later, and the reason in the message; the server's probe says so too."""
+    import json
+    import shutil
+
+    from tests.conftest import DEFAULT_MODEL
+
+    for name in ("a", "b"):
+        shutil.copytree(DEFAULT_MODEL, tmp_path / name / "1")
+    (tmp_path / "b" / "config.json").write_text(json.dumps({"version_policy": "specific:5"}))
+    settings = Settings(_env_file=None, model_repository=tmp_path, default_model="a")  # type: ignore[call-arg]
+    with in_process(settings, ready=False) as client:
+        assert client.get("/readyz").json()["error"] == ("model 'b' not ready (failed: version 1: "
+                                                         "not chosen by the version policy (specific:5))")
+        assert client.get("/v1/models/a").json()["name"] == "a"
+        response = client.get("/v1/models/b")
+        error = response.json()["error"]
+        assert (response.status_code, error["type"]) == (503, "not_ready")
+        assert response.headers["retry-after"] == "1"
+        assert error["message"] == ("model 'b' not ready (failed: version 1: not chosen by the "
+                                    "version policy (specific:5))"), error
+
+
 def test_an_answer_names_the_served_model(client: TestClient) -> None:
     name = client.get("/v1/model").json()["name"]
     assert client.post("/infer", json={"sequences": [[3, 4]]}).json()["model"] == name == "segmenter"

@@ -195,8 +195,11 @@ class Repository:
             stage = "draining"
         elif self.ready:
             stage = "ready"
-        elif failed and self.started:
+        elif self.started and (failed or loading is None):  # nothing more is coming
             stage = "failed"
+            error = error or "; ".join(self._not_ready(self.models[name], None) for name in
+                                       sorted(self.startup_names & set(self.models))
+                                       if self.models[name].serving() is None)
         else:
             stage = loading.status.stage if loading is not None else "starting"
         detail = loading.status.detail if loading is not None else None
