@@ -22,9 +22,9 @@ endif
 
 install: $(VENV)/.installed $(VENV)/.kernel $(TOOLS)/.installed $(CLIENT)/.installed
 
-# uv installs the environments: it unpacks and compiles wheels in parallel (a fresh .venv in
-# ~25 s where pip took ~60), and makes .pyc files up front as pip does, so no process pays
-# for TensorFlow's source at import.
+# uv installs the environments: it unpacks and compiles wheels in parallel, in a fraction of
+# pip's time (docs/development.md), and makes .pyc files up front as pip does, so that no
+# process pays for compiling TensorFlow's sources at import.
 UV_VERSION := 0.13.10
 UV := .venv-uv/bin/uv
 UV_INSTALL = $(UV) pip install -q --compile-bytecode --python
@@ -46,7 +46,7 @@ $(VENV)/.installed: pyproject.toml setup.py constraints.txt | $(UV)
 	# its files over tensorflow-cpu: add it alone, so .venv runs the TensorFlow production runs.
 	$(UV_INSTALL) $(BIN)/python --no-deps $$(grep -i '^tf[-_]keras==' constraints.txt)
 	! $(UV) pip show -q --python $(BIN)/python tensorflow 2>/dev/null || { echo "only tensorflow-cpu may be installed" >&2; exit 1; }
-	touch $@
+	touch $@ $(VENV)/.kernel  # the editable install has just built the kernel in place
 
 # docker-compose 1.x (for `docker-compose config` in the tests) pins old libraries, so it
 # lives in a venv of its own; its PyYAML 5 only builds with Cython < 3.

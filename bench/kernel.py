@@ -16,7 +16,7 @@ from functools import partial
 
 import numpy as np
 
-from app.engine.native_engine import _library, _Packed
+from app.engine.native_engine import _library, _Packed, aligned_floats
 from bench.arithmetic import peak_gflops
 
 SHAPES = ((1, 128, 384), (6, 128, 384), (32, 128, 384), (64, 256, 384), (2048, 256, 384))
@@ -36,7 +36,7 @@ def main() -> None:
     print(f"FMA peak, one core: {peak:.1f} GFLOP/s" if peak else "FMA peak: no C compiler")
     for m, k, n in SHAPES:
         a = rng.standard_normal((m, k)).astype(np.float32)
-        packed, c = _Packed(lib, rng.standard_normal((k, n)).astype(np.float32)), np.empty((m, n), np.float32)
+        packed, c = _Packed(lib, rng.standard_normal((k, n)).astype(np.float32)), aligned_floats(m * n)
         repeats = max(20, int(2e9 / (2 * m * k * n)))
         call = partial(lib.matmul, a.ctypes.data, m, packed.address, k, n, None, c.ctypes.data)
         seconds = per_call_s(call, repeats) - empty

@@ -94,6 +94,10 @@ def test_a_model_with_no_version_loaded_is_described_as_a_503_saying_why(
     with in_process(settings, ready=False) as client:
         assert client.get("/readyz").json()["error"] == ("model 'b' not ready (failed: version 1: "
                                                          "not chosen by the version policy (specific:5))")
+        assert client.get("/v1/models").json()["models"] == [
+            {"name": "a", "versions": [{"version": 1, "state": "READY"}]},
+            {"name": "b", "versions": [{"version": 1, "state": "UNAVAILABLE",
+                                        "reason": "not chosen by the version policy (specific:5)"}]}]
         assert client.get("/v1/models/a").json()["name"] == "a"
         response = client.get("/v1/models/b")
         error = response.json()["error"]

@@ -15,8 +15,10 @@
  * Matrices multiplied on the right are packed once (pack_columns): blocks of 16 columns,
  * each block's rows contiguous, so a kernel streams one block while its accumulators stay in
  * registers. Rows are multiplied six or four at a time (6 x 16, 4 x 16) or one at a time
- * (1 x 64). The hot functions are compiled for AVX-512, AVX2 + FMA and the baseline, and
- * the CPU picks at load time (GCC target_clones). sigmoid and tanh use a vectorisable
+ * (1 x 64); where the CPU has AVX-512, with 16-float registers two blocks at a time (6 x 32,
+ * 4 x 32) and one row by 128 columns. The hot functions are compiled for AVX-512, AVX2 + FMA
+ * and the baseline, and the CPU picks at load time (GCC target_clones); the weights are packed
+ * on 64-byte boundaries (native_engine.py), so that no 16-float load spans two cache lines. sigmoid and tanh use a vectorisable
  * exponential (Cephes' expf polynomial, about 1 ulp); the rarer activations call libm.
  */
 #include <math.h>
@@ -30,8 +32,12 @@
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define DISPATCH __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define WIDE_TARGET __attribute__((target("arch=x86-64-v4"), noinline))
+#define WIDE_INLINE static inline __attribute__((target("arch=x86-64-v4"), always_inline))
 #else
 #define DISPATCH
+#define WIDE_TARGET __attribute__((noinline))
+#define WIDE_INLINE static inline __attribute__((always_inline))
 #endif
 #define INLINE static inline __attribute__((always_inline))
 
@@ -157,6 +163,80 @@ INLINE void row16(const float *a, const float *block, int k, const float *bias0,
     store8(c + 8, c1, width - 8);
 }
 
+/* ---- AVX-512's kernels: sixteen floats a register, 32 registers ----
+ * Compiled for AVX-512 alone (other targets would split each vector through memory) and
+ * called only where the CPU has it: six (or four) rows by two blocks, twelve accumulators;
+ * one row by eight blocks, eight. Each column's sum runs in the same order as in the kernels
+ * above, so every kernel gives a row the same bits. */
+
+typedef float v16 __attribute__((vector_size(64), aligned(4)));
+#define AT16(p) (*(const v16 *)(p))
+#define SPLAT16(x) ((v16){(x), (x), (x), (x), (x), (x), (x), (x), (x), (x), (x), (x), (x), (x), (x), (x)})
+
+static int wide;  /* whether the CPU runs these kernels: target_clones picks its AVX-512 copies */
+__attribute__((constructor)) static void detect_width(void) {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+    wide = __builtin_cpu_supports("x86-64-v4") != 0;
+#endif
+}
+
+WIDE_INLINE void store16(float *c, v16 v, int width) {
+    if (width >= 16) {
+        *(v16 *)c = v;
+    } else {
+        for (int q = 0; q < width; ++q) c[q] = v[q];
+    }
+}
+
+/* ``rows`` (6 or 4) rows by the two blocks at ``block`` and ``block + stride``. */
+WIDE_TARGET static void rows_pair(const float *a, int64_t lda, const float *block, int64_t stride,
+                                  int k, const float *bias0, float *c, int64_t ldc, int width,
+                                  int rows) {
+    v16 c00 = AT16(bias0), c10 = c00, c20 = c00, c30 = c00, c40 = c00, c50 = c00;
+    v16 c01 = AT16(bias0 + 16), c11 = c01, c21 = c01, c31 = c01, c41 = c01, c51 = c01;
+    const float *a0 = a, *a1 = a + lda, *a2 = a + 2 * lda, *a3 = a + 3 * lda;
+    const float *a4 = a + 4 * lda, *a5 = a + 5 * lda;
+    if (rows == 4) a4 = a5 = a0;  /* computed, not stored */
+    for (int p = 0; p < k; ++p) {
+        const v16 b0 = AT16(block + (int64_t)p * BLOCK), b1 = AT16(block + stride + (int64_t)p * BLOCK);
+        v16 x = SPLAT16(a0[p]);
+        c00 += x * b0; c01 += x * b1;
+        x = SPLAT16(a1[p]);
+        c10 += x * b0; c11 += x * b1;
+        x = SPLAT16(a2[p]);
+        c20 += x * b0; c21 += x * b1;
+        x = SPLAT16(a3[p]);
+        c30 += x * b0; c31 += x * b1;
+        x = SPLAT16(a4[p]);
+        c40 += x * b0; c41 += x * b1;
+        x = SPLAT16(a5[p]);
+        c50 += x * b0; c51 += x * b1;
+    }
+    const v16 out[6][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+    for (int r = 0; r < rows; ++r) {
+        store16(c + r * ldc, out[r][0], width);
+        store16(c + r * ldc + 16, out[r][1], width - 16);
+    }
+}
+
+/* One row by the eight blocks from ``block`` (128 columns). */
+WIDE_TARGET static void row128(const float *a, const float *block, int k, const float *bias0,
+                               float *c, int width) {
+    v16 c0 = AT16(bias0), c1 = AT16(bias0 + 16), c2 = AT16(bias0 + 32), c3 = AT16(bias0 + 48);
+    v16 c4 = AT16(bias0 + 64), c5 = AT16(bias0 + 80), c6 = AT16(bias0 + 96), c7 = AT16(bias0 + 112);
+    const int64_t stride = (int64_t)k * BLOCK;
+    for (int p = 0; p < k; ++p) {
+        const v16 x = SPLAT16(a[p]);
+        const float *b = block + (int64_t)p * BLOCK;
+        c0 += x * AT16(b); c1 += x * AT16(b + stride);
+        c2 += x * AT16(b + 2 * stride); c3 += x * AT16(b + 3 * stride);
+        c4 += x * AT16(b + 4 * stride); c5 += x * AT16(b + 5 * stride);
+        c6 += x * AT16(b + 6 * stride); c7 += x * AT16(b + 7 * stride);
+    }
+    const v16 out[8] = {c0, c1, c2, c3, c4, c5, c6, c7};
+    for (int i = 0; i < 8; ++i) store16(c + 16 * i, out[i], width - 16 * i);
+}
+
 /* The bias of columns j0..j0+count*BLOCK (zeros past n), so that no kernel reads past it. */
 INLINE int bias_blocks(const float *bias, int j0, int count, int n, float *out) {
     const int width = n - j0 < count * BLOCK ? n - j0 : count * BLOCK;
@@ -164,30 +244,42 @@ INLINE int bias_blocks(const float *bias, int j0, int count, int n, float *out) 
     return width;
 }
 
-/* Six (then four) rows at a time block by block (the block stays in L1 while the rows
- * stream), then each remaining row 64 columns at a time (eight chains of FMAs). */
+/* Six (then four) rows at a time, a block (or, on AVX-512, two) at a time: the blocks stay
+ * in L1 while the rows stream; then each remaining row 64 (or 128) columns at a time. */
 INLINE void product(const float *a, int64_t lda, int m, const float *packed, int k, int n,
                     const float *bias, float *c, int64_t ldc) {
     const int blocks = (n + BLOCK - 1) / BLOCK, sixes = m / 6 * 6;
     const int whole = sixes + (m - sixes >= 4 ? 4 : 0);
-    const int64_t block_floats = (int64_t)BLOCK * k;
-    float biases[4 * BLOCK];
-    for (int j = 0; j < blocks && whole > 0; ++j) {
-        const int width = bias_blocks(bias, j * BLOCK, 1, n, biases);
-        const float *block = packed + j * block_floats;
-        for (int r = 0; r < sixes; r += 6)
-            rows_block(a + r * lda, lda, block, k, biases, c + r * ldc + j * BLOCK, ldc, width, 6);
-        if (whole > sixes)
-            rows_block(a + sixes * lda, lda, block, k, biases, c + sixes * ldc + j * BLOCK, ldc, width, 4);
+    const int64_t stride = (int64_t)BLOCK * k;
+    float biases[8 * BLOCK];
+    for (int j = 0; j < blocks && whole > 0; ) {
+        const int pair = wide && j + 2 <= blocks;
+        const int width = bias_blocks(bias, j * BLOCK, pair ? 2 : 1, n, biases);
+        const float *block = packed + j * stride;
+        for (int r = 0; r < whole; r += 6) {
+            const int rows = r < sixes ? 6 : 4;
+            float *cr = c + r * ldc + j * BLOCK;
+            if (pair)
+                rows_pair(a + r * lda, lda, block, stride, k, biases, cr, ldc, width, rows);
+            else if (rows == 6)
+                rows_block(a + r * lda, lda, block, k, biases, cr, ldc, width, 6);
+            else
+                rows_block(a + r * lda, lda, block, k, biases, cr, ldc, width, 4);
+        }
+        j += pair ? 2 : 1;
     }
     for (int j = 0; j < blocks && whole < m; ) {
-        const int group = j + 4 <= blocks ? 4 : 1;
+        const int group = wide && j + 8 <= blocks ? 8 : j + 4 <= blocks ? 4 : 1;
         const int width = bias_blocks(bias, j * BLOCK, group, n, biases);
         for (int r = whole; r < m; ++r) {
-            if (group == 4)
-                row64(a + r * lda, packed + j * block_floats, k, biases, c + r * ldc + j * BLOCK, width);
+            const float *ar = a + r * lda, *block = packed + j * stride;
+            float *cr = c + r * ldc + j * BLOCK;
+            if (group == 8)
+                row128(ar, block, k, biases, cr, width);
+            else if (group == 4)
+                row64(ar, block, k, biases, cr, width);
             else
-                row16(a + r * lda, packed + j * block_floats, k, biases, c + r * ldc + j * BLOCK, width);
+                row16(ar, block, k, biases, cr, width);
         }
         j += group;
     }
