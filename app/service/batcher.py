@@ -1,11 +1,13 @@
 """Dynamic micro-batching: sequences from requests that arrive together run in one call.
 
-Requests append a job to a queue and await it. ``workers`` loops (one engine thread
-each) take waiting jobs, run them through the :class:`~app.engine.runner.Runner` and
-hand each job exactly its own results. A loop takes its fair share of what waits (split
-between the idle loops, at most ``max_batch_size`` sequences, always at least one whole
-job), because on these CPUs two one-thread engine calls side by side do far more than one
-call with two threads or one call with twice the batch. While calls run, new requests
+Requests append a job to a queue and await it. ``workers`` engine threads take waiting
+jobs, run them through the :class:`~app.engine.runner.Runner` and hand each job exactly
+its own results back on the event loop. A thread takes its next batch itself as soon as
+its call ends, without a turn of the event loop, which may be busy answering the last
+batch's requests. A thread takes its fair share of what waits (split between the idle
+threads, at most ``max_batch_size`` sequences, always at least one whole job), because on
+these CPUs two one-thread engine calls side by side do far more than one call with two
+threads or one call with twice the batch. While calls run, new requests
 queue up and form the next batches, so batching grows with load by itself; ``max_delay_s``
 optionally waits a little for company when the queue is short (0 by default: a lone
 request never waits). A call of at most ``in_place_tokens`` padded tokens with nothing else
@@ -27,7 +29,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -74,11 +75,11 @@ class MicroBatcher:
         self.max_delay_s = max_delay_s
         self.on_batch: list[Callable[[BatchStats], None]] = []
         self._queue: deque[Job] = deque()
-        self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="engine",
-                                            initializer=_yield_to_the_event_loop)
-        self._loops: list[asyncio.Task[None]] = []
+        self._changed = threading.Condition()  # guards the queue, _waiting, _idle and _stopping
+        self._threads: list[threading.Thread] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._idle = workers
+        self._stopping = False
         self._waiting = 0  # sequences in the queue
         self._claims = 0  # requests deciding whether to run in place
 
@@ -88,8 +89,11 @@ class MicroBatcher:
         return self._waiting
 
     def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._loops = [loop.create_task(self._work(), name=f"batcher-{i}") for i in range(self.workers)]
+        self._loop = asyncio.get_running_loop()
+        self._threads = [threading.Thread(target=self._work, name=f"engine_{i}", daemon=True)
+                         for i in range(self.workers)]
+        for thread in self._threads:
+            thread.start()
 
     async def submit(self, sequences: list[np.ndarray]) -> list[Result]:
         """Queue the sequences and wait for their results. Cancelling the wait (a deadline,
@@ -153,56 +157,71 @@ class MicroBatcher:
 
     def _enqueue(self, sequences: list[np.ndarray]) -> asyncio.Future[list[Result]]:
         job = Job(sequences, asyncio.get_running_loop().create_future())
-        self._queue.append(job)
-        self._waiting += len(sequences)
-        self._wakeup.set()
+        with self._changed:
+            self._queue.append(job)
+            self._waiting += len(sequences)
+            self._changed.notify()
         return job.future
 
     async def close(self) -> None:
-        """Finish every queued job, then stop the worker."""
-        while self._queue or self._idle < self.workers:
+        """Finish every queued job, then stop the engine threads."""
+        while self._busy():
             await asyncio.sleep(0.005)
-        for task in self._loops:
-            task.cancel()
-        await asyncio.gather(*self._loops, return_exceptions=True)
-        self._executor.shutdown(wait=True)
+        with self._changed:
+            self._stopping = True
+            self._changed.notify_all()
+        for thread in self._threads:
+            await asyncio.to_thread(thread.join)
 
-    async def _work(self) -> None:
+    def _busy(self) -> bool:
+        with self._changed:
+            return bool(self._queue) or self._idle < self.workers
+
+    # -- on the engine threads -----------------------------------------------------------
+
+    def _work(self) -> None:
+        _yield_to_the_event_loop()
         while True:
-            while not self._queue:
-                self._wakeup.clear()
-                await self._wakeup.wait()
+            with self._changed:
+                while not self._queue and not self._stopping:
+                    self._changed.wait()
+                if not self._queue:
+                    return
             if self.max_delay_s and self._waiting < self.max_batch_size:
-                await asyncio.sleep(self.max_delay_s)
-            if self._queue:  # another loop may have taken it meanwhile
-                await self._run_batch()
+                time.sleep(self.max_delay_s)  # a little company for a short queue
+            with self._changed:
+                jobs = self._take() if self._queue else []  # another thread may have taken it
+                self._idle -= bool(jobs)
+            if jobs:
+                try:
+                    self._run_batch(jobs)
+                finally:
+                    with self._changed:
+                        self._idle += 1
 
-    async def _run_batch(self) -> None:
-        """One engine call for this loop's share. Its own function so that the results go
-        out of scope once delivered (the consumers release them as they send them)."""
-        jobs = self._take()
-        if not jobs:
-            return
+    def _run_batch(self, jobs: list[Job]) -> None:
+        """One engine call for this thread's share; the results go to their requests on the
+        event loop."""
         started = time.perf_counter()
         sequences = [s for job in jobs for s in job.sequences]
-        self._idle -= 1
         try:
-            results = await asyncio.get_running_loop().run_in_executor(self._executor, self.runner.run,
-                                                                       sequences)
+            results = self.runner.run(sequences)
         except Exception as exc:  # an engine failure fails these jobs, not the service
-            for job in jobs:
-                if not job.future.done():
-                    job.future.set_exception(exc)
+            self._on_loop(self._fail, jobs, exc)
             return
-        finally:
-            self._idle += 1
-        self._deliver(jobs, results)
-        self._observe(BatchStats(len(jobs), len(sequences), [started - j.queued_at for j in jobs],
-                                 time.perf_counter() - started))
+        stats = BatchStats(len(jobs), len(sequences), [started - j.queued_at for j in jobs],
+                           time.perf_counter() - started)
+        self._on_loop(self._deliver, jobs, results, stats)
+
+    def _on_loop(self, callback: Callable[..., None], *args: object) -> None:
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):  # the loop closed without close(): nobody waits
+            self._loop.call_soon_threadsafe(callback, *args)
 
     def _take(self) -> list[Job]:
-        """This loop's share: what waits, split between the idle loops (this one included),
-        and no more tokens than one engine call holds (the rest is another loop's share)."""
+        """This thread's share: what waits, split between the idle threads (this one
+        included), and no more tokens than one engine call holds (the rest is another
+        thread's share)."""
         share = min(self.max_batch_size, -(-self._waiting // max(self._idle, 1)))
         max_tokens = self.runner.max_batch_tokens or float("inf")
         jobs = [self._queue.popleft()]
@@ -215,11 +234,19 @@ class MicroBatcher:
         self._waiting -= count
         return [job for job in jobs if not job.future.done()]  # skip clients that left
 
-    @staticmethod
-    def _deliver(jobs: list[Job], results: list[Result]) -> None:
+    # -- back on the event loop ------------------------------------------------------------
+
+    def _deliver(self, jobs: list[Job], results: list[Result], stats: BatchStats) -> None:
         start = 0
         for job in jobs:
             end = start + len(job.sequences)
             if not job.future.done():  # the client may have gone away
                 job.future.set_result(results[start:end])
             start = end
+        self._observe(stats)
+
+    @staticmethod
+    def _fail(jobs: list[Job], exc: Exception) -> None:
+        for job in jobs:
+            if not job.future.done():
+                job.future.set_exception(exc)
