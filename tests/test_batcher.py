@@ -398,3 +398,55 @@ def test_engine_calls_run_on_threads_that_yield_to_the_event_loop(
     assert engine.threads != [threading.get_ident()]
     base = os.getpriority(os.PRIO_PROCESS, 0)
     assert engine.niceness == [ENGINE_NICENESS if base <= ENGINE_NICENESS else base]
+
+
+def test_close_waits_for_the_running_call_and_the_jobs_behind_it(
+    model: tuple[NativeModel, ModelSpec],
+) -> None:
+    async def scenario(batcher: MicroBatcher, engine: GatedEngine) -> None:
+        engine.gate.clear()
+        jobs = [asyncio.ensure_future(batcher.submit([tokens(i, 4)])) for i in range(3)]
+        await eventually(lambda: engine.started == 1)
+        closing = asyncio.ensure_future(batcher.close())
+        await asyncio.sleep(0.05)
+        assert not closing.done()
+        engine.gate.set()
+        await closing
+        assert [len(await job) for job in jobs] == [1, 1, 1]
+
+    with_batcher(scenario, model[1], max_batch_size=1)
+
+
+def test_engine_threads_are_named_daemons_that_outlive_a_closed_loop_quietly(
+    model: tuple[NativeModel, ModelSpec],
+) -> None:
+    """The threads are ``engine_<n>`` (the benchmark's CPU split reads the names) and daemons
+    (a process whose batcher was never closed still exits); a call that ends after its event
+    loop has closed drops its results without an error."""
+    engine = GatedEngine(OnnxRuntimeEngine(model[1], threads=1))
+    engine.gate.clear()
+    raised: list[BaseException] = []
+    previous, threading.excepthook = threading.excepthook, lambda hook: raised.append(hook.exc_value)
+    batcher = MicroBatcher(Runner(engine, length_buckets(64), 8), 2, 8, 0.0, 64)  # type: ignore[arg-type]
+
+    waiting: list[asyncio.Future] = []
+
+    async def main() -> None:
+        batcher.start()
+        waiting.append(asyncio.ensure_future(batcher.submit([tokens(3, 2)])))
+        await eventually(lambda: engine.started == 1)
+
+    try:
+        asyncio.run(main())
+        threads = [t for t in threading.enumerate() if t.name.startswith("engine_")]
+        assert sorted(t.name for t in threads)[-2:] == ["engine_0", "engine_1"]
+        assert all(t.daemon for t in threads)
+        engine.gate.set()
+        for _ in range(500):
+            if engine.calls:
+                break
+            threading.Event().wait(0.01)
+        threading.Event().wait(0.1)  # the call's results reach the closed loop
+        assert engine.calls and not raised
+    finally:
+        threading.excepthook = previous

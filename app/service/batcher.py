@@ -164,18 +164,12 @@ class MicroBatcher:
         return job.future
 
     async def close(self) -> None:
-        """Finish every queued job, then stop the engine threads."""
-        while self._busy():
-            await asyncio.sleep(0.005)
+        """Stop the engine threads once every queued job has run."""
         with self._changed:
             self._stopping = True
             self._changed.notify_all()
         for thread in self._threads:
             await asyncio.to_thread(thread.join)
-
-    def _busy(self) -> bool:
-        with self._changed:
-            return bool(self._queue) or self._idle < self.workers
 
     # -- on the engine threads -----------------------------------------------------------
 
@@ -186,7 +180,7 @@ class MicroBatcher:
                 while not self._queue and not self._stopping:
                     self._changed.wait()
                 if not self._queue:
-                    return
+                    return  # stopping, and nothing left to run
             if self.max_delay_s and self._waiting < self.max_batch_size:
                 time.sleep(self.max_delay_s)  # a little company for a short queue
             with self._changed:
