@@ -377,6 +377,21 @@ def test_a_small_call_with_nothing_else_to_do_runs_on_the_event_loop(
     assert where["delayed"] == [False]
 
 
+def test_once_the_engine_threads_are_done_a_lone_small_call_runs_in_place_again(
+    model: tuple[NativeModel, ModelSpec],
+) -> None:
+    """A thread counts as idle again before its requests hear back, so the next lone small
+    call finds the engine idle."""
+    async def scenario(batcher: MicroBatcher, engine: GatedEngine) -> None:
+        for _ in range(2):
+            await asyncio.gather(*(streamed(batcher, [[tokens(seed, 9)]]) for seed in range(4)))
+            calls = len(engine.threads)
+            await streamed(batcher, [[tokens(9, 3)]])
+            assert engine.threads[calls:] == [threading.get_ident()]
+
+    with_batcher(scenario, model[1], workers=2, in_place_tokens=8)
+
+
 def test_engine_calls_run_on_threads_that_yield_to_the_event_loop(
     model: tuple[NativeModel, ModelSpec],
 ) -> None:

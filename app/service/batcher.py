@@ -186,31 +186,28 @@ class MicroBatcher:
             with self._changed:
                 jobs = self._take() if self._queue else []  # another thread may have taken it
                 self._idle -= bool(jobs)
-            if jobs:
-                try:
-                    self._run_batch(jobs)
-                finally:
-                    with self._changed:
-                        self._idle += 1
+            if not jobs:
+                continue
+            try:
+                delivery = self._run_batch(jobs)
+            finally:  # idle again before the requests hear back: their next call may run in place
+                with self._changed:
+                    self._idle += 1
+            with contextlib.suppress(RuntimeError):  # the loop closed without close(): nobody waits
+                self._loop.call_soon_threadsafe(*delivery)  # type: ignore[union-attr]
 
-    def _run_batch(self, jobs: list[Job]) -> None:
-        """One engine call for this thread's share; the results go to their requests on the
-        event loop."""
+    def _run_batch(self, jobs: list[Job]) -> tuple:
+        """One engine call for this thread's share; returns what hands the results (or the
+        failure) to their requests on the event loop."""
         started = time.perf_counter()
         sequences = [s for job in jobs for s in job.sequences]
         try:
             results = self.runner.run(sequences)
         except Exception as exc:  # an engine failure fails these jobs, not the service
-            self._on_loop(self._fail, jobs, exc)
-            return
+            return self._fail, jobs, exc
         stats = BatchStats(len(jobs), len(sequences), [started - j.queued_at for j in jobs],
                            time.perf_counter() - started)
-        self._on_loop(self._deliver, jobs, results, stats)
-
-    def _on_loop(self, callback: Callable[..., None], *args: object) -> None:
-        assert self._loop is not None
-        with contextlib.suppress(RuntimeError):  # the loop closed without close(): nobody waits
-            self._loop.call_soon_threadsafe(callback, *args)
+        return self._deliver, jobs, results, stats
 
     def _take(self) -> list[Job]:
         """This thread's share: what waits, split between the idle threads (this one
