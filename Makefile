@@ -34,9 +34,10 @@ $(UV):
 	.venv-uv/bin/pip install -q uv==$(UV_VERSION)
 
 # The native engine's kernel, rebuilt in place when its source changes (the editable install
-# builds it once).
+# builds it once: a library newer than its sources is kept).
 $(VENV)/.kernel: app/engine/recurrence.c setup.py $(VENV)/.installed
-	$(BIN)/python setup.py -q build_ext --inplace
+	[ -n "$$(find app/engine -name '_recurrence*.so' -newer app/engine/recurrence.c -newer setup.py)" ] \
+		|| $(BIN)/python setup.py -q build_ext --inplace
 	touch $@
 
 $(VENV)/.installed: pyproject.toml setup.py constraints.txt | $(UV)
@@ -46,7 +47,7 @@ $(VENV)/.installed: pyproject.toml setup.py constraints.txt | $(UV)
 	# its files over tensorflow-cpu: add it alone, so .venv runs the TensorFlow production runs.
 	$(UV_INSTALL) $(BIN)/python --no-deps $$(grep -i '^tf[-_]keras==' constraints.txt)
 	! $(UV) pip show -q --python $(BIN)/python tensorflow 2>/dev/null || { echo "only tensorflow-cpu may be installed" >&2; exit 1; }
-	touch $@ $(VENV)/.kernel  # the editable install has just built the kernel in place
+	touch $@
 
 # docker-compose 1.x (for `docker-compose config` in the tests) pins old libraries, so it
 # lives in a venv of its own; its PyYAML 5 only builds with Cython < 3.
