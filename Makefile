@@ -26,6 +26,8 @@ install: $(VENV)/.installed $(VENV)/.kernel $(TOOLS)/.installed $(CLIENT)/.insta
 # pip's time (docs/development.md), and makes .pyc files up front as pip does, so that no
 # process pays for compiling TensorFlow's sources at import.
 UV_VERSION := 0.13.10
+# The system's CA bundle, as pip uses it (a TLS-intercepting proxy's CA is there).
+export UV_NATIVE_TLS := 1
 UV := .venv-uv/bin/uv
 UV_INSTALL = $(UV) pip install -q --compile-bytecode --python
 
