@@ -18,8 +18,9 @@
  * (1 x 64); where the CPU has AVX-512, with 16-float registers two blocks at a time (6 x 32,
  * 4 x 32) and one row by 128 columns. The hot functions are compiled for AVX-512, AVX2 + FMA
  * and the baseline, and the CPU picks at load time (GCC target_clones); the weights are packed
- * on 64-byte boundaries (native_engine.py), so that no 16-float load spans two cache lines. sigmoid and tanh use a vectorisable
- * exponential (Cephes' expf polynomial, about 1 ulp); the rarer activations call libm.
+ * on 64-byte boundaries (native_engine.py), so that no 16-float load spans two cache lines.
+ * sigmoid and tanh use a vectorisable exponential (Cephes' expf polynomial, about 1 ulp); the
+ * rarer activations call libm.
  */
 #include <math.h>
 #include <pthread.h>

@@ -185,7 +185,8 @@ class MicroBatcher:
                 time.sleep(self.max_delay_s)  # a little company for a short queue
             with self._changed:
                 jobs = self._take() if self._queue else []  # another thread may have taken it
-                self._idle -= bool(jobs)
+                if jobs:
+                    self._idle -= 1
             if not jobs:
                 continue
             try:
@@ -196,7 +197,7 @@ class MicroBatcher:
             with contextlib.suppress(RuntimeError):  # the loop closed without close(): nobody waits
                 self._loop.call_soon_threadsafe(*delivery)  # type: ignore[union-attr]
 
-    def _run_batch(self, jobs: list[Job]) -> tuple:
+    def _run_batch(self, jobs: list[Job]) -> tuple[Callable[..., None], *tuple[object, ...]]:
         """One engine call for this thread's share; returns what hands the results (or the
         failure) to their requests on the event loop."""
         started = time.perf_counter()
