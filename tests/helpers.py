@@ -107,6 +107,7 @@ class GatedEngine:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.name, self.parallel_calls, self.input = engine.name, engine.parallel_calls, engine.input
+        self.ragged = engine.ragged
         self.gate = threading.Event()
         self.gate.set()
         self.calls: list[list[tuple[int, ...]]] = []  # per call: the real sequences it ran

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+import tracemalloc
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
@@ -88,6 +89,28 @@ def test_the_native_kernel_gives_the_same_bits_on_two_threads_and_batched_or_alo
             np.testing.assert_array_equal(a[row, :length], alone[row][which][0])
     hidden = two[1]
     assert not any(hidden[row, length:].any() for row, length in enumerate(lengths))  # as ONNX's
+
+
+def test_the_native_engine_keeps_a_calls_scratch_up_to_kept_tokens(bundle) -> None:
+    """A call of at most ``kept_tokens`` padded tokens leaves its scratch for the thread's next
+    call (no fresh mappings per call); a larger call lets it go."""
+    from app.engine.native_engine import NativeEngine
+
+    engine = NativeEngine(bundle.spec, 1, kept_tokens=256)
+
+    def held_after(batch: int) -> int:
+        engine.run(np.ones((batch, 64), np.int32), np.full(batch, 64, np.int32))  # results dropped
+        return tracemalloc.get_traced_memory()[0]
+
+    tracemalloc.start()
+    try:
+        idle = tracemalloc.get_traced_memory()[0]
+        kept = held_after(4)  # 256 padded tokens
+        assert kept - idle > 256 * 4 * 1024  # at least the projected inputs: 384 floats a token, both ways
+        assert held_after(4) - kept < 4096  # reused, not grown
+        assert held_after(8) - idle < 64 * 1024  # 512 tokens: let go
+    finally:
+        tracemalloc.stop()
 
 
 def test_a_forked_child_runs_the_native_kernel_on_two_threads(bundle) -> None:

@@ -26,6 +26,7 @@ class KerasGraphEngine:
 
     name = "keras-graph"
     parallel_calls = False
+    ragged = False
 
     def __init__(self, model: object, model_input: ModelInput) -> None:
         import tensorflow as tf

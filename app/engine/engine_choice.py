@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from app.engine.engines import Engine, make_engine
+from app.engine.engines import ARENA_KEPT_TOKENS, Engine, make_engine
 from app.engine.runner import Runner
 from app.spec import ModelSpec
 
@@ -66,17 +66,17 @@ class EngineChoice:
 
 
 def choose_engine(kind: str, spec: ModelSpec, threads: int | None, length_buckets: list[int],
-                  max_batch_size: int, budget_s: float = 0.5, keras_file: str | None = None
-                  ) -> EngineChoice:
+                  max_batch_size: int, budget_s: float = 0.5, keras_file: str | None = None,
+                  kept_tokens: int = ARENA_KEPT_TOKENS) -> EngineChoice:
     """The engine named by ``kind``; for ``auto``, the fastest candidate on this machine.
-    ``keras_file``: the saved Keras model ``spec`` was read from (``keras`` serves it)."""
+    ``keras_file`` and ``kept_tokens``: as :func:`~app.engine.engines.make_engine` takes them."""
     if kind != "auto":
-        return EngineChoice(make_engine(kind, spec, threads, length_buckets, keras_file), kind)
+        return EngineChoice(make_engine(kind, spec, threads, length_buckets, keras_file, kept_tokens), kind)
     start = time.perf_counter()
     engines, errors = {}, {}
     for name in CANDIDATES:
         try:
-            engines[name] = make_engine(name, spec, threads, length_buckets)
+            engines[name] = make_engine(name, spec, threads, length_buckets, kept_tokens=kept_tokens)
         except ImportError as exc:
             errors[name] = Timing(error=f"not installed: {exc.name or exc}")
         except Exception as exc:  # one candidate failing to build leaves the others to serve

@@ -30,6 +30,9 @@ from app.spec import ModelInput, ModelSpec
 class Engine(Protocol):
     name: str
     parallel_calls: bool
+    # Whether run() computes each sequence over its own steps only, padding costing it nothing
+    # but memory: the runner then puts any lengths in one call rather than one per length bucket.
+    ragged: bool
     input: ModelInput  # what run() takes: its name, dtype and per-step shape
 
     def run(self, inputs: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
@@ -51,6 +54,7 @@ ARENA_KEPT_TOKENS = 2048
 class OnnxRuntimeEngine:
     name = "onnxruntime"
     parallel_calls = True
+    ragged = False
 
     def __init__(self, spec: ModelSpec, threads: int = 1) -> None:
         import onnxruntime as ort
@@ -106,6 +110,7 @@ class KerasEngine:
 
     name = "keras-xla"
     parallel_calls = False
+    ragged = False
 
     def __init__(self, spec: ModelSpec, threads: int, length_buckets: list[int],
                  keras_file: str | None = None) -> None:
@@ -148,14 +153,16 @@ ENGINE_KINDS = ("native", "onnxruntime", "openvino", "keras")
 
 
 def make_engine(kind: str, spec: ModelSpec, threads: int | None, length_buckets: list[int],
-                keras_file: str | None = None) -> Engine:
+                keras_file: str | None = None, kept_tokens: int = ARENA_KEPT_TOKENS) -> Engine:
     """The engine named ``kind`` (``auto`` is :func:`app.engine.engine_choice.choose_engine`'s).
-    ``keras_file``: the saved Keras model ``spec`` was read from, which ``keras`` serves itself."""
+    ``keras_file``: the saved Keras model ``spec`` was read from, which ``keras`` serves itself;
+    ``kept_tokens``: the largest call (padded tokens) whose scratch the native engine keeps
+    for its thread's next calls (the service: ``MAX_BATCH_TOKENS``, which its memory reserves)."""
     if kind == "native":
         from app.engine.native_engine import NativeEngine
 
         # Two threads run a layer's two directions side by side (a lone request on two cores).
-        return NativeEngine(spec, threads or min(2, os.cpu_count() or 1), ARENA_KEPT_TOKENS)
+        return NativeEngine(spec, threads or min(2, os.cpu_count() or 1), kept_tokens)
     if kind == "keras":
         return KerasEngine(spec, threads or os.cpu_count() or 1, length_buckets, keras_file)
     if kind == "openvino":

@@ -10,8 +10,10 @@ alone runs the two directions of each layer side by side (a lone request on two 
 that overlap others take one thread each, as the service's side-by-side calls are meant to.
 
 Scratch (the projected inputs and the layers' outputs but the last) is kept per calling
-thread and reused, so calls cost no fresh mappings; after a call of over ``kept_tokens``
-padded tokens it is let go (as ONNX Runtime's arena is shrunk: the same bound).
+thread and reused, so calls cost no fresh mappings (with glibc told to map large blocks
+apart, each fresh one costs a page fault per 4 KiB and a shootdown when freed); after a call
+of over ``kept_tokens`` padded tokens it is let go. The service keeps up to
+``MAX_BATCH_TOKENS``, what its memory reserves for each engine thread's calls.
 """
 
 from __future__ import annotations
@@ -128,6 +130,7 @@ class _Layer:
 class NativeEngine:
     name = "native"
     parallel_calls = True
+    ragged = True
 
     def __init__(self, spec: ModelSpec, threads: int = 1, kept_tokens: int = 2048) -> None:
         self._lib = _library()

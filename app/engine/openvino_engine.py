@@ -28,6 +28,7 @@ from app.spec import ModelSpec
 class OpenVinoEngine:
     name = "openvino"
     parallel_calls = True
+    ragged = False
 
     def __init__(self, spec: ModelSpec, threads: int = 1, streams: int = 1) -> None:
         import openvino

@@ -1,12 +1,12 @@
 """The one runner: unpadded sequences in, each sequence's own per-step rows out.
 
 A sequence is whatever the model's input takes per step, stacked: ids ``(steps,) int32`` or
-feature vectors ``(steps, F) float32``. Sequences are grouped by length bucket so that
-padding stays small (and at most ``max_batch_size`` sequences and ``max_batch_tokens``
-padded tokens go in one call, which bounds the engine's memory per call: see
-:mod:`app.service.pricing`), each group is right-padded into the engine's input array (the
-engines honour the true lengths, so padding never reaches the backward direction), and every
-result is sliced back to its sequence's length.
+feature vectors ``(steps, F) float32``. Sequences are grouped by length bucket so that padding
+stays small (a ragged engine, which computes no padding, takes any lengths in one group), at
+most ``max_batch_size`` sequences and ``max_batch_tokens`` padded tokens per call, which
+bounds the engine's memory per call (:mod:`app.service.pricing`). Each group is right-padded
+into the engine's input array (the engines honour the true lengths, so padding never reaches
+the backward direction), and every result is sliced back to its sequence's length.
 """
 
 from __future__ import annotations
@@ -36,15 +36,20 @@ class Runner:
         return results  # type: ignore[return-value]
 
     def _groups(self, sequences: list[np.ndarray]) -> list[list[int]]:
+        """Indices, shortest first, cut into calls at ``max_batch_size`` sequences, past
+        ``max_batch_tokens`` padded tokens and, unless the engine is ragged, at each new
+        length bucket."""
         order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+        ragged = self.engine.ragged
         groups: list[list[int]] = []
-        current_bucket = -1
+        steps = 0  # the current group's padded length
         for index in order:
-            bucket = bucket_of(self.buckets, len(sequences[index]))
-            if (bucket != current_bucket or len(groups[-1]) >= self.max_batch_size
-                    or self._too_many_tokens(len(groups[-1]) + 1, bucket)):
+            length = len(sequences[index])
+            padded = length if ragged else bucket_of(self.buckets, length)
+            if (not groups or len(groups[-1]) >= self.max_batch_size or (padded != steps and not ragged)
+                    or self._too_many_tokens(len(groups[-1]) + 1, padded)):
                 groups.append([])
-                current_bucket = bucket
+            steps = padded
             groups[-1].append(index)
         return groups
 

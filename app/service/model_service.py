@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import platform
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -243,8 +245,18 @@ class ModelService:
             self._unused.set()
 
     async def _prepare(self) -> None:
+        # Its engine calls run on a thread that ends with it: what an engine keeps per thread
+        # for the next calls (the native engine's scratch) is then kept only by the engine threads.
+        thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
+        try:
+            await self._prepare_on(thread)
+        finally:
+            thread.shutdown(wait=False)
+
+    async def _prepare_on(self, thread: ThreadPoolExecutor) -> None:
         assert self.bundle is not None
         settings, bundle, spec = self.settings, self.bundle, self.bundle.spec
+        loop = asyncio.get_running_loop()
         tolerance = tolerance_for(settings.parity_tolerance, bundle.parity)
         if bundle.keras is not None and bundle.keras.check is not None:
             self.status.stage = "self-check"
@@ -252,9 +264,9 @@ class ModelService:
             _require(self.keras_check, "the Keras model against the parity data")
         buckets = length_buckets(settings.max_len)
         keras_file = spec.source.path if bundle.keras is not None else None  # the saved Keras model
-        self.engine_choice = await asyncio.to_thread(
+        self.engine_choice = await loop.run_in_executor(thread, functools.partial(
             choose_engine, settings.engine, spec, settings.threads, buckets, settings.max_batch_size,
-            keras_file=keras_file)
+            keras_file=keras_file, kept_tokens=settings.max_batch_tokens))
         engine = self.engine_choice.engine
         runner = Runner(engine, buckets, settings.max_batch_size, settings.max_batch_tokens)
         source = self.source
@@ -264,16 +276,16 @@ class ModelService:
         self.status.stage = "self-check"
         if bundle.parity is not None:
             self.self_check = await self._check(bundle.parity, runner, tolerance,
-                                                "the engine against the parity data")
+                                                "the engine against the parity data", thread)
         if bundle.keras_outputs is not None:
             self.engine_vs_keras = await self._check(
                 bundle.keras_outputs, runner, bundle.keras_outputs.tolerance or tolerance,
-                "the engine against the Keras model's outputs")
+                "the engine against the Keras model's outputs", thread)
         checked = self.self_check or self.engine_vs_keras
         if checked is not None:
             self.metrics.self_check_diff.labels(*self.labels).set(checked.worst)
         self.status.stage = "warm-up"
-        await asyncio.to_thread(runner.warm_up)
+        await loop.run_in_executor(thread, runner.warm_up)
         self.runner = runner
         self.costs = CostModel(
             buckets, spec.output_width, spec.hidden_width, sum(layer.state_floats for layer in spec.layers),
@@ -285,9 +297,11 @@ class ModelService:
         assert self.engine_choice is not None
         return self.settings.workers if self.engine_choice.engine.parallel_calls else 1
 
-    async def _check(self, parity: ParityData, runner: Runner, tolerance: float, what: str) -> SelfCheck:
+    async def _check(self, parity: ParityData, runner: Runner, tolerance: float, what: str,
+                     thread: ThreadPoolExecutor) -> SelfCheck:
         """The serving engine against recorded outputs; raises if they differ too much."""
-        check = await asyncio.to_thread(run_self_check, parity, runner.run, tolerance)
+        check = await asyncio.get_running_loop().run_in_executor(
+            thread, run_self_check, parity, runner.run, tolerance)
         log.info("self-check %s: %s", "passed" if check.passed else "FAILED", what,
                  extra={"self_check": check.as_dict(), "model": self.name, "version": self.version})
         _require(check, what)
