@@ -87,7 +87,8 @@ def test_calls_hold_at_most_max_batch_tokens_padded_tokens(model: tuple[NativeMo
     assert [len(call) for call in unbounded.calls] == [5, 2]
 
 
-def test_a_ragged_engine_takes_any_lengths_in_one_call_within_the_bounds(model: tuple[NativeModel, ModelSpec]) -> None:
+def test_a_ragged_engine_takes_any_lengths_in_one_call_within_the_bounds(
+        model: tuple[NativeModel, ModelSpec]) -> None:
     """The native engine computes no padding: sequences of every bucket share a call, up to
     MAX_BATCH_SIZE sequences and MAX_BATCH_TOKENS padded tokens (sequences x the longest)."""
     from app.engine.native_engine import NativeEngine
@@ -101,5 +102,6 @@ def test_a_ragged_engine_takes_any_lengths_in_one_call_within_the_bounds(model: 
     sequences = [rng.integers(0, 20, n).astype(np.int32) for n in lengths]
     for sequence, (outputs, _) in zip(sequences, runner.run(sequences)):
         np.testing.assert_allclose(outputs, native.outputs(sequence), rtol=0, atol=1e-5)
-    assert [sorted(len(s) for s in call) for call in engine.calls] == [[1, 2, 3, 5], [9, 17, 30], [33, 60], [61]]
+    calls = [sorted(len(s) for s in call) for call in engine.calls]
+    assert calls == [[1, 2, 3, 5], [9, 17, 30], [33, 60], [61]]
     assert engine.shapes == [(4, 5), (3, 30), (2, 60), (1, 61)]  # padded to the call's longest
