@@ -11,7 +11,7 @@ import threading
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
-from pythonjsonlogger.json import JsonFormatter
+from pythonjsonlogger.orjson import OrjsonFormatter
 
 disable_created_metrics()  # the *_created series only add noise to every scrape
 
@@ -196,7 +196,7 @@ def configure_logging(level: str, fmt: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_drop_color_message)
     if fmt == "json":
-        handler.setFormatter(JsonFormatter(
+        handler.setFormatter(OrjsonFormatter(  # half json's time: the writer holds the interpreter lock less
             "{asctime}{levelname}{name}{message}", style="{",
             rename_fields={"asctime": "time", "levelname": "level", "name": "logger"}))
     else:
