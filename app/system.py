@@ -50,13 +50,20 @@ def _limits_along(base: Path, path: str, name: str) -> list[int]:
     return limits
 
 
-def return_freed_memory() -> None:
-    """Make glibc give every block of 128 KiB or more its own mapping, returned when freed.
+MMAP_THRESHOLD = 8 * MiB
 
-    By default glibc raises that threshold to the largest block freed so far, so after the
-    first large answer the engine's buffers and the JSON chunks come from a heap whose freed
-    space fragments and stays resident: the memory budget could not count on it. An operator
-    who sets glibc's own ``MALLOC_MMAP_THRESHOLD_`` is left alone (docs/memory.md: figures)."""
+
+def return_freed_memory() -> None:
+    """Make glibc give every block of ``MMAP_THRESHOLD`` or more its own mapping, returned
+    when freed.
+
+    By default glibc raises that threshold to the largest block freed so far (up to 32 MiB),
+    so after the first large answer the buffers come from a heap whose freed space fragments
+    and stays resident: the memory budget could not count on it. Below 8 MiB (an engine
+    call's results on the default model at ``MAX_BATCH_TOKENS``), blocks come from the heap and
+    are reused: a fresh mapping costs a page fault per 4 KiB and a shootdown when freed, which
+    at 128 KiB took a tenth of the server's CPU under load. An operator who sets glibc's own
+    ``MALLOC_MMAP_THRESHOLD_`` is left alone (docs/memory.md: figures)."""
     if "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return  # the operator chose
     try:
@@ -64,7 +71,7 @@ def return_freed_memory() -> None:
     except OSError:
         return  # not glibc: nothing to tune
     m_mmap_threshold = -3
-    libc.mallopt(m_mmap_threshold, 128 * 1024)
+    libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD)
 
 
 def trim_heap() -> None:

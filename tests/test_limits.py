@@ -251,7 +251,7 @@ def test_process_rss_is_the_kernels_count() -> None:
 
 MAPPED_BLOCKS_AFTER = """
 import ctypes, sys
-from app.system import return_freed_memory
+from app.system import MMAP_THRESHOLD, return_freed_memory
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in
@@ -273,17 +273,18 @@ def mapped(size):
 libc.free(libc.malloc(24 << 20))  # glibc now serves blocks up to 24 MiB from the heap
 return_freed_memory()
 # a block the heap's free chunks cannot hold (imports leave several MiB of them)
-large = max(4 << 20, libc.mallinfo2().fordblks + (1 << 20))
+large = max(MMAP_THRESHOLD, libc.mallinfo2().fordblks + (1 << 20))
 assert large < 24 << 20
-print(mapped(large), mapped(100 << 10))
+print(mapped(large), mapped(MMAP_THRESHOLD // 2), mapped(100 << 10))
 """
 
 
 @pytest.mark.parametrize(("environment", "expected"),
-                         [({}, "1 0"), ({"MALLOC_MMAP_THRESHOLD_": str(32 << 20)}, "0 0")])
-def test_freed_blocks_of_128_kib_or_more_go_back_to_the_system(environment: dict, expected: str) -> None:
-    """After return_freed_memory, a large block gets its own mapping (returned when freed)
-    even after glibc's threshold rose; an operator's MALLOC_MMAP_THRESHOLD_ is left alone."""
+                         [({}, "1 0 0"), ({"MALLOC_MMAP_THRESHOLD_": str(32 << 20)}, "0 0 0")])
+def test_freed_blocks_of_8_mib_or_more_go_back_to_the_system(environment: dict, expected: str) -> None:
+    """After return_freed_memory, a block of MMAP_THRESHOLD gets its own mapping (returned when
+    freed) even after glibc's threshold rose, smaller ones come from the heap (reused); an
+    operator's MALLOC_MMAP_THRESHOLD_ is left alone."""
     import os
     import sys
 
