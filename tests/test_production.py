@@ -148,8 +148,9 @@ def test_queued_work_past_its_deadline_is_dropped_not_run() -> None:
     """One worker busy with a long request; a short one queued behind it times out too. The
     long one was already computing and finishes; the short one's work never reaches the
     engine: the engine's own histogram counts only the sequences it ran. (The heavy request
-    runs as one engine call of 64 x 2048 tokens, a few seconds: one part, one batch.)"""
-    server = Server({"REQUEST_TIMEOUT_S": "0.3", "WORKERS": "1", "MAX_BATCH_SIZE": "64",
+    runs as one engine call of 64 x 2048 tokens on one thread, about a second: one part, one
+    batch.)"""
+    server = Server({"REQUEST_TIMEOUT_S": "0.3", "WORKERS": "1", "THREADS": "1", "MAX_BATCH_SIZE": "64",
                      "MAX_BATCH_TOKENS": str(64 * 2048), "MEMORY_BUDGET_BYTES": str(4 << 30)})
     try:
         server.wait_until()
