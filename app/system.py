@@ -61,8 +61,8 @@ def return_freed_memory() -> None:
     so after the first large answer the buffers come from a heap whose freed space fragments
     and stays resident: the memory budget could not count on it. Below 8 MiB (an engine
     call's results on the default model at ``MAX_BATCH_TOKENS``), blocks come from the heap and
-    are reused: a fresh mapping costs a page fault per 4 KiB and a shootdown when freed, which
-    at 128 KiB took a tenth of the server's CPU under load. An operator who sets glibc's own
+    are reused: a fresh mapping costs a page fault per 4 KiB and a shootdown when freed, paid
+    by every engine call under load. An operator who sets glibc's own
     ``MALLOC_MMAP_THRESHOLD_`` is left alone (docs/memory.md: figures)."""
     if "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return  # the operator chose
