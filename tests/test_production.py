@@ -158,8 +158,10 @@ def test_queued_work_past_its_deadline_is_dropped_not_run() -> None:
         async def run() -> list[int]:
             async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
                 heavy = asyncio.ensure_future(client.post("/infer", json={"sequences": [[4] * 2048] * 64}))
-                # admitted, so queued and taken at once: the light one can't run in place
-                while "bigru_memory_budget_used_bytes 0.0" in (await client.get("/metrics")).text:
+                # its lengths counted: parsed, so queued before the light one arrives (the memory
+                # held for its body shows earlier, while the light one could still run in place)
+                counted = "bigru_sequence_tokens_count" + SEGMENTER + " 64.0"
+                while counted not in (await client.get("/metrics")).text:
                     await asyncio.sleep(0.01)
                 light = await client.post("/infer", json={"sequences": [[5, 6, 7]]})
                 return [(await heavy).status_code, light.status_code]
