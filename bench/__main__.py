@@ -2,7 +2,8 @@
 against the strongest peer, XLA-compiled Keras written by hand and run in-process.
 
 - Latency: one sequence of 16, 64, 256 and 2048 tokens (``MAX_LEN``), p50 / p99; over HTTP
-  driven by ``wrk`` with one connection, a fresh body each request.
+  driven by ``wrk`` with one connection, a fresh body each request; and sporadic, each
+  request 10 ms after the last answer (in process alike), as a quiet service gets them.
 - Throughput: one sequence per request, lengths uniform in 8..256, ``wrk`` with 1, 8, 32 and
   64 connections; the in-process contenders get the same lengths as sorted batches of 32.
 - Where the time goes (``bench/breakdown.py``): a lone request at each latency length phase
@@ -20,6 +21,7 @@ tables into docs/benchmark.md. Loopback only; every load run is bounded in time.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import time
@@ -32,7 +34,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from app.spec import ModelSpec
 from bench import breakdown, grpc_latency, report
 from bench.arithmetic import flops_per_token, peak_gflops
-from bench.inprocess import bench_engine, bench_xla_keras
+from bench.inprocess import SPORADIC_GAP_S, bench_engine, bench_xla_keras, latency_stats, sporadic_repeats_for
+from bench.loadgen import Connection
 from bench.server import HOST, PORT, RESULTS, ROOT, start_bare_uvicorn, start_server, stop, wrk
 
 LENGTHS = (16, 64, 256, 2048)
@@ -62,16 +65,43 @@ def bench_http(id_range: tuple[int, int], quick: bool) -> dict:
         new_lengths = first_requests_at_new_lengths(id_range, max(LENGTHS), 3 if quick else 9)
         latency = {n: wrk(1, latency_s if n < 2048 else 2 * latency_s, (n, n), id_range, seed=n,
                           server_pid=process.pid) for n in LENGTHS}
+        sporadic = asyncio.run(sporadic_requests(id_range, quick))
         throughput = {c: wrk(c, load_s, MIXED, id_range, seed=c, server_pid=process.pid)
                       for c in CONNECTIONS}
     finally:
         stop(process)
     for row in latency.values():
         row["p99_over_p50"] = row["p99_ms"] / row["p50_ms"]
-    return {"latency": latency, "throughput": throughput, "seconds_to_ready": seconds_to_ready,
+    return {"latency": latency, "sporadic": sporadic, "throughput": throughput,
+            "seconds_to_ready": seconds_to_ready,
             "service_seconds_to_ready": model["status"]["seconds_to_ready"],
             "engine": model["engine"], "engine_choice": model.get("engine_choice"),
             "self_check": model["self_check"], "new_lengths": new_lengths}
+
+
+async def sporadic_requests(id_range: tuple[int, int], quick: bool) -> dict:
+    """One sequence at a time over one kept-alive connection, each ``SPORADIC_GAP_S`` after the
+    last answer (wrk sends the next at once): per length, p50 and p99."""
+    rng = np.random.default_rng(2)
+    connection = await Connection.open(HOST, PORT)
+    rows = {}
+    try:
+        for n in LENGTHS:
+            requests = [connection.encode_post("/infer", json.dumps(
+                {"sequences": [rng.integers(*id_range, n).tolist()]}).encode()) for _ in range(8)]
+            for request in requests[:3]:
+                await connection.send(request)
+            samples = []
+            for i in range(sporadic_repeats_for(n, quick)):
+                await asyncio.sleep(SPORADIC_GAP_S)
+                seconds, status, _ = await connection.send(requests[i % len(requests)])
+                if status != 200:
+                    raise RuntimeError(f"/infer answered {status}")
+                samples.append(seconds)
+            rows[n] = latency_stats(samples)
+    finally:
+        await connection.close()
+    return rows
 
 
 def first_requests_at_new_lengths(id_range: tuple[int, int], max_len: int, repeats: int) -> dict:

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 from bench.breakdown import PHASES
+from bench.inprocess import SPORADIC_GAP_S
 
 PAGE = Path(__file__).resolve().parent.parent / "docs" / "benchmark.md"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
@@ -58,6 +59,7 @@ def markdown(r: dict) -> str:
         cells = [_pair(_key(engines[e]["latency"], n)) for e in names]
         lines.append(f"| {n} | {_pair(peer)} | " + " | ".join(cells) + f" | {_pair(net)} | "
                      f"{net['p50_ms'] / peer['p50_ms']:.2f}x | {net['p99_over_p50']:.2f} |")
+    lines += _sporadic(r, lengths, names)
     lines += [
         "",
         f"Throughput, one sequence per request, lengths uniform in 8..256, over HTTP driven by wrk; "
@@ -82,6 +84,28 @@ def markdown(r: dict) -> str:
     if r.get("breakdown"):
         lines += ["", breakdown_markdown(r["breakdown"])]
     return "\n".join(lines)
+
+
+def _sporadic(r: dict, lengths: list[int], names: list[str]) -> list[str]:
+    """The latency table again for requests 10 ms apart (absent from older results)."""
+    http, xla, engines = r["http"], r["xla_keras"], r["engines"]
+    if "sporadic" not in http or "sporadic" not in xla:
+        return []
+    lines = [
+        "",
+        f"Sporadic: one sequence at a time, each {1000 * SPORADIC_GAP_S:.0f} ms after the last answer, "
+        "as a quiet real-time service gets them (the cores idle in between), p50 / p99 in ms:",
+        "",
+        "| tokens | XLA Keras in-process | " + " | ".join(f"{n} in-process" for n in names)
+        + " | service over HTTP | HTTP / XLA (p50) |",
+        "|---:|---:|" + "---:|" * len(names) + "---:|---:|",
+    ]
+    for n in lengths:
+        net, peer = _key(http["sporadic"], n), _key(xla["sporadic"], n)
+        cells = [_pair(_key(engines[e]["sporadic"], n)) for e in names]
+        lines.append(f"| {n} | {_pair(peer)} | " + " | ".join(cells) + f" | {_pair(net)} | "
+                     f"{net['p50_ms'] / peer['p50_ms']:.2f}x |")
+    return lines
 
 
 def _arithmetic(r: dict) -> str:

@@ -115,12 +115,13 @@ def test_the_native_engine_keeps_a_calls_scratch_up_to_kept_tokens(bundle) -> No
 
 def test_a_forked_child_runs_the_native_kernel_on_two_threads(bundle) -> None:
     """The kernel's partner thread (which runs a lone call's second direction) is not copied
-    by fork: a child started after the parent used it starts its own instead of waiting."""
-    from app.engine.native_engine import NativeEngine
+    by fork: a child started after the parent used it starts its own instead of waiting.
+    (A call of COLD_TOKENS is offered to the partner even after the engine sat idle.)"""
+    from app.engine.native_engine import COLD_TOKENS, NativeEngine
 
     engine = NativeEngine(bundle.spec, 2)
-    ids = np.full((1, 40), 5, np.int32)
-    lengths = np.array([40], np.int32)
+    ids = np.full((1, COLD_TOKENS), 5, np.int32)
+    lengths = np.array([COLD_TOKENS], np.int32)
     expected = engine.run(ids, lengths)[0]
     child = os.fork()
     if child == 0:  # pragma: no cover - the child's outcome is its exit status
@@ -132,6 +133,35 @@ def test_a_forked_child_runs_the_native_kernel_on_two_threads(bundle) -> None:
         os.kill(child, signal.SIGKILL)
         os.waitpid(child, 0)
     assert done[0] == child and os.waitstatus_to_exitcode(done[1]) == 0
+
+
+def test_two_threads_give_one_threads_numbers_whoever_runs_the_second_direction(bundle) -> None:
+    """A lone call's second direction runs on the partner thread, or on the caller when the
+    partner has not claimed it by the time the caller's own direction is done (after idle
+    moments, as here, both happen): the same numbers as one thread, to the bit."""
+    from app.engine.native_engine import NativeEngine
+
+    rng = np.random.default_rng(7)
+    one, two = NativeEngine(bundle.spec, 1), NativeEngine(bundle.spec, 2)
+    for index in range(24):
+        lengths = rng.integers(1, 600, size=1 + index % 3).astype(np.int32)
+        ids = rng.integers(1, 90, size=(len(lengths), int(lengths.max()))).astype(np.int32)
+        time.sleep((0, 0.002, 0.006)[index % 3])
+        for got, expected in zip(two.run(ids, lengths), one.run(ids, lengths), strict=True):
+            assert np.array_equal(got, expected)
+
+
+def test_a_short_call_after_idle_runs_on_one_thread() -> None:
+    """Waking a sleeping second thread costs more than a short call alone on a virtual machine
+    whose cores sat idle; a long call, or one soon after the last, still gets both."""
+    from app.engine.native_engine import COLD_AFTER_S, COLD_TOKENS, call_threads
+
+    idle, busy = COLD_AFTER_S * 1.5, COLD_AFTER_S / 2
+    assert call_threads(2, 0, COLD_TOKENS - 1, idle) == 1
+    assert call_threads(2, 0, COLD_TOKENS, idle) == 2
+    assert call_threads(2, 0, COLD_TOKENS - 1, busy) == 2
+    assert call_threads(2, 1, COLD_TOKENS * 8, busy) == 1  # beside another call: one each
+    assert call_threads(1, 0, COLD_TOKENS * 8, busy) == 1
 
 
 def test_reversed_lowering_equals_sequence_lens_lowering_in_onnxruntime(bundle) -> None:

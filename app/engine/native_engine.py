@@ -8,6 +8,9 @@ last step: a right-padded batch gives every sequence its own numbers, and padded
 zeros. Weights are packed once for the kernel at start-up. With ``threads=2`` a call that runs
 alone runs the two directions of each layer side by side (a lone request on two cores); calls
 that overlap others take one thread each, as the service's side-by-side calls are meant to.
+A short call after the engine sat idle runs on one thread too: on a virtual machine whose
+cores sat idle, waking the second thread can stall the caller for longer than such a call
+takes alone (docs/benchmark.md, "Sporadic requests").
 
 Scratch (the projected inputs and the layers' outputs but the last) is kept per calling
 thread and reused, so calls cost no fresh mappings (with glibc told to map large blocks
@@ -21,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import importlib.machinery
 import threading
+import time
 from pathlib import Path
 from typing import TypeVar
 
@@ -34,6 +38,9 @@ ACTIVATIONS = {name: code for code, name in enumerate(
     ("linear", "sigmoid", "hard_sigmoid", "tanh", "relu", "softsign", "softplus", "elu"))}
 GRU_RESET_AFTER, GRU_RESET_BEFORE, LSTM = 0, 1, 2
 _FloatPair = ctypes.c_void_p * 2
+# A call of fewer padded tokens, after the engine sat idle for longer, runs on one thread.
+COLD_TOKENS = 256
+COLD_AFTER_S = 0.001
 _Kept = TypeVar("_Kept")
 
 
@@ -79,6 +86,14 @@ class _Packed:
         self.array = aligned_floats(lib.packed_floats(self.k, self.n))
         lib.pack_columns(source.ctypes.data, self.k, self.n, self.array.ctypes.data)
         self.address = self.array.ctypes.data
+
+
+def call_threads(threads: int, others: int, tokens: int, idle_s: float) -> int:
+    """Threads for a call of ``tokens`` padded tokens: one beside ``others`` calls in flight,
+    and for a short call after the engine sat idle ``idle_s``; else ``threads``."""
+    if others or (tokens < COLD_TOKENS and idle_s > COLD_AFTER_S):
+        return 1
+    return threads
 
 
 def aligned_floats(count: int) -> np.ndarray:
@@ -141,6 +156,7 @@ class NativeEngine:
         self._layers = [_Layer(self._lib, layer) for layer in spec.layers]
         self._threads = min(threads, 2)
         self._calls = 0  # calls in flight, under _lock
+        self._idle_since = 0.0  # when the last call in flight ended, under _lock
         self._lock = threading.Lock()
         self._dense = [(dense, _Packed(self._lib, dense.kernel), _floats(dense.bias))
                        for dense in spec.dense]
@@ -149,12 +165,15 @@ class NativeEngine:
     def run(self, inputs: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         with self._lock:
             self._calls += 1
-            threads = self._threads if self._calls == 1 else 1
+            threads = call_threads(self._threads, self._calls - 1, inputs.shape[0] * inputs.shape[1],
+                                   time.monotonic() - self._idle_since)
         try:
             return self._run(inputs, np.ascontiguousarray(lengths, np.int32), threads)
         finally:
             with self._lock:
                 self._calls -= 1
+                if self._calls == 0:
+                    self._idle_since = time.monotonic()
 
     def _run(self, inputs: np.ndarray, lengths: np.ndarray, threads: int) -> tuple[np.ndarray, np.ndarray]:
         batch, steps = inputs.shape[:2]

@@ -433,13 +433,16 @@ DISPATCH void run_direction(const layer_args *a, int d) {
  * than creating a thread per layer. It serves one call at a time; a call that finds it busy
  * runs both directions itself. Each side spins a while before it sleeps: waking a sleeping
  * thread on a virtual machine costs as much as a short direction, and the next layer's
- * direction comes within microseconds of the last one's end (docs/benchmark.md). */
+ * direction comes within microseconds of the last one's end (docs/benchmark.md). A direction
+ * the partner has not claimed by the time the caller's own is done is taken back: on a
+ * virtual machine whose cores sat idle, its wake-up can take longer than that (the caller
+ * then asks for no partner on short calls: native_engine.py). */
 
 #define SPIN_NS 150000
 
 static pthread_mutex_t partner_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t partner_wake = PTHREAD_COND_INITIALIZER, partner_done = PTHREAD_COND_INITIALIZER;
-static const layer_args *partner_job;  /* set while the partner owes a direction */
+static const layer_args *partner_job;  /* offered, not yet claimed (by the partner or back) */
 static int partner_started, partner_busy, partner_finished;
 
 static int64_t monotonic_ns(void) {
@@ -454,12 +457,20 @@ INLINE void relax(void) {
 #endif
 }
 
-/* The job handed to the partner, once one comes within SPIN_NS; else NULL. */
+/* The offered job, taken: by the partner, or back by the caller (NULL: nothing offered). */
+static const layer_args *claim_job(void) {
+    return __atomic_exchange_n(&partner_job, NULL, __ATOMIC_ACQ_REL);
+}
+
+/* The job claimed by the partner, once one comes within SPIN_NS; else NULL. */
 static const layer_args *spin_for_job(void) {
     const int64_t until = monotonic_ns() + SPIN_NS;
     for (unsigned i = 1;; ++i) {
-        const layer_args *a = __atomic_load_n(&partner_job, __ATOMIC_ACQUIRE);
-        if (a != NULL || (i % 64 == 0 && monotonic_ns() > until)) return a;
+        if (__atomic_load_n(&partner_job, __ATOMIC_ACQUIRE) != NULL) {
+            const layer_args *a = claim_job();
+            if (a != NULL) return a;
+        }
+        if (i % 64 == 0 && monotonic_ns() > until) return NULL;
         relax();
     }
 }
@@ -470,13 +481,14 @@ static void *partner_loop(void *unused) {
         const layer_args *a = spin_for_job();
         if (a == NULL) {
             pthread_mutex_lock(&partner_lock);
-            while ((a = __atomic_load_n(&partner_job, __ATOMIC_ACQUIRE)) == NULL)
+            while (__atomic_load_n(&partner_job, __ATOMIC_ACQUIRE) == NULL)
                 pthread_cond_wait(&partner_wake, &partner_lock);
             pthread_mutex_unlock(&partner_lock);
+            a = claim_job();
+            if (a == NULL) continue;  /* taken back while we woke: spin for the next layer's */
         }
         run_direction(a, 1);
         pthread_mutex_lock(&partner_lock);
-        __atomic_store_n(&partner_job, NULL, __ATOMIC_RELAXED);
         __atomic_store_n(&partner_finished, 1, __ATOMIC_RELEASE);
         pthread_cond_signal(&partner_done);
         pthread_mutex_unlock(&partner_lock);
@@ -517,8 +529,9 @@ static int partner_take(const layer_args *a) {
     return taken;
 }
 
-static void partner_wait(void) {
-    const int64_t until = monotonic_ns() + SPIN_NS;
+/* Waits for the partner's direction, spinning up to ``spin_ns`` before sleeping. */
+static void partner_wait(int64_t spin_ns) {
+    const int64_t until = monotonic_ns() + spin_ns;
     for (unsigned i = 1; !__atomic_load_n(&partner_finished, __ATOMIC_ACQUIRE); ++i) {
         if (i % 64 == 0 && monotonic_ns() > until) break;
         relax();
@@ -529,11 +542,26 @@ static void partner_wait(void) {
     pthread_mutex_unlock(&partner_lock);
 }
 
+/* Done with the partner: its direction taken back if it never claimed it (then 0), else
+ * waited for (then 1), spinning up to as long as the caller's own direction took (its own
+ * wake-up from a sleep can cost more) and at least SPIN_NS. */
+static int partner_done_with(int64_t own_ns) {
+    if (claim_job() == NULL) {
+        partner_wait(own_ns > SPIN_NS ? own_ns : SPIN_NS);
+        return 1;
+    }
+    pthread_mutex_lock(&partner_lock);
+    partner_busy = 0;
+    pthread_mutex_unlock(&partner_lock);
+    return 0;
+}
+
 /* Both directions; side by side when asked to and the partner is free. */
 int recurrent_layer(const layer_args *a) {
     if (a->directions == 2 && a->threads > 1 && partner_take(a)) {
+        const int64_t start = monotonic_ns();
         run_direction(a, 0);
-        partner_wait();
+        if (!partner_done_with(monotonic_ns() - start)) run_direction(a, 1);
         return 0;
     }
     for (int d = 0; d < a->directions; ++d) run_direction(a, d);
