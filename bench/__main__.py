@@ -3,7 +3,8 @@ against the strongest peer, XLA-compiled Keras written by hand and run in-proces
 
 - Latency: one sequence of 16, 64, 256 and 2048 tokens (``MAX_LEN``), p50 / p99; over HTTP
   driven by ``wrk`` with one connection, a fresh body each request; and sporadic, each
-  request 10 ms after the last answer (in process alike), as a quiet service gets them.
+  request a random while (10 ms on average) after the last answer (in process alike), as a
+  quiet service gets them.
 - Throughput: one sequence per request, lengths uniform in 8..256, ``wrk`` with 1, 8, 32 and
   64 connections; the in-process contenders get the same lengths as sorted batches of 32.
 - Where the time goes (``bench/breakdown.py``): a lone request at each latency length phase
@@ -34,7 +35,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from app.spec import ModelSpec
 from bench import breakdown, grpc_latency, report
 from bench.arithmetic import flops_per_token, peak_gflops
-from bench.inprocess import SPORADIC_GAP_S, bench_engine, bench_xla_keras, latency_stats, sporadic_repeats_for
+from bench.inprocess import bench_engine, bench_xla_keras, latency_stats, sporadic_gaps, sporadic_repeats_for
 from bench.loadgen import Connection
 from bench.server import HOST, PORT, RESULTS, ROOT, start_bare_uvicorn, start_server, stop, wrk
 
@@ -80,8 +81,9 @@ def bench_http(id_range: tuple[int, int], quick: bool) -> dict:
 
 
 async def sporadic_requests(id_range: tuple[int, int], quick: bool) -> dict:
-    """One sequence at a time over one kept-alive connection, each ``SPORADIC_GAP_S`` after the
-    last answer (wrk sends the next at once): per length, p50 and p99."""
+    """One sequence at a time over one kept-alive connection, each a random while after the
+    last answer (:func:`~bench.inprocess.sporadic_gaps`; wrk sends the next at once): per
+    length, p50 and p99."""
     rng = np.random.default_rng(2)
     connection = await Connection.open(HOST, PORT)
     rows = {}
@@ -92,8 +94,9 @@ async def sporadic_requests(id_range: tuple[int, int], quick: bool) -> dict:
             for request in requests[:3]:
                 await connection.send(request)
             samples = []
-            for i in range(sporadic_repeats_for(n, quick)):
-                await asyncio.sleep(SPORADIC_GAP_S)
+            repeats = sporadic_repeats_for(n, quick)
+            for i, gap in enumerate(sporadic_gaps(repeats, n)):
+                await asyncio.sleep(gap)
                 seconds, status, _ = await connection.send(requests[i % len(requests)])
                 if status != 200:
                     raise RuntimeError(f"/infer answered {status}")

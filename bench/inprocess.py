@@ -15,9 +15,14 @@ import numpy as np
 from app.spec import ModelSpec
 
 BATCH = 32  # sequences per call, as the service's MAX_BATCH_SIZE
-# Sporadic requests: each this long after the last one's answer, as a quiet real-time service
+# Sporadic requests: each a random while after the last one's answer (exponential, this long
+# on average: Poisson arrivals, no rhythm to fall in step with), as a quiet real-time service
 # gets them (the cores idle in between: on a virtual machine, waking them is not free).
 SPORADIC_GAP_S = 0.01
+
+
+def sporadic_gaps(count: int, seed: int = 0) -> list[float]:
+    return np.random.default_rng(seed).exponential(SPORADIC_GAP_S, count).tolist()
 
 
 def latency_stats(samples_s: list[float]) -> dict[str, float]:
@@ -26,14 +31,15 @@ def latency_stats(samples_s: list[float]) -> dict[str, float]:
     return {"p50_ms": p50, "p99_ms": p99, "max_ms": float(ms.max()), "p99_over_p50": p99 / p50, "n": len(ms)}
 
 
-def timed(call: Callable[[], object], repeats: int, warm: int = 3, gap_s: float = 0.0) -> list[float]:
-    """Seconds per call, each ``gap_s`` after the last one's end."""
+def timed(call: Callable[[], object], repeats: int, warm: int = 3,
+          gaps_s: list[float] | None = None) -> list[float]:
+    """Seconds per call; with ``gaps_s``, the i-th call that long after the last one's end."""
     for _ in range(warm):
         call()
     samples = []
-    for _ in range(repeats):
-        if gap_s:
-            time.sleep(gap_s)
+    for i in range(repeats):
+        if gaps_s:
+            time.sleep(gaps_s[i])
         start = time.perf_counter()
         call()
         samples.append(time.perf_counter() - start)
@@ -53,15 +59,16 @@ def sporadic_repeats_for(length: int, quick: bool) -> int:
 def latencies(call: Callable[[np.ndarray], object], singles: dict[int, list[np.ndarray]],
               quick: bool) -> tuple[dict, dict]:
     """Per length: back to back (with the process's CPU time per call), and sporadic
-    (``SPORADIC_GAP_S`` apart)."""
+    (:func:`sporadic_gaps` apart)."""
     back_to_back, sporadic = {}, {}
     for n, inputs in singles.items():
         cycle = iter(inputs * (repeats_for(n, quick) + sporadic_repeats_for(n, quick) + 3))
         cpu_before = time.process_time()
         back_to_back[n] = latency_stats(timed(lambda c=cycle: call(next(c)), repeats_for(n, quick)))
         back_to_back[n]["cpu_ms"] = 1000 * (time.process_time() - cpu_before) / (back_to_back[n]["n"] + 3)
-        sporadic[n] = latency_stats(timed(lambda c=cycle: call(next(c)), sporadic_repeats_for(n, quick),
-                                          warm=0, gap_s=SPORADIC_GAP_S))
+        repeats = sporadic_repeats_for(n, quick)
+        sporadic[n] = latency_stats(timed(lambda c=cycle: call(next(c)), repeats, warm=0,
+                                          gaps_s=sporadic_gaps(repeats, n)))
     return back_to_back, sporadic
 
 

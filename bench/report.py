@@ -87,14 +87,15 @@ def markdown(r: dict) -> str:
 
 
 def _sporadic(r: dict, lengths: list[int], names: list[str]) -> list[str]:
-    """The latency table again for requests 10 ms apart (absent from older results)."""
+    """The latency table again for sporadic requests (absent from older results)."""
     http, xla, engines = r["http"], r["xla_keras"], r["engines"]
     if "sporadic" not in http or "sporadic" not in xla:
         return []
     lines = [
         "",
-        f"Sporadic: one sequence at a time, each {1000 * SPORADIC_GAP_S:.0f} ms after the last answer, "
-        "as a quiet real-time service gets them (the cores idle in between), p50 / p99 in ms:",
+        "Sporadic: one sequence at a time, each a random while after the last answer "
+        f"({1000 * SPORADIC_GAP_S:.0f} ms on average, exponential), as a quiet real-time service "
+        "gets them (the cores idle in between), p50 / p99 in ms:",
         "",
         "| tokens | XLA Keras in-process | " + " | ".join(f"{n} in-process" for n in names)
         + " | service over HTTP | HTTP / XLA (p50) |",
