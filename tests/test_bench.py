@@ -26,8 +26,9 @@ def test_report_renders_the_tables_ratios_and_targets(tmp_path) -> None:
     text = report.markdown(results)
     assert "XLA Keras in-process" in text and "HTTP / XLA (p50)" in text
     assert "Targets: 64 tokens over HTTP at" in text and "H100 anchor" in text
-    if "sporadic" in results["http"]:  # results from before it have no such table
-        assert "Sporadic: one sequence at a time" in text
+    assert "Sporadic: one sequence at a time" in text
+    assert "Sporadic" not in report.markdown({**results, "http": {k: v for k, v in results["http"].items()
+                                                                  if k != "sporadic"}})  # older results
     page = tmp_path / "benchmark.md"
     page.write_text(report.PAGE.read_text())  # the page `make bench BENCH_ARGS=--readme` rewrites
     report.paste_into(text, page)
