@@ -49,17 +49,16 @@ def markdown(r: dict) -> str:
         "",
         "One sequence, p50 / p99 in ms; XLA Keras = `tf.function(jit_compile=True)` over the Keras model, "
         "in-process, every shape compiled first:",
-        "",
-        "| tokens | XLA Keras in-process | " + " | ".join(f"{n} in-process" for n in names)
-        + " | service over HTTP | HTTP / XLA (p50) | HTTP p99/p50 |",
-        "|---:|---:|" + "---:|" * len(names) + "---:|---:|---:|",
+        *_latency_table(r, "latency", lengths, names),
     ]
-    for n in lengths:
-        net, peer = _key(http["latency"], n), _key(xla["latency"], n)
-        cells = [_pair(_key(engines[e]["latency"], n)) for e in names]
-        lines.append(f"| {n} | {_pair(peer)} | " + " | ".join(cells) + f" | {_pair(net)} | "
-                     f"{net['p50_ms'] / peer['p50_ms']:.2f}x | {net['p99_over_p50']:.2f} |")
-    lines += _sporadic(r, lengths, names)
+    if "sporadic" in http and "sporadic" in xla:  # absent from older results
+        lines += [
+            "",
+            "Sporadic: one sequence at a time, each a random while after the last answer "
+            f"({1000 * SPORADIC_GAP_S:.0f} ms on average, exponential), as a quiet real-time service "
+            "gets them (the cores idle in between), p50 / p99 in ms:",
+            *_latency_table(r, "sporadic", lengths, names),
+        ]
     lines += [
         "",
         f"Throughput, one sequence per request, lengths uniform in 8..256, over HTTP driven by wrk; "
@@ -86,26 +85,23 @@ def markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
-def _sporadic(r: dict, lengths: list[int], names: list[str]) -> list[str]:
-    """The latency table again for sporadic requests (absent from older results)."""
+def _latency_table(r: dict, key: str, lengths: list[int], names: list[str]) -> list[str]:
+    """One sequence's p50 / p99 per length (``key``: "latency", back to back, with the HTTP
+    p99/p50; or "sporadic"), in process and over HTTP."""
     http, xla, engines = r["http"], r["xla_keras"], r["engines"]
-    if "sporadic" not in http or "sporadic" not in xla:
-        return []
+    steadiness = key == "latency"
     lines = [
         "",
-        "Sporadic: one sequence at a time, each a random while after the last answer "
-        f"({1000 * SPORADIC_GAP_S:.0f} ms on average, exponential), as a quiet real-time service "
-        "gets them (the cores idle in between), p50 / p99 in ms:",
-        "",
         "| tokens | XLA Keras in-process | " + " | ".join(f"{n} in-process" for n in names)
-        + " | service over HTTP | HTTP / XLA (p50) |",
-        "|---:|---:|" + "---:|" * len(names) + "---:|---:|",
+        + " | service over HTTP | HTTP / XLA (p50) |" + (" HTTP p99/p50 |" if steadiness else ""),
+        "|---:|---:|" + "---:|" * len(names) + "---:|---:|" + ("---:|" if steadiness else ""),
     ]
     for n in lengths:
-        net, peer = _key(http["sporadic"], n), _key(xla["sporadic"], n)
-        cells = [_pair(_key(engines[e]["sporadic"], n)) for e in names]
+        net, peer = _key(http[key], n), _key(xla[key], n)
+        cells = [_pair(_key(engines[e][key], n)) for e in names]
         lines.append(f"| {n} | {_pair(peer)} | " + " | ".join(cells) + f" | {_pair(net)} | "
-                     f"{net['p50_ms'] / peer['p50_ms']:.2f}x |")
+                     f"{net['p50_ms'] / peer['p50_ms']:.2f}x |"
+                     + (f" {net['p99_over_p50']:.2f} |" if steadiness else ""))
     return lines
 
 
