@@ -73,9 +73,9 @@ class Settings(BaseSettings):
         0.0, ge=0, description="how long the batcher waits for more work before a call "
         "(0: never; requests that arrive while the engine is busy batch by themselves)")
     in_place_tokens: int = Field(
-        128, ge=0, description="an engine call of at most this many padded tokens, when it is the "
+        256, ge=0, description="an engine call of at most this many padded tokens, when it is the "
         "only work, runs on the event loop instead of an engine thread (the two thread hand-offs "
-        "cost as much as such a call); 0: never")
+        "and their jitter cost more than holding the loop that long); 0: never")
 
     max_queue: int = Field(512, ge=1, description="most sequences waiting for the engine; "
                            "past that, /infer answers 503 with Retry-After at once")
