@@ -11,7 +11,6 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import grpc
 from fastapi import FastAPI
 
 from app import __version__
@@ -20,7 +19,7 @@ from app.api.docs import include_docs
 from app.api.errors import install_error_handlers
 from app.api.kserve import PREFIX as PROTOCOL_PREFIX
 from app.api.kserve.admin import AdminGate
-from app.api.kserve.grpc_service import start_grpc_server
+from app.api.kserve.grpc_service import GrpcServer, start_grpc_server
 from app.api.kserve.repository import build_repository_router
 from app.api.kserve.rest import include_kserve_routes
 from app.api.middleware import RequestEnvelope
@@ -84,7 +83,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-async def _start_grpc(repository: Repository, settings: Settings, gate: AdminGate) -> grpc.aio.Server | None:
+async def _start_grpc(repository: Repository, settings: Settings, gate: AdminGate) -> GrpcServer | None:
     """The Open Inference Protocol's gRPC service on GRPC_PORT (0: none)."""
     if not settings.grpc_port:
         return None

@@ -396,3 +396,41 @@ def test_overload_and_deadline_answer_in_the_protocol_form() -> None:
         assert 'bigru_rejected_requests_total{reason="queue_full"} 2.0' in metrics
     finally:
         server.stop()
+
+
+def test_a_stopping_grpc_server_refuses_new_calls_and_waits_for_those_in_flight() -> None:
+    """grpcio's own stop closes a connection as soon as its last call ends, which can cut that
+    call's answer on its way: the service first refuses new calls (UNAVAILABLE, retriable
+    elsewhere), waits for the calls in flight, lets their answers leave, then stops grpcio."""
+    import asyncio
+
+    from grpc import aio
+
+    from app.api.kserve.admin import AdminGate
+    from app.api.kserve.grpc_service import ANSWER_LINGER_S, start_grpc_server
+    from app.config import Settings
+    from app.observability import Metrics
+    from app.service.repository import Repository
+    from tests.conftest import free_port
+
+    async def run() -> None:
+        port = free_port()
+        settings = Settings(host="127.0.0.1", grpc_port=port)
+        server = await start_grpc_server(Repository(settings, Metrics()), settings, AdminGate(None))
+        server.servicer.calls.enter()  # one call in flight
+        stopping = asyncio.ensure_future(server.stop(30))
+        await asyncio.sleep(0.05)
+        async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            with pytest.raises(aio.AioRpcError) as refused:
+                await pb_grpc.GRPCInferenceServiceStub(channel).ServerLive(pb.ServerLiveRequest())
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "shutting down" in (refused.value.details() or "")
+        await asyncio.sleep(0.2)
+        assert not stopping.done()  # the call in flight holds it
+        left = time.monotonic()
+        server.servicer.calls.leave()
+        await asyncio.wait_for(server.stop(30), 10)  # a second stop waits for the same one
+        assert time.monotonic() - left >= ANSWER_LINGER_S * 0.9  # its answer had time to leave
+        assert stopping.done()
+
+    asyncio.run(run())

@@ -9,12 +9,14 @@ same messages as over HTTP: 400 -> INVALID_ARGUMENT, 404 -> NOT_FOUND, 413 (an a
 never fit in the memory budget) -> RESOURCE_EXHAUSTED, 503 (not ready, queue or budget taken) ->
 UNAVAILABLE, 504 -> DEADLINE_EXCEEDED; messages past ``MAX_BODY_BYTES`` get RESOURCE_EXHAUSTED
 from grpcio itself. Each call takes the
-caller's ``x-request-id`` metadata (or a new id) and sends it back as initial metadata.
+caller's ``x-request-id`` metadata (or a new id) and sends it back as initial metadata. On
+shutdown (:class:`GrpcServer`) new calls get UNAVAILABLE while those in flight finish.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import math
@@ -69,6 +71,7 @@ SERVICE = "inference.GRPCInferenceService"
 DECODED_BYTES_PER_MESSAGE_BYTE = 8
 UNPRICED_MESSAGE_COPIES = 4
 QUIET_METHODS = frozenset({"ServerLive", "ServerReady", "ModelReady"})  # probes: not logged
+ANSWER_LINGER_S = 0.5  # after the last call in flight, before grpcio's stop closes its connection
 # The typed contents field of each datatype (FP16 and BF16 only travel raw).
 CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents",
             "INT32": "int_contents", "INT64": "int64_contents", "UINT8": "uint_contents",
@@ -87,7 +90,10 @@ def observed(method: Handler) -> Handler:
         request_id = _request_id(context)
         await context.send_initial_metadata((("x-request-id", request_id),))
         started, code = time.perf_counter(), grpc.StatusCode.OK
+        self.calls.enter()
         try:
+            if self.calls.stopping:
+                raise ApiError(503, "shutting_down", "the server is shutting down; retry on another")
             return await method(self, request, context)
         except ApiError as exc:
             code = STATUS_CODES.get(exc.status, grpc.StatusCode.INVALID_ARGUMENT)
@@ -100,9 +106,34 @@ def observed(method: Handler) -> Handler:
             log.exception("unhandled error in gRPC %s", name, extra={"request_id": request_id})
             raise
         finally:
+            self.calls.leave()
             self.record(name, code, request_id, time.perf_counter() - started, context)
 
     return call
+
+
+class CallsInFlight:
+    """The calls a servicer is answering, and whether it has stopped taking new ones."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.stopping = False
+        self._none = asyncio.Event()
+        self._none.set()
+
+    def enter(self) -> None:
+        self.count += 1
+        self._none.clear()
+
+    def leave(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self._none.set()
+
+    async def finished(self, timeout_s: float) -> None:
+        """Once no call is in flight, or ``timeout_s`` later."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._none.wait(), max(timeout_s, 0))
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -112,6 +143,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.gate = gate
         self.metrics = repository.metrics
         self.models_of_calls: dict[int, tuple[str, str]] = {}  # by id(context): for the log line
+        self.calls = CallsInFlight()
 
     @observed
     async def ServerLive(self, request: pb.ServerLiveRequest, context: aio.ServicerContext) -> Any:
@@ -346,13 +378,39 @@ def most_calls(settings: Settings) -> int:
     return max(4, memory // 8 // (UNPRICED_MESSAGE_COPIES * settings.max_body_bytes))
 
 
-async def start_grpc_server(repository: Repository, settings: Settings, gate: AdminGate) -> aio.Server:
+class GrpcServer:
+    """grpcio's server and our servicer, stopped by draining (:meth:`stop`)."""
+
+    def __init__(self, server: aio.Server, servicer: InferenceServicer) -> None:
+        self.server, self.servicer = server, servicer
+        self._stopping: asyncio.Task[None] | None = None
+
+    async def stop(self, grace_s: float) -> None:
+        """New calls refused (UNAVAILABLE), the calls in flight finished (within ``grace_s``)
+        and their answers given ``ANSWER_LINGER_S`` to leave, then grpcio's own stop. That one
+        closes a connection as soon as its last call is over, which can cut that call's answer
+        still on its way to the client. Calling it again waits for the same stop."""
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self._drain_and_stop(grace_s))
+        await asyncio.shield(self._stopping)
+
+    async def _drain_and_stop(self, grace_s: float) -> None:
+        deadline = time.monotonic() + grace_s
+        calls = self.servicer.calls
+        calls.stopping = True
+        await calls.finished(deadline - time.monotonic())
+        await asyncio.sleep(max(min(ANSWER_LINGER_S, deadline - time.monotonic()), 0))
+        await self.server.stop(max(deadline - time.monotonic(), 0))
+
+
+async def start_grpc_server(repository: Repository, settings: Settings, gate: AdminGate) -> GrpcServer:
     """Listening on ``HOST:GRPC_PORT``; fails start-up when the port cannot be bound."""
     server = aio.server(options=[("grpc.max_receive_message_length", settings.max_body_bytes),
                                  ("grpc.max_send_message_length", -1)],
                         maximum_concurrent_rpcs=most_calls(settings))
-    add_servicer(InferenceServicer(repository, settings, gate), server)
+    servicer = InferenceServicer(repository, settings, gate)
+    add_servicer(servicer, server)
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     server.add_insecure_port(f"{host}:{settings.grpc_port}")
     await server.start()
-    return server
+    return GrpcServer(server, servicer)
