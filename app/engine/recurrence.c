@@ -529,31 +529,22 @@ static int partner_take(const layer_args *a) {
     return taken;
 }
 
-/* Waits for the partner's direction, spinning up to ``spin_ns`` before sleeping. */
-static void partner_wait(int64_t spin_ns) {
-    const int64_t until = monotonic_ns() + spin_ns;
-    for (unsigned i = 1; !__atomic_load_n(&partner_finished, __ATOMIC_ACQUIRE); ++i) {
+/* Done with the partner: its direction taken back if it never claimed it (then 0), else
+ * waited for (then 1), spinning up to as long as the caller's own direction took (its own
+ * wake-up from a sleep can cost more) and at least SPIN_NS before sleeping. */
+static int partner_done_with(int64_t own_ns) {
+    const int claimed = claim_job() == NULL;
+    const int64_t until = monotonic_ns() + (own_ns > SPIN_NS ? own_ns : SPIN_NS);
+    for (unsigned i = 1; claimed && !__atomic_load_n(&partner_finished, __ATOMIC_ACQUIRE); ++i) {
         if (i % 64 == 0 && monotonic_ns() > until) break;
         relax();
     }
     pthread_mutex_lock(&partner_lock);
-    while (!__atomic_load_n(&partner_finished, __ATOMIC_ACQUIRE)) pthread_cond_wait(&partner_done, &partner_lock);
+    while (claimed && !__atomic_load_n(&partner_finished, __ATOMIC_ACQUIRE))
+        pthread_cond_wait(&partner_done, &partner_lock);
     partner_busy = 0;
     pthread_mutex_unlock(&partner_lock);
-}
-
-/* Done with the partner: its direction taken back if it never claimed it (then 0), else
- * waited for (then 1), spinning up to as long as the caller's own direction took (its own
- * wake-up from a sleep can cost more) and at least SPIN_NS. */
-static int partner_done_with(int64_t own_ns) {
-    if (claim_job() == NULL) {
-        partner_wait(own_ns > SPIN_NS ? own_ns : SPIN_NS);
-        return 1;
-    }
-    pthread_mutex_lock(&partner_lock);
-    partner_busy = 0;
-    pthread_mutex_unlock(&partner_lock);
-    return 0;
+    return claimed;
 }
 
 /* Both directions; side by side when asked to and the partner is free. */

@@ -133,7 +133,7 @@ class CallsInFlight:
     async def finished(self, timeout_s: float) -> None:
         """Once no call is in flight, or ``timeout_s`` later."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._none.wait(), max(timeout_s, 0))
+            await asyncio.wait_for(self._none.wait(), timeout_s)
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -396,11 +396,14 @@ class GrpcServer:
 
     async def _drain_and_stop(self, grace_s: float) -> None:
         deadline = time.monotonic() + grace_s
-        calls = self.servicer.calls
-        calls.stopping = True
-        await calls.finished(deadline - time.monotonic())
-        await asyncio.sleep(max(min(ANSWER_LINGER_S, deadline - time.monotonic()), 0))
-        await self.server.stop(max(deadline - time.monotonic(), 0))
+
+        def left() -> float:
+            return max(deadline - time.monotonic(), 0)
+
+        self.servicer.calls.stopping = True
+        await self.servicer.calls.finished(left())
+        await asyncio.sleep(min(ANSWER_LINGER_S, left()))
+        await self.server.stop(left())
 
 
 async def start_grpc_server(repository: Repository, settings: Settings, gate: AdminGate) -> GrpcServer:
