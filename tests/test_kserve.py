@@ -407,16 +407,23 @@ def test_a_stopping_grpc_server_refuses_new_calls_and_waits_for_those_in_flight(
     from grpc import aio
 
     from app.api.kserve.admin import AdminGate
-    from app.api.kserve.grpc_service import ANSWER_LINGER_S, start_grpc_server
+    from app.api.kserve.grpc_service import ANSWER_LINGER_S, GrpcServer, start_grpc_server
     from app.config import Settings
     from app.observability import Metrics
     from app.service.repository import Repository
     from tests.conftest import free_port
 
-    async def run() -> None:
+    async def started() -> tuple[int, GrpcServer]:
         port = free_port()
         settings = Settings(host="127.0.0.1", grpc_port=port)
-        server = await start_grpc_server(Repository(settings, Metrics()), settings, AdminGate(None))
+        return port, await start_grpc_server(Repository(settings, Metrics()), settings, AdminGate(None))
+
+    async def run() -> None:
+        _, idle = await started()
+        begun = time.monotonic()
+        await idle.stop(30)
+        assert time.monotonic() - begun < ANSWER_LINGER_S / 2  # no call ended lately: no linger
+        port, server = await started()
         server.servicer.calls.enter()  # one call in flight
         stopping = asyncio.ensure_future(server.stop(30))
         await asyncio.sleep(0.05)

@@ -71,7 +71,7 @@ SERVICE = "inference.GRPCInferenceService"
 DECODED_BYTES_PER_MESSAGE_BYTE = 8
 UNPRICED_MESSAGE_COPIES = 4
 QUIET_METHODS = frozenset({"ServerLive", "ServerReady", "ModelReady"})  # probes: not logged
-ANSWER_LINGER_S = 0.5  # after the last call in flight, before grpcio's stop closes its connection
+ANSWER_LINGER_S = 0.5  # from the last call's end, before grpcio's stop closes its connection
 # The typed contents field of each datatype (FP16 and BF16 only travel raw).
 CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents",
             "INT32": "int_contents", "INT64": "int64_contents", "UINT8": "uint_contents",
@@ -118,6 +118,7 @@ class CallsInFlight:
     def __init__(self) -> None:
         self.count = 0
         self.stopping = False
+        self.last_left = -math.inf  # when the last call's handler returned (its answer then leaves)
         self._none = asyncio.Event()
         self._none.set()
 
@@ -127,6 +128,7 @@ class CallsInFlight:
 
     def leave(self) -> None:
         self.count -= 1
+        self.last_left = time.monotonic()
         if self.count == 0:
             self._none.set()
 
@@ -387,7 +389,8 @@ class GrpcServer:
 
     async def stop(self, grace_s: float) -> None:
         """New calls refused (UNAVAILABLE), the calls in flight finished (within ``grace_s``)
-        and their answers given ``ANSWER_LINGER_S`` to leave, then grpcio's own stop. That one
+        and the last one's answer given ``ANSWER_LINGER_S`` from its end to leave, then
+        grpcio's own stop (at once when no call ended that recently). That one
         closes a connection as soon as its last call is over, which can cut that call's answer
         still on its way to the client. Calling it again waits for the same stop."""
         if self._stopping is None:
@@ -400,9 +403,11 @@ class GrpcServer:
         def left() -> float:
             return max(deadline - time.monotonic(), 0)
 
-        self.servicer.calls.stopping = True
-        await self.servicer.calls.finished(left())
-        await asyncio.sleep(min(ANSWER_LINGER_S, left()))
+        calls = self.servicer.calls
+        calls.stopping = True
+        await calls.finished(left())
+        lingering = calls.last_left + ANSWER_LINGER_S - time.monotonic()
+        await asyncio.sleep(min(max(lingering, 0), left()))
         await self.server.stop(left())
 
 
