@@ -2,7 +2,11 @@
 (``/infer``, JSON), from Python clients in this process (grpcio's stub on one channel, an
 httpx client keeping its connection), in interleaved rounds against one server: p50 and
 p99 of each, and the server's CPU per request (from /proc). Both clients cost the same
-machine's CPU, as a user's program on the gateway's side would. ``python -m bench.grpc_latency``
+machine's CPU, as a user's program on the gateway's side would.
+
+The gRPC request names the ``outputs`` tensor, the one ``/infer`` answers; a second gRPC
+client names none and so gets ``hidden`` as well (the protocol's default), which is priced
+apart. ``python -m bench.grpc_latency``
 """
 
 from __future__ import annotations
@@ -28,14 +32,17 @@ def calls(ids: np.ndarray, grpc_port: int) -> dict[str, Callable[[], object]]:
     body = orjson.dumps({"sequences": [ids.tolist()]})
     stub = pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(f"{HOST}:{grpc_port}"))
     tensor = pb.ModelInferRequest.InferInputTensor
-    message = pb.ModelInferRequest(
+    both = pb.ModelInferRequest(
         model_name="segmenter",
         inputs=[tensor(name="ids", datatype="INT32", shape=[1, len(ids)]),
                 tensor(name="lengths", datatype="INT32", shape=[1])],
         raw_input_contents=[ids.tobytes(), np.array([len(ids)], np.int32).tobytes()])
+    outputs = pb.ModelInferRequest(outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name="outputs")])
+    outputs.MergeFrom(both)
     headers = {"content-type": "application/json"}
     return {"http": lambda: http.post("/infer", content=body, headers=headers).raise_for_status(),
-            "grpc": lambda: stub.ModelInfer(message, timeout=10)}
+            "grpc": lambda: stub.ModelInfer(outputs, timeout=10),
+            "grpc_both_outputs": lambda: stub.ModelInfer(both, timeout=10)}
 
 
 def run(quick: bool = False) -> dict:

@@ -29,7 +29,7 @@ from google.protobuf.message import DecodeError
 from grpc import aio
 
 from app import __version__
-from app.api.dataplane import BodyHold, parsed, served
+from app.api.dataplane import BodyHold, copied, parsed, served
 from app.api.errors import ApiError
 from app.api.json_body import PARSED, most_values, parsed_bytes
 from app.api.kserve import SERVER_NAME, served_extensions
@@ -245,7 +245,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         del opened
         try:
             tensors = await gathered_tensors(started.parts(), plan.batch, plan.steps, plan.widths, plan.names)
-            response = await parsed(infer_response, plan.total_size, service.name, str(service.version),
+            response = await copied(infer_response, plan.total_size, service.name, str(service.version),
                                     model_id, plan, tensors)
         except BaseException:
             await started.finish()
