@@ -153,15 +153,46 @@ def test_two_threads_give_one_threads_numbers_whoever_runs_the_second_direction(
 
 def test_a_short_call_after_idle_runs_on_one_thread() -> None:
     """Waking a sleeping second thread costs more than a short call alone on a virtual machine
-    whose cores sat idle; a long call, or one soon after the last, still gets both."""
-    from app.engine.native_engine import COLD_AFTER_S, COLD_TOKENS, call_threads
+    whose cores sat idle; a long call, or one soon after the last, still gets both. The longer
+    the call, the longer the rest it takes to give up the partner."""
+    from app.engine.native_engine import COLD_AFTER_S, COLD_AFTER_S_PER_TOKEN, COLD_TOKENS, call_threads
 
-    idle, busy = COLD_AFTER_S * 1.5, COLD_AFTER_S / 2
-    assert call_threads(2, 0, COLD_TOKENS - 1, idle) == 1
-    assert call_threads(2, 0, COLD_TOKENS, idle) == 2
-    assert call_threads(2, 0, COLD_TOKENS - 1, busy) == 2
-    assert call_threads(2, 1, COLD_TOKENS * 8, busy) == 1  # beside another call: one each
-    assert call_threads(1, 0, COLD_TOKENS * 8, busy) == 1
+    def threshold(tokens: int) -> float:
+        return COLD_AFTER_S + tokens * COLD_AFTER_S_PER_TOKEN
+
+    short, shorter = COLD_TOKENS - 1, COLD_TOKENS // 4
+    assert call_threads(2, 0, short, threshold(short) * 1.01) == 1
+    assert call_threads(2, 0, short, threshold(short) * 0.99) == 2
+    assert call_threads(2, 0, shorter, threshold(shorter) * 1.01) == 1
+    assert threshold(shorter) < threshold(short)
+    assert call_threads(2, 0, COLD_TOKENS, 3600.0) == 2
+    assert call_threads(2, 1, COLD_TOKENS * 8, 0.0) == 1  # beside another call: one each
+    assert call_threads(1, 0, COLD_TOKENS * 8, 0.0) == 1
+
+
+def test_rests_count_the_last_one_and_their_recent_average() -> None:
+    """After a run of long rests, a short one still counts as long (the cores come back
+    sharing one for a while); after a run of short ones, a short one is short. A rest past
+    LONG_REST_S counts as that long in the average, so one hour's rest is forgotten as fast
+    as a few milliseconds'."""
+    from app.engine.native_engine import LONG_REST_S, RECENT_WEIGHT, Rests
+
+    clock = [100.0]
+    rests = Rests(lambda: clock[0])
+
+    def rest(seconds: float) -> float:
+        rests.resting()
+        clock[0] += seconds
+        return rests.ended()
+
+    assert rest(3600.0) == 3600.0
+    assert rests.average == pytest.approx(RECENT_WEIGHT * LONG_REST_S)
+    for _ in range(40):
+        rest(0.0001)
+    assert rest(0.0001) == pytest.approx(0.0001, rel=0.5)
+    for _ in range(40):
+        rest(0.05)
+    assert rest(0.0001) > 0.6 * LONG_REST_S
 
 
 def test_reversed_lowering_equals_sequence_lens_lowering_in_onnxruntime(bundle) -> None:

@@ -8,9 +8,10 @@ last step: a right-padded batch gives every sequence its own numbers, and padded
 zeros. Weights are packed once for the kernel at start-up. With ``threads=2`` a call that runs
 alone runs the two directions of each layer side by side (a lone request on two cores); calls
 that overlap others take one thread each, as the service's side-by-side calls are meant to.
-A short call after the engine sat idle runs on one thread too: on a virtual machine whose
-cores sat idle, waking the second thread can stall the caller for longer than such a call
-takes alone (docs/benchmark.md, "Sporadic requests").
+A short call after the engine rested (before it, or on average over its last calls) runs on
+one thread too: on a virtual machine whose cores sat idle, waking the second thread can
+stall the caller for longer than such a call takes alone; the longer the call, the longer
+the rest it takes (docs/benchmark.md, "Sporadic requests").
 
 Scratch (the projected inputs and the layers' outputs but the last) is kept per calling
 thread and reused, so calls cost no fresh mappings (with glibc told to map large blocks
@@ -25,6 +26,7 @@ import ctypes
 import importlib.machinery
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -38,9 +40,16 @@ ACTIVATIONS = {name: code for code, name in enumerate(
     ("linear", "sigmoid", "hard_sigmoid", "tanh", "relu", "softsign", "softplus", "elu"))}
 GRU_RESET_AFTER, GRU_RESET_BEFORE, LSTM = 0, 1, 2
 _FloatPair = ctypes.c_void_p * 2
-# A call of fewer padded tokens, after the engine sat idle for longer, runs on one thread.
+# A call of fewer padded tokens runs on one thread when the engine rested, before it or on
+# average lately, for longer than COLD_AFTER_S + COLD_AFTER_S_PER_TOKEN per token: a virtual
+# machine whose cores rest gets them back sharing one for a while, and then the partner costs
+# more than its half of the call saves. The average weighs the last rest by RECENT_WEIGHT and
+# counts none past LONG_REST_S (any rest that long is long).
 COLD_TOKENS = 256
 COLD_AFTER_S = 0.001
+COLD_AFTER_S_PER_TOKEN = 35e-6
+RECENT_WEIGHT = 0.25
+LONG_REST_S = 0.02
 _Kept = TypeVar("_Kept")
 
 
@@ -90,10 +99,29 @@ class _Packed:
 
 def call_threads(threads: int, others: int, tokens: int, idle_s: float) -> int:
     """Threads for a call of ``tokens`` padded tokens: one beside ``others`` calls in flight,
-    and for a short call after the engine sat idle ``idle_s``; else ``threads``."""
-    if others or (tokens < COLD_TOKENS and idle_s > COLD_AFTER_S):
-        return 1
-    return threads
+    and for a short call after the engine sat idle ``idle_s`` (the shorter the call, the
+    sooner); else ``threads``."""
+    cold = tokens < COLD_TOKENS and idle_s > COLD_AFTER_S + tokens * COLD_AFTER_S_PER_TOKEN
+    return 1 if others or cold else threads
+
+
+class Rests:
+    """How long the engine sat idle before its calls: the last rest, and their running average."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.since = clock()  # when the last call in flight ended
+        self.average = 0.0
+
+    def resting(self) -> None:
+        """The last call in flight has ended."""
+        self.since = self.clock()
+
+    def ended(self) -> float:
+        """The rest up to now, taken into the average; the longer of it and the average."""
+        rest = self.clock() - self.since
+        self.average += RECENT_WEIGHT * (min(rest, LONG_REST_S) - self.average)
+        return max(rest, self.average)
 
 
 def aligned_floats(count: int) -> np.ndarray:
@@ -156,7 +184,7 @@ class NativeEngine:
         self._layers = [_Layer(self._lib, layer) for layer in spec.layers]
         self._threads = min(threads, 2)
         self._calls = 0  # calls in flight, under _lock
-        self._idle_since = 0.0  # when the last call in flight ended, under _lock
+        self._rests = Rests()  # under _lock
         self._lock = threading.Lock()
         self._dense = [(dense, _Packed(self._lib, dense.kernel), _floats(dense.bias))
                        for dense in spec.dense]
@@ -165,15 +193,15 @@ class NativeEngine:
     def run(self, inputs: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         with self._lock:
             self._calls += 1
-            threads = call_threads(self._threads, self._calls - 1, inputs.shape[0] * inputs.shape[1],
-                                   time.monotonic() - self._idle_since)
+            idle_s = self._rests.ended() if self._calls == 1 else 0.0
+            threads = call_threads(self._threads, self._calls - 1, inputs.shape[0] * inputs.shape[1], idle_s)
         try:
             return self._run(inputs, np.ascontiguousarray(lengths, np.int32), threads)
         finally:
             with self._lock:
                 self._calls -= 1
                 if self._calls == 0:
-                    self._idle_since = time.monotonic()
+                    self._rests.resting()
 
     def _run(self, inputs: np.ndarray, lengths: np.ndarray, threads: int) -> tuple[np.ndarray, np.ndarray]:
         batch, steps = inputs.shape[:2]
