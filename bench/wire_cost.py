@@ -160,7 +160,7 @@ def encoders() -> dict[str, Callable[[], object]]:
     def v2_grpc() -> object:
         plan = AnswerPlan(["outputs", "hidden"], [True, True], BATCH, STEPS, widths)
         tensors = asyncio.run(gathered_tensors(parts(), BATCH, STEPS, widths, plan.names))
-        return infer_response("segmenter", "", plan, tensors).SerializeToString()
+        return infer_response("segmenter", "1", "", plan, tensors)
 
     def plan(binary: bool) -> AnswerPlan:
         return AnswerPlan.over_http(["outputs", "hidden"], [binary] * 2, BATCH, STEPS, widths)

@@ -441,3 +441,43 @@ def test_a_stopping_grpc_server_refuses_new_calls_and_waits_for_those_in_flight(
         assert stopping.done()
 
     asyncio.run(run())
+
+
+def test_model_infer_gives_its_answer_serialized_so_grpcio_does_not_serialize_on_the_loop() -> None:
+    """grpcio serializes a handler's answer on the event loop, however large: ModelInfer's
+    answer is serialized where it is built (off the loop when large: ``dataplane.copied``),
+    byte for byte as protobuf would (lengths of one to three varint bytes), and ModelInfer is
+    registered without a serializer."""
+    from app.api.kserve.answers import AnswerPlan
+    from app.api.kserve.grpc_service import add_servicer, infer_response
+    from app.api.kserve.tensors import Tensor
+
+    rng = np.random.default_rng(5)
+    for steps in (3, 40, 300):
+        outputs, hidden = rng.random((2, steps, 2), np.float32), rng.random((2, steps, 40), np.float32)
+        plan = AnswerPlan(["outputs", "hidden"], [True, True], 2, steps, {"outputs": 2, "hidden": 40})
+        raw = infer_response("segmenter", "1", "call-7", plan,
+                             [Tensor("outputs", "FP32", outputs), Tensor("hidden", "FP32", hidden)])
+        output = pb.ModelInferResponse.InferOutputTensor
+        assert raw == pb.ModelInferResponse(
+            model_name="segmenter", model_version="1", id="call-7",
+            outputs=[output(name="outputs", datatype="FP32", shape=[2, steps, 2]),
+                     output(name="hidden", datatype="FP32", shape=[2, steps, 40])],
+            raw_output_contents=[outputs.astype("<f4").tobytes(), hidden.astype("<f4").tobytes()],
+        ).SerializeToString()
+
+    class Registry:
+        def add_generic_rpc_handlers(self, generic: object) -> None:
+            pass
+
+        def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+            self.handlers = handlers
+
+    class Methods:
+        def __getattr__(self, name: str) -> None:
+            return None
+
+    registry = Registry()
+    add_servicer(Methods(), registry)  # type: ignore[arg-type]
+    assert registry.handlers["ModelInfer"].response_serializer is None
+    assert registry.handlers["ServerLive"].response_serializer is not None

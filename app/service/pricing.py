@@ -60,9 +60,8 @@ ENCODING_BYTES = 4 * 64 * 1024  # app/api/streaming.py's chunk being built, and 
 LOOKAHEAD = 3  # parts of one request held at once: one being sent while two compute
 FLOAT_BYTES = 4  # a float32 result, or one value of a binary (raw little-endian) answer
 JSON_BYTES_PER_FLOAT = 16  # one value of a JSON answer: "-1.2345678e-05," is 15 characters
-# A unary gRPC answer is one message, built whole: the padded float32 tensor, its bytes for
-# raw_output_contents, the message's own copy of them and the serialized message: at most four
-# copies (measured in docs/memory.md).
+# A unary gRPC answer is one message, built whole: the padded float32 tensor, the serialized
+# message and gRPC core's copy of it; priced at four copies (measured in docs/memory.md).
 WHOLE_MESSAGE_BYTES_PER_FLOAT = 4 * FLOAT_BYTES
 
 

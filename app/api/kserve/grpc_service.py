@@ -71,6 +71,9 @@ SERVICE = "inference.GRPCInferenceService"
 DECODED_BYTES_PER_MESSAGE_BYTE = 8
 UNPRICED_MESSAGE_COPIES = 4
 QUIET_METHODS = frozenset({"ServerLive", "ServerReady", "ModelReady"})  # probes: not logged
+# A raw_output_contents field's key: its number, and wire type 2 (length-delimited).
+RAW_CONTENTS_KEY = bytes([pb.ModelInferResponse.DESCRIPTOR.fields_by_name["raw_output_contents"].number << 3
+                          | 2])
 ANSWER_LINGER_S = 0.5  # from the last call's end, before grpcio's stop closes its connection
 # The typed contents field of each datatype (FP16 and BF16 only travel raw).
 CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents",
@@ -182,7 +185,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @observed
     async def ModelInfer(self, message: bytes, context: aio.ServicerContext) -> Any:
-        """``message``: the request's bytes, priced before they are decoded (:func:`add_servicer`)."""
+        """``message``: the request's bytes, priced before they are decoded; returns the answer's
+        bytes (:func:`add_servicer`)."""
         repository, settings = self.repository, self.settings
         if repository.budget is None:
             raise ApiError(503, "not_ready", "not ready (loading the models)", headers={"Retry-After": "1"})
@@ -230,8 +234,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                            "this server serves one repository (leave it empty)")
 
     async def infer_with(self, lease: Lease, hold: BodyHold, request: pb.ModelInferRequest,
-                         message_bytes: int, timeout: float,
-                         context: aio.ServicerContext) -> pb.ModelInferResponse:
+                         message_bytes: int, timeout: float, context: aio.ServicerContext) -> bytes:
         """The decoded ``request`` run on the version ``lease`` holds; ``hold`` (the message's
         price) is let go once its inputs are decoded."""
         service, settings = lease.service, self.settings
@@ -250,8 +253,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         except BaseException:
             await started.finish()
             raise
-        # grpcio serializes and sends the message once this returns: it keeps its share of the
-        # budget until the call is over.
+        # grpcio sends the message once this returns: it keeps its share of the budget until
+        # the call is over.
         loop = asyncio.get_running_loop()
         context.add_done_callback(lambda _: loop.call_soon_threadsafe(started.release))
         return response
@@ -278,15 +281,30 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
 
 def infer_response(model: str, version: str, request_id: str, plan: AnswerPlan,
-                   tensors: list[Tensor]) -> pb.ModelInferResponse:
-    """The answer message; each tensor's bytes replace it (not two copies of both at once)."""
-    contents = []
-    while tensors:
-        contents.append(bytes(as_little_endian_bytes(tensors.pop(0).array)))
+                   tensors: list[Tensor]) -> bytes:
+    """The answer message, serialized: the small fields by protobuf, then each tensor's bytes
+    as a ``raw_output_contents`` field, joined in one copy (protobuf would take three, and
+    grpcio serialize it on the event loop)."""
     output = pb.ModelInferResponse.InferOutputTensor
-    return pb.ModelInferResponse(
-        model_name=model, model_version=version, id=request_id, raw_output_contents=contents,
-        outputs=[output(name=name, datatype="FP32", shape=plan.shape(name)) for name in plan.names])
+    head = pb.ModelInferResponse(
+        model_name=model, model_version=version, id=request_id,
+        outputs=[output(name=name, datatype="FP32", shape=plan.shape(name)) for name in plan.names],
+    ).SerializeToString()
+    pieces: list[bytes | memoryview] = [head]
+    for tensor in tensors:
+        data = as_little_endian_bytes(tensor.array)
+        pieces += [RAW_CONTENTS_KEY + _varint(data.nbytes), data]
+    return b"".join(pieces)
+
+
+def _varint(value: int) -> bytes:
+    """``value`` as a protobuf varint: seven bits a byte, low first, the high bit on all but the last."""
+    encoded = bytearray()
+    while value > 0x7F:
+        encoded.append(value & 0x7F | 0x80)
+        value >>= 7
+    encoded.append(value)
+    return bytes(encoded)
 
 
 def message_price(message_bytes: int, most: int) -> int:
@@ -297,8 +315,9 @@ def message_price(message_bytes: int, most: int) -> int:
 
 
 def add_servicer(servicer: InferenceServicer, server: aio.Server) -> None:
-    """The generated registration, except that ModelInfer is handed its message's bytes: it is
-    priced against the memory budget before it is decoded (on the parsing thread)."""
+    """The generated registration, except that ModelInfer takes and gives bytes: its message
+    is priced against the memory budget before it is decoded, and its answer serialized, both
+    off the event loop when large (grpcio would serialize it on the loop)."""
     methods = {"ServerLive": pb.ServerLiveRequest, "ServerReady": pb.ServerReadyRequest,
                "ModelReady": pb.ModelReadyRequest, "ServerMetadata": pb.ServerMetadataRequest,
                "ModelMetadata": pb.ModelMetadataRequest, "ModelInfer": None,
@@ -307,7 +326,7 @@ def add_servicer(servicer: InferenceServicer, server: aio.Server) -> None:
                "RepositoryModelUnload": pb.RepositoryModelUnloadRequest}
     handlers = {name: grpc.unary_unary_rpc_method_handler(
         getattr(servicer, name), request_deserializer=request.FromString if request else None,
-        response_serializer=getattr(pb, name + "Response").SerializeToString)
+        response_serializer=getattr(pb, name + "Response").SerializeToString if request else None)
         for name, request in methods.items()}
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     server.add_registered_method_handlers(SERVICE, handlers)
