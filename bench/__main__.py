@@ -36,7 +36,7 @@ from app.spec import ModelSpec
 from bench import breakdown, grpc_latency, report
 from bench.arithmetic import flops_per_token, peak_gflops
 from bench.inprocess import bench_engine, bench_xla_keras, latency_stats, sporadic_gaps, sporadic_repeats_for
-from bench.loadgen import Connection
+from bench.loadgen import Connection, client_collector_quiet
 from bench.server import HOST, PORT, RESULTS, ROOT, start_bare_uvicorn, start_server, stop, wrk
 
 LENGTHS = (16, 64, 256, 2048)
@@ -63,10 +63,12 @@ def bench_http(id_range: tuple[int, int], quick: bool) -> dict:
     process, seconds_to_ready = start_server()
     try:
         model = httpx.get(f"http://{HOST}:{PORT}/v1/model", timeout=10).json()
-        new_lengths = first_requests_at_new_lengths(id_range, max(LENGTHS), 3 if quick else 9)
+        with client_collector_quiet():
+            new_lengths = first_requests_at_new_lengths(id_range, max(LENGTHS), 3 if quick else 9)
         latency = {n: wrk(1, latency_s if n < 2048 else 2 * latency_s, (n, n), id_range, seed=n,
                           server_pid=process.pid) for n in LENGTHS}
-        sporadic = asyncio.run(sporadic_requests(id_range, quick))
+        with client_collector_quiet():
+            sporadic = asyncio.run(sporadic_requests(id_range, quick))
         throughput = {c: wrk(c, load_s, MIXED, id_range, seed=c, server_pid=process.pid)
                       for c in CONNECTIONS}
     finally:

@@ -22,6 +22,7 @@ import orjson
 
 from app.api.kserve import grpc_predict_v2_pb2 as pb
 from app.api.kserve import grpc_predict_v2_pb2_grpc as pb_grpc
+from bench.loadgen import client_collector_quiet
 from bench.server import HOST, PORT, cpu_seconds, free_port, start_server, stop
 
 TOKENS = 64
@@ -56,14 +57,15 @@ def run(quick: bool = False) -> dict:
         for call in clients.values():  # connections made, first calls done
             for _ in range(20):
                 call()
-        for _ in range(3 if quick else 10):
-            for name, call in clients.items():
-                before = cpu_seconds(process.pid)
-                for _ in range(100):
-                    start = time.perf_counter()
-                    call()
-                    times[name].append(time.perf_counter() - start)
-                cpu[name] += cpu_seconds(process.pid) - before
+        with client_collector_quiet():
+            for _ in range(3 if quick else 10):
+                for name, call in clients.items():
+                    before = cpu_seconds(process.pid)
+                    for _ in range(100):
+                        start = time.perf_counter()
+                        call()
+                        times[name].append(time.perf_counter() - start)
+                    cpu[name] += cpu_seconds(process.pid) - before
         return {name: {"p50_ms": 1000 * statistics.median(t), "p99_ms": 1000 * float(np.percentile(t, 99)),
                        "server_cpu_ms": 1000 * cpu[name] / len(t), "n": len(t)}
                 for name, t in times.items()} | {"tokens": TOKENS}

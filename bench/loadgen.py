@@ -8,7 +8,23 @@ to get the status and drain the body.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import time
+from collections.abc import Iterator
+
+
+@contextlib.contextmanager
+def client_collector_quiet() -> Iterator[None]:
+    """Timings from a Python client in this process without its own collector's pauses: what
+    the process holds so far is frozen (a full collection walked the benchmark's heap,
+    TensorFlow's included, for about 10 ms, and once fell on a timed request), then let go."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 class Connection:
