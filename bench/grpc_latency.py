@@ -5,8 +5,8 @@ p99 of each, and the server's CPU per request (from /proc). Both clients cost th
 machine's CPU, as a user's program on the gateway's side would.
 
 The gRPC request names the ``outputs`` tensor, the one ``/infer`` answers; a second gRPC
-client names none and so gets ``hidden`` as well (the protocol's default), which is priced
-apart. ``python -m bench.grpc_latency``
+client names none and so gets ``hidden`` as well (the protocol's default), timed beside
+them. ``python -m bench.grpc_latency``
 """
 
 from __future__ import annotations

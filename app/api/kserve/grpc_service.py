@@ -72,8 +72,8 @@ DECODED_BYTES_PER_MESSAGE_BYTE = 8
 UNPRICED_MESSAGE_COPIES = 4
 QUIET_METHODS = frozenset({"ServerLive", "ServerReady", "ModelReady"})  # probes: not logged
 # A raw_output_contents field's key: its number, and wire type 2 (length-delimited).
-RAW_CONTENTS_KEY = bytes([pb.ModelInferResponse.DESCRIPTOR.fields_by_name["raw_output_contents"].number << 3
-                          | 2])
+_RAW_CONTENTS = pb.ModelInferResponse.DESCRIPTOR.fields_by_name["raw_output_contents"]
+RAW_CONTENTS_KEY = bytes([_RAW_CONTENTS.number << 3 | 2])
 ANSWER_LINGER_S = 0.5  # from the last call's end, before grpcio's stop closes its connection
 # The typed contents field of each datatype (FP16 and BF16 only travel raw).
 CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents",
